@@ -1,0 +1,249 @@
+"""`TeacherSet`: K trained models of one architecture, validated, with their provenance.
+
+Teachers are data, not modules: a set holds one state dict per teacher (plain tensors, or a lazy mapping
+that reads each tensor from safetensors on first use) plus one description of the shared architecture.
+Validation happens here, once, before any generation, and every error names the teacher and the tensor.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from functools import cached_property
+
+import torch
+from torch import nn
+
+from .errors import InvalidWeightsError, TeacherMismatchError
+from .families import Family, LayerSpec, family_of, get_family
+
+
+@dataclass
+class TeacherInfo:
+    """Where a teacher came from: what the model card and the caches need to know."""
+
+    name: str
+    source: str = "memory"  # "hub", "local" or "memory"
+    repo_id: str | None = None
+    revision: str | None = None  # resolved commit sha for Hub teachers
+    content_hash: str | None = None  # sha256 over weight files for local folders
+    license: str | None = None
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def identity(self) -> str:
+        """A stable key for caches: repo@sha, or the content hash, or the name."""
+        if self.repo_id and self.revision:
+            return f"{self.repo_id}@{self.revision}"
+        return self.content_hash or self.name
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def tensor_shape(state_dict: Mapping[str, torch.Tensor], name: str) -> tuple[int, ...]:
+    """Shape of a tensor without reading it when the mapping can tell (lazy safetensors mappings can)."""
+    shape_of = getattr(state_dict, "shape", None)
+    return tuple(shape_of(name)) if callable(shape_of) else tuple(state_dict[name].shape)
+
+
+class TeacherSet:
+    """K teachers of one architecture family, validated against each other.
+
+    Args:
+        family: the architecture family (a `Family` or its registered name).
+        arch: the family's JSON description of the architecture (`Family.describe`).
+        label_names: the class names, in the order of the classifier rows.
+        state_dicts: one mapping name → tensor per teacher.
+        infos: provenance of each teacher.
+        template: optional model of the architecture to build students from (built from `arch` if omitted).
+    """
+
+    def __init__(
+        self,
+        family: Family | str,
+        arch: dict,
+        label_names: Sequence[str],
+        state_dicts: Sequence[Mapping[str, torch.Tensor]],
+        infos: Sequence[TeacherInfo],
+        template: nn.Module | None = None,
+        check_finite: bool = True,
+    ):
+        if len(state_dicts) == 0:
+            raise TeacherMismatchError("no teachers given: a TeacherSet needs at least one teacher")
+        if len(state_dicts) != len(infos):
+            raise TeacherMismatchError(f"{len(state_dicts)} state dicts but {len(infos)} teacher infos")
+        self.family = get_family(family) if isinstance(family, str) else family
+        self.arch = arch
+        self.label_names = [str(n) for n in label_names]
+        self.state_dicts = list(state_dicts)
+        self.infos = list(infos)
+        self._template = template
+        # (anchor identity, teacher identity) -> weight-matching permutations; shared with subsets
+        self.alignment_cache: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
+        self._validate(check_finite)
+
+    # ----------------------------------------------------------------------------------------- building
+    @classmethod
+    def from_models(cls, models: Sequence[nn.Module], names: Sequence[str] | None = None) -> TeacherSet:
+        """Wrap in-memory models (timm or transformers classifiers of one supported family)."""
+        if len(models) == 0:
+            raise TeacherMismatchError("no teachers given: pass at least one model")
+        names = list(names) if names is not None else [f"teacher[{i}]" for i in range(len(models))]
+        families = [family_of(m) for m in models]
+        first = families[0]
+        for name, fam in zip(names, families):
+            if fam is not first:
+                raise TeacherMismatchError(
+                    f"teacher {name!r} is a {fam.name} model but teacher {names[0]!r} is a {first.name} model; "
+                    "all teachers must share one architecture"
+                )
+        archs = [first.describe(m) for m in models]
+        for name, arch in zip(names, archs):
+            if arch != archs[0]:
+                raise TeacherMismatchError(
+                    f"teacher {name!r} has architecture {arch} but teacher {names[0]!r} has {archs[0]}"
+                )
+        per_teacher_labels = [first.label_names(m) for m in models]
+        state_dicts = [{k: v.detach() for k, v in m.state_dict().items()} for m in models]
+        state_dicts = _reorder_labels(first, models[0], names, per_teacher_labels, state_dicts)
+        infos = [TeacherInfo(name=n) for n in names]
+        return cls(first, archs[0], per_teacher_labels[0], state_dicts, infos, template=None)
+
+    def subset(self, indices: Sequence[int]) -> TeacherSet:
+        """The teachers at `indices`, in that order, sharing this set's template (no re-validation)."""
+        new = object.__new__(TeacherSet)
+        new.family, new.arch, new.label_names = self.family, self.arch, self.label_names
+        new.state_dicts = [self.state_dicts[i] for i in indices]
+        new.infos = [self.infos[i] for i in indices]
+        new._template = self._template
+        new.alignment_cache = self.alignment_cache
+        new.__dict__.update({k: v for k, v in self.__dict__.items() if k in ("layers", "shapes")})
+        return new
+
+    def __len__(self) -> int:
+        return len(self.state_dicts)
+
+    @property
+    def names(self) -> list[str]:
+        return [i.name for i in self.infos]
+
+    @property
+    def template(self) -> nn.Module:
+        """A model of the teachers' architecture (random weights) used to run students functionally."""
+        if self._template is None:
+            self._template = self.family.build(self.arch, self.label_names)
+        return self._template
+
+    @cached_property
+    def layers(self) -> tuple[list[LayerSpec], list[str]]:
+        """The family's layers (forward order) and the non-floating state names, for this architecture."""
+        return self.family.layers(self.template)
+
+    @cached_property
+    def shapes(self) -> dict[str, torch.Size]:
+        return {k: v.shape for k, v in self.template.state_dict().items()}
+
+    def describe(self) -> dict:
+        """What a WeightFormerConfig stores about the architecture it serves."""
+        return {"family": self.family.name, "arch": self.arch, "label_names": list(self.label_names)}
+
+    def build_student(self, state_dict: Mapping[str, torch.Tensor]) -> nn.Module:
+        """A fresh model of the teachers' class holding `state_dict`, in eval mode."""
+        model = self.family.build(self.arch, self.label_names)
+        model.load_state_dict(dict(state_dict), strict=True)
+        return model.eval()
+
+    def model(self, index: int) -> nn.Module:
+        """Teacher `index` as a full model (for forward passes: ensembles, logits caches)."""
+        return self.build_student({k: self.state_dicts[index][k] for k in self.shapes})
+
+    # ------------------------------------------------------------------------------------- validation
+    def _validate(self, check_finite: bool) -> None:
+        expected = self.shapes
+        for sd, info in zip(self.state_dicts, self.infos):
+            missing = [k for k in expected if k not in sd]
+            if missing:
+                raise TeacherMismatchError(
+                    f"teacher {info.name!r} lacks tensor {missing[0]!r} of the {self.family.name} architecture "
+                    f"{_arch_name(self.arch)}" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
+                )
+            extra = [k for k in sd if k not in expected]
+            if extra:
+                raise TeacherMismatchError(
+                    f"teacher {info.name!r} has tensor {extra[0]!r}, which the {self.family.name} architecture "
+                    f"{_arch_name(self.arch)} does not have"
+                )
+            for name, shape in expected.items():
+                got = tensor_shape(sd, name)
+                if got != tuple(shape):
+                    raise TeacherMismatchError(
+                        f"tensor {name!r} has shape {tuple(got)} in teacher {info.name!r} but {tuple(shape)} "
+                        f"in the architecture of teacher {self.infos[0].name!r}"
+                    )
+        if check_finite:
+            for sd, info in zip(self.state_dicts, self.infos):
+                for name in expected:
+                    tensor = sd[name]
+                    if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+                        kind = "NaN" if bool(torch.isnan(tensor).any()) else "inf"
+                        raise InvalidWeightsError(f"teacher {info.name!r}: tensor {name!r} contains {kind} values")
+
+    def check_matches(self, described: dict, what: str = "the generator") -> None:
+        """Raise if this set's architecture or labels differ from `described` (a `describe()` dict)."""
+        mine = self.describe()
+        if described.get("family") != mine["family"] or described.get("arch") != mine["arch"]:
+            raise TeacherMismatchError(
+                f"{what} serves {described.get('family')} {_arch_name(described.get('arch') or {})}, but the "
+                f"teachers ({', '.join(self.names)}) are {mine['family']} {_arch_name(mine['arch'])}"
+            )
+        if list(described.get("label_names", [])) != mine["label_names"]:
+            raise TeacherMismatchError(
+                f"{what} serves labels {_short(described.get('label_names'))}, but the teachers "
+                f"({', '.join(self.names)}) have labels {_short(mine['label_names'])}"
+            )
+
+
+def _arch_name(arch: dict) -> str:
+    """A short human name: the timm architecture, or the transformers class."""
+    return str(arch.get("architecture") or arch.get("class") or arch)
+
+
+def _short(labels) -> str:
+    labels = list(labels or [])
+    return str(labels if len(labels) <= 12 else [*labels[:12], "..."]) + f" ({len(labels)} classes)"
+
+
+def _reorder_labels(
+    family: Family,
+    reference_model: nn.Module,
+    names: Sequence[str],
+    labels: Sequence[Sequence[str]],
+    state_dicts: list[dict[str, torch.Tensor]],
+) -> list[dict[str, torch.Tensor]]:
+    """Bring every teacher's classifier rows into the first teacher's label order, or explain why not."""
+    reference = list(labels[0])
+    classifier = family.layers(reference_model)[0][-1]
+    out = []
+    for name, own, sd in zip(names, labels, state_dicts):
+        own = list(own)
+        if own == reference:
+            out.append(sd)
+            continue
+        if len(own) != len(reference):
+            raise TeacherMismatchError(
+                f"teacher {name!r} has {len(own)} classes but teacher {names[0]!r} has {len(reference)}"
+            )
+        if sorted(own) != sorted(reference) or len(set(own)) != len(own):
+            differing = sorted(set(own) ^ set(reference))
+            raise TeacherMismatchError(
+                f"teacher {name!r} has labels {_short(own)} but teacher {names[0]!r} has {_short(reference)}; "
+                f"differing labels: {differing[:8]}"
+            )
+        order = torch.tensor([own.index(label) for label in reference])
+        sd = dict(sd)
+        for t in classifier.tensors:
+            sd[t.name] = sd[t.name].index_select(t.channel_axis, order)
+        out.append(sd)
+    return out
+
