@@ -1,0 +1,192 @@
+"""Weight files of one checkpoint folder: which files hold the weights, their integrity, lazy reading.
+
+A checkpoint folder (a local directory or a downloaded Hub snapshot) stores its weights as one
+`model.safetensors`, as shards listed in `model.safetensors.index.json`, or, in older repos, as pickle
+files (`pytorch_model.bin`, its index, `*.pth`). This module picks the files, checks safetensors headers
+(which catches truncated and corrupt files before anything is read), hashes local folders and reads
+safetensors tensors one at a time.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+from .errors import InvalidWeightsError, TeacherSourceError
+
+SAFE_INDEX = "model.safetensors.index.json"
+SAFE_SINGLE = "model.safetensors"
+PICKLE_INDEX = "pytorch_model.bin.index.json"
+PICKLE_SINGLES = ("pytorch_model.bin", "pytorch_model.pth", "model.pth")
+
+
+@dataclass
+class WeightFiles:
+    """The weight files of a checkpoint, relative to its folder, and whether they are safetensors."""
+
+    files: list[str]
+    safetensors: bool
+    index: str | None = None  # the shard index file, when sharded
+
+    @property
+    def all_files(self) -> list[str]:
+        return ([self.index] if self.index else []) + self.files
+
+
+def choose_weight_files(available: list[str], where: str, read_index=None) -> WeightFiles:
+    """Pick the weight files among `available` (file names in a folder or repo), safetensors first.
+
+    `read_index(name)` returns the parsed JSON of an index file (downloading it for Hub repos); it is
+    only called for sharded checkpoints. Raises `TeacherSourceError` naming `where` if nothing fits.
+    """
+    names = set(available)
+    if SAFE_INDEX in names:
+        return WeightFiles(_shards(read_index, SAFE_INDEX, where), True, SAFE_INDEX)
+    if SAFE_SINGLE in names:
+        return WeightFiles([SAFE_SINGLE], True)
+    top_level = sorted(n for n in names if "/" not in n and n.endswith(".safetensors"))
+    if len(top_level) == 1:
+        return WeightFiles(top_level, True)
+    if PICKLE_INDEX in names:
+        return WeightFiles(_shards(read_index, PICKLE_INDEX, where), False, PICKLE_INDEX)
+    for name in PICKLE_SINGLES:
+        if name in names:
+            return WeightFiles([name], False)
+    raise TeacherSourceError(
+        f"{where} has no weight file: expected {SAFE_SINGLE}, {SAFE_INDEX} (sharded) or "
+        f"{', '.join(PICKLE_SINGLES)}; found {sorted(names)[:12]}"
+    )
+
+
+def _shards(read_index, index_name: str, where: str) -> list[str]:
+    try:
+        weight_map = read_index(index_name)["weight_map"]
+    except (KeyError, TypeError, json.JSONDecodeError) as err:
+        raise InvalidWeightsError(f"{where}: {index_name} is not a valid shard index ({err})") from err
+    return sorted(set(weight_map.values()))
+
+
+def check_safetensors(path: Path, where: str) -> list[str]:
+    """The tensor names of a safetensors file; `InvalidWeightsError` naming the file if it is unreadable.
+
+    safetensors validates the header against the file size, so truncated files fail here.
+    """
+    if not path.is_file():
+        raise InvalidWeightsError(f"{where}: weight file {path.name!r} is missing")
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            return list(handle.keys())
+    except (SafetensorError, OSError, ValueError) as err:
+        raise InvalidWeightsError(
+            f"{where}: weight file {path.name!r} is corrupt or truncated ({err}); re-download or re-save it"
+        ) from err
+
+
+def content_hash(folder: Path, files: list[str]) -> str:
+    """sha256 over the names and bytes of `files` (sorted): the identity of a local checkpoint."""
+    digest = hashlib.sha256()
+    for name in sorted(files):
+        digest.update(name.encode() + b"\0")
+        with open(folder / name, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+    return "sha256:" + digest.hexdigest()
+
+
+class LazySafetensorsStateDict(Mapping):
+    """A read-only state dict whose tensors are read from safetensors files on first access.
+
+    Nothing is held in memory but the headers: each `__getitem__` reads one tensor (optionally moved to
+    `device`/`dtype`), so K teachers can be streamed layer by layer. `shape(name)` reads only the header,
+    which lets `TeacherSet` validate shapes without reading any tensor.
+    """
+
+    def __init__(
+        self,
+        folder: Path,
+        files: list[str],
+        where: str,
+        device: str | torch.device | None = None,
+        dtype: torch.dtype | None = None,
+    ):
+        self.where = where
+        self.device, self.dtype = device, dtype
+        self._file_of: dict[str, Path] = {}
+        for name in files:
+            path = folder / name
+            for key in check_safetensors(path, where):
+                self._file_of[key] = path
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        path = self._file_of[name]  # KeyError for unknown names, as a dict would
+        try:
+            with safe_open(str(path), framework="pt") as handle:
+                tensor = handle.get_tensor(name)
+        except (SafetensorError, OSError) as err:
+            raise InvalidWeightsError(
+                f"{self.where}: cannot read tensor {name!r} from {path.name!r} ({err})"
+            ) from err
+        dtype = self.dtype if self.dtype is not None and tensor.is_floating_point() else None
+        if self.device is not None or dtype is not None:
+            tensor = tensor.to(device=self.device, dtype=dtype)
+        return tensor
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        with safe_open(str(self._file_of[name]), framework="pt") as handle:
+            return tuple(handle.get_slice(name).get_shape())
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._file_of)
+
+    def __len__(self) -> int:
+        return len(self._file_of)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._file_of
+
+
+class OverlayStateDict(Mapping):
+    """`base` with some tensors replaced (reordered classifier rows) without reading the others."""
+
+    def __init__(self, base: Mapping[str, torch.Tensor], overrides: Mapping[str, torch.Tensor]):
+        self.base, self.overrides = base, dict(overrides)
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return self.overrides[name] if name in self.overrides else self.base[name]
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        if name in self.overrides:
+            return tuple(self.overrides[name].shape)
+        shape_of = getattr(self.base, "shape", None)
+        return tuple(shape_of(name)) if callable(shape_of) else tuple(self.base[name].shape)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.base)
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.base
+
+
+def load_pickle_state_dict(folder: Path, files: list[str], where: str) -> dict[str, torch.Tensor]:
+    """Tensors from pickle checkpoints, with `weights_only=True` (no arbitrary code on unpickling)."""
+    state: dict[str, torch.Tensor] = {}
+    for name in files:
+        try:
+            loaded = torch.load(folder / name, map_location="cpu", weights_only=True)
+        except Exception as err:  # torch raises many types for bad pickles
+            raise InvalidWeightsError(f"{where}: cannot read pickle weight file {name!r} ({err})") from err
+        for key in ("state_dict", "model", "state_dict_ema"):
+            if isinstance(loaded, dict) and isinstance(loaded.get(key), dict):
+                loaded = loaded[key]
+                break
+        state.update({k.removeprefix("module."): v for k, v in loaded.items() if isinstance(v, torch.Tensor)})
+    return state
