@@ -104,7 +104,7 @@ def load_teachers(
     if len(sources) == 0:
         raise TeacherSourceError("no teachers given: pass at least one Hub repo id or local folder")
     with _no_progress_bars():
-        api = _hub_api(token) if any(_is_hub_spec(s) for s in sources) else None
+        api = hub_api(token) if any(_is_hub_spec(s) for s in sources) else None
         prepared = [_prepare(str(s), revision, token, api, trust_remote_code, allow_pickle) for s in sources]
         _check_compatible(prepared)
         state_dicts = [
@@ -132,7 +132,7 @@ def _is_hub_spec(spec: str | Path) -> bool:
     return not Path(text).expanduser().is_dir() and not _looks_like_path(text)
 
 
-def _hub_api(token: str | bool | None):
+def hub_api(token: str | bool | None):
     from huggingface_hub import HfApi
 
     from . import __version__
@@ -183,8 +183,10 @@ def _prepare_hub(spec: str, revision: str | None, token, api) -> _Source:
         raise TeacherSourceError(
             f"teacher {spec!r} is neither an existing folder nor a valid Hub repo id ({err})"
         ) from err
-    sha = _resolve_sha(api, repo_id, rev, spec)
-    available = _hub_call(lambda: api.list_repo_files(repo_id, revision=sha), spec, repo_id, rev)
+    sha = resolve_hub_revision(api, repo_id, rev, spec)
+    available = hub_call(
+        lambda: api.list_repo_files(repo_id, revision=sha), spec, repo_id, rev, missing="revision"
+    )
     src = _Source(name=spec, kind="hub", folder=Path(), repo_id=repo_id, requested_revision=rev, sha=sha)
     src.available = sorted(available)
     if "config.json" not in src.available:
@@ -194,7 +196,7 @@ def _prepare_hub(spec: str, revision: str | None, token, api) -> _Source:
 
     def download(name: str) -> Path:
         return Path(
-            _hub_call(
+            hub_call(
                 lambda: hf_hub_download(repo_id, name, revision=sha, token=token, library_name=LIBRARY_NAME),
                 spec,
                 repo_id,
@@ -214,28 +216,46 @@ def _prepare_hub(spec: str, revision: str | None, token, api) -> _Source:
     return src
 
 
-def _resolve_sha(api, repo_id: str, rev: str | None, spec: str) -> str:
-    """The commit sha `rev` points to (resolved once; later downloads use the sha)."""
+def resolve_hub_revision(api, repo_id: str, rev: str | None, spec: str, role: str = "teacher") -> str:
+    """The commit sha that `rev` (default: main) of `repo_id` points to, resolved once.
+
+    Later downloads use the sha, so every file comes from the same commit and is served from the cache
+    without any request once downloaded.
+    """
     from huggingface_hub import is_offline_mode
+    from huggingface_hub.errors import RepositoryNotFoundError
 
     rev = rev or "main"  # explicit: some mirrors reject repo-info requests without a revision
-    if hasattr(api, "resolve_revision"):
-        resolved = _hub_call(
-            lambda: api.resolve_revision(repo_id, revision=rev, local_files_only=is_offline_mode()),
-            spec,
-            repo_id,
-            rev,
-        )
-        sha = getattr(resolved, "resolved", None) or str(resolved)
-    else:  # huggingface_hub < 1.26
-        sha = _hub_call(lambda: api.model_info(repo_id, revision=rev).sha, spec, repo_id, rev)
+
+    def resolve(revision: str) -> str:
+        if hasattr(api, "resolve_revision"):
+            resolved = api.resolve_revision(repo_id, revision=revision, local_files_only=is_offline_mode())
+            return getattr(resolved, "resolved", None) or str(resolved)
+        return api.model_info(repo_id, revision=revision).sha  # huggingface_hub < 1.26
+
+    try:
+        sha = hub_call(lambda: resolve(rev), spec, repo_id, rev, role)
+    except TeacherSourceError as err:
+        # Some servers answer "repository not found" for a missing branch: tell the two apart.
+        if rev != "main" and isinstance(err.__cause__, RepositoryNotFoundError):
+            try:
+                resolve("main")
+            except Exception:
+                raise err from err.__cause__
+            raise TeacherSourceError(
+                f"{role} {spec!r}: revision {rev!r} not found in repo {repo_id!r}"
+            ) from err
+        raise
     if not sha or not _COMMIT_SHA.match(sha):
-        raise TeacherSourceError(f"teacher {spec!r}: revision {rev!r} did not resolve to a commit ({sha!r})")
+        raise TeacherSourceError(f"{role} {spec!r}: revision {rev!r} did not resolve to a commit ({sha!r})")
     return sha
 
 
-def _hub_call(fn, spec: str, repo_id: str, rev: str | None):
-    """Run a huggingface_hub call, turning its errors into `TeacherSourceError`s naming the teacher."""
+def hub_call(fn, spec: str, repo_id: str, rev: str | None, role: str = "teacher", missing: str = "file"):
+    """Run a huggingface_hub call, turning its errors into `TeacherSourceError`s naming `role` `spec`.
+
+    `missing` says what a 404 on an existing repo means for this call ("file" or "revision").
+    """
     from huggingface_hub import constants
     from huggingface_hub.errors import (
         EntryNotFoundError,
@@ -246,33 +266,34 @@ def _hub_call(fn, spec: str, repo_id: str, rev: str | None):
         RevisionNotFoundError,
     )
 
+    where = f"{role} {spec!r}"
     try:
         return fn()
     except RevisionNotFoundError as err:
-        raise TeacherSourceError(f"teacher {spec!r}: revision {rev!r} not found in repo {repo_id!r}") from err
+        raise TeacherSourceError(f"{where}: revision {rev!r} not found in repo {repo_id!r}") from err
     except GatedRepoError as err:
         raise TeacherSourceError(
-            f"teacher {spec!r}: repo {repo_id!r} is gated; accept its terms and pass a token"
+            f"{where}: repo {repo_id!r} is gated; accept its terms and pass a token"
         ) from err
     except RepositoryNotFoundError as err:
         raise TeacherSourceError(
-            f"teacher {spec!r}: repo {repo_id!r} not found at {constants.ENDPOINT} (or it is private: pass a "
-            "token); a local folder of that name does not exist either"
+            f"{where}: repo {repo_id!r} not found at {constants.ENDPOINT} (or it is private: pass a token), "
+            "and no local folder has that name"
         ) from err
     except (EntryNotFoundError, LocalEntryNotFoundError) as err:
-        raise TeacherSourceError(
-            f"teacher {spec!r}: file not found in repo {repo_id!r} ({_first_line(err)})"
-        ) from err
+        if missing == "revision":
+            raise TeacherSourceError(f"{where}: revision {rev!r} not found in repo {repo_id!r}") from err
+        raise TeacherSourceError(f"{where}: file not found in repo {repo_id!r} ({_first_line(err)})") from err
     except HfHubHTTPError as err:
-        raise TeacherSourceError(f"teacher {spec!r}: Hub request failed ({_first_line(err)})") from err
+        if missing == "revision" and getattr(getattr(err, "response", None), "status_code", None) == 404:
+            raise TeacherSourceError(f"{where}: revision {rev!r} not found in repo {repo_id!r}") from err
+        raise TeacherSourceError(f"{where}: Hub request failed ({_first_line(err)})") from err
     except (OSError, ConnectionError) as err:
-        raise TeacherSourceError(
-            f"teacher {spec!r}: cannot reach the Hub at {constants.ENDPOINT} ({err})"
-        ) from err
+        raise TeacherSourceError(f"{where}: cannot reach the Hub at {constants.ENDPOINT} ({err})") from err
     except Exception as err:
         if type(err).__module__.startswith("httpx"):  # connection refused, timeouts
             raise TeacherSourceError(
-                f"teacher {spec!r}: cannot reach the Hub at {constants.ENDPOINT} ({err})"
+                f"{where}: cannot reach the Hub at {constants.ENDPOINT} ({err})"
             ) from err
         raise
 
@@ -429,8 +450,7 @@ def _check_compatible(sources: list[_Source]) -> None:
             raise TeacherMismatchError(
                 f"teacher {src.name!r} is {src.family.name} {_arch_summary(src.arch)} but teacher "
                 f"{first.name!r} is {first.family.name} {_arch_summary(first.arch)}; all teachers must share "
-                "one architecture"
-                + _arch_diff(first.arch, src.arch)
+                "one architecture" + _arch_diff(first.arch, src.arch)
             )
         if len(src.labels) != len(first.labels):
             raise TeacherMismatchError(
@@ -483,7 +503,7 @@ def _read_weights(
 def _download_weights(src: _Source, token) -> None:
     from huggingface_hub import snapshot_download
 
-    folder = _hub_call(
+    folder = hub_call(
         lambda: snapshot_download(
             src.repo_id,
             revision=src.sha,
