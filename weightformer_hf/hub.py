@@ -103,7 +103,7 @@ def load_teachers(
         sources = [sources]
     if len(sources) == 0:
         raise TeacherSourceError("no teachers given: pass at least one Hub repo id or local folder")
-    with _no_progress_bars():
+    with no_progress_bars():
         api = hub_api(token) if any(_is_hub_spec(s) for s in sources) else None
         prepared = [_prepare(str(s), revision, token, api, trust_remote_code, allow_pickle) for s in sources]
         _check_compatible(prepared)
@@ -264,6 +264,7 @@ def hub_call(fn, spec: str, repo_id: str, rev: str | None, role: str = "teacher"
         LocalEntryNotFoundError,
         RepositoryNotFoundError,
         RevisionNotFoundError,
+        RevisionResolutionError,
     )
 
     where = f"{role} {spec!r}"
@@ -284,6 +285,11 @@ def hub_call(fn, spec: str, repo_id: str, rev: str | None, role: str = "teacher"
         if missing == "revision":
             raise TeacherSourceError(f"{where}: revision {rev!r} not found in repo {repo_id!r}") from err
         raise TeacherSourceError(f"{where}: file not found in repo {repo_id!r} ({_first_line(err)})") from err
+    except RevisionResolutionError as err:
+        raise TeacherSourceError(
+            f"{where}: cannot reach the Hub at {constants.ENDPOINT} and revision {rev or 'main'!r} of "
+            f"{repo_id!r} is not in the local cache"
+        ) from err
     except HfHubHTTPError as err:
         if missing == "revision" and getattr(getattr(err, "response", None), "status_code", None) == 404:
             raise TeacherSourceError(f"{where}: revision {rev!r} not found in repo {repo_id!r}") from err
@@ -586,7 +592,8 @@ def _align_label_order(sources: list[_Source], state_dicts: list[Mapping]) -> li
 
 
 def _info(src: _Source) -> TeacherInfo:
-    extra = {"format": src.format, "files": src.weights.all_files, **src.extra}
+    # "folder": where config, processor and weights lie (a Hub snapshot in the cache, or the local folder)
+    extra = {"format": src.format, "files": src.weights.all_files, "folder": str(src.folder), **src.extra}
     preprocessor = src.folder / "preprocessor_config.json"
     if src.format == "transformers" and preprocessor.is_file():
         extra["preprocessor_config"] = json.loads(preprocessor.read_text())
@@ -612,7 +619,7 @@ def _info(src: _Source) -> TeacherInfo:
 
 # ---------------------------------------------------------------------------------------- utilities
 @contextlib.contextmanager
-def _no_progress_bars() -> Iterator[None]:
+def no_progress_bars() -> Iterator[None]:
     """Silence huggingface_hub and transformers progress bars (validation comes before any bar)."""
     from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
     from transformers.utils import logging as hf_logging

@@ -1,0 +1,187 @@
+"""`generate(...)`: teachers in, a saved (optionally pushed) student out; what `weightformer generate` runs.
+
+Stages: resolve and load the teachers (validated, quietly) → load the generator and check that it serves
+the teachers → generate → `save_student` → optional push. Every input problem raises a named
+`WeightFormerError` before the first progress bar appears; bars are shown only on a terminal.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .errors import TeacherSourceError, WeightFormerError
+from .teachers import TeacherSet
+
+
+@dataclass
+class GenerationResult:
+    """What `generate` produced: the student, its teachers, where it was saved and the push commit."""
+
+    student: nn.Module
+    teachers: TeacherSet
+    generator_id: str
+    out_dir: Path | None = None
+    commit: object | None = None  # huggingface_hub.CommitInfo when pushed
+
+
+def load_generator(
+    spec, teachers: TeacherSet, token: str | bool | None = None, trust_remote_code: bool = False
+):
+    """A `WeightFormerModel` from `spec`: "none" (untrained), a local folder, `org/name[@rev]`, or a model.
+
+    Hub generators are pinned to the commit their revision resolves to; the model's `weightformer_source`
+    records `org/name@sha` (or the folder) for the student's card. Raises if it does not serve `teachers`.
+    """
+    from .export import UNTRAINED
+    from .modeling import WeightFormerModel
+
+    if spec is None or (isinstance(spec, str) and spec.lower() == "none"):
+        model = WeightFormerModel.for_teachers(teachers)
+        model.weightformer_source = UNTRAINED
+    elif isinstance(spec, WeightFormerModel):
+        model = spec
+    else:
+        model = _load_saved_generator(str(spec), token, trust_remote_code)
+    model.check_teachers(teachers)
+    return model
+
+
+def _load_saved_generator(spec: str, token, trust_remote_code: bool):
+    from .hub import _looks_like_path, hub_api, hub_call, parse_source, resolve_hub_revision
+    from .modeling import WeightFormerModel
+
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise TeacherSourceError(
+                f"generator {spec!r}: folder has no config.json (not a saved WeightFormer)"
+            )
+        try:
+            model = WeightFormerModel.from_pretrained(path, dtype=torch.float32, local_files_only=True)
+        except (OSError, ValueError, KeyError) as err:
+            raise TeacherSourceError(
+                f"generator {spec!r}: cannot load a WeightFormer from it ({err})"
+            ) from err
+        model.weightformer_source = str(path.resolve())
+        return model
+    if _looks_like_path(spec):
+        raise TeacherSourceError(f"generator {spec!r}: folder not found")
+    repo_id, rev = parse_source(spec)
+    api = hub_api(token)
+    sha = resolve_hub_revision(api, repo_id, rev, spec, role="generator")
+    model = hub_call(
+        lambda: WeightFormerModel.from_pretrained(
+            repo_id, revision=sha, dtype=torch.float32, token=token, trust_remote_code=trust_remote_code
+        ),
+        spec,
+        repo_id,
+        rev,
+        role="generator",
+    )
+    model.weightformer_source = f"{repo_id}@{sha}"
+    return model
+
+
+def generate(
+    teachers: Sequence[str | Path] | TeacherSet,
+    generator="none",
+    anchor: int = 0,
+    out_dir: str | Path | None = None,
+    format: str | None = None,
+    push_to_hub: str | None = None,
+    *,
+    private: bool = False,
+    revision: str | None = None,
+    token: str | bool | None = None,
+    allow_pickle: bool = False,
+    trust_remote_code: bool = False,
+    metrics: Mapping[str, float] | None = None,
+    progress: bool | None = None,
+) -> GenerationResult:
+    """Generate one student from K teachers, save it as a repo folder and optionally push it.
+
+    Args:
+        teachers: Hub repo ids (`org/name[@rev]`) and/or local folders, or a loaded `TeacherSet`.
+        generator: "none" (an untrained generator: the student equals the anchor), a folder or
+            `org/name[@rev]` of a trained WeightFormer, or a `WeightFormerModel`.
+        anchor: index of the teacher whose channel order the student keeps.
+        out_dir: where to save the student (required to push; a temporary folder is not used).
+        format: "timm" or "transformers" (default: the teachers' format).
+        push_to_hub: repo id to push the saved folder to, in one commit.
+        private: make a newly created Hub repo private.
+        revision: revision for Hub teachers without `@rev`.
+        token: Hub token for private teachers, generator and the push (never printed or logged).
+        allow_pickle, trust_remote_code: see `load_teachers`.
+        metrics: measured metrics for the card.
+        progress: show tqdm bars (default: only when stderr is a terminal).
+    """
+    from .export import describe_generator, save_student
+    from .hub import load_teachers, no_progress_bars
+
+    if push_to_hub and out_dir is None:
+        raise WeightFormerError("pushing needs out_dir: the student is saved there first, then uploaded")
+    if format not in (None, "timm", "transformers"):
+        raise WeightFormerError(f"unknown format {format!r}: use 'timm' or 'transformers'")
+    # 1-2. load and validate everything before any progress bar
+    if isinstance(teachers, TeacherSet):
+        teacher_set = teachers
+    else:
+        teacher_set = load_teachers(
+            list(teachers),
+            revision=revision,
+            token=token,
+            allow_pickle=allow_pickle,
+            trust_remote_code=trust_remote_code,
+        )
+    if not 0 <= anchor < len(teacher_set):
+        raise WeightFormerError(
+            f"anchor {anchor} is out of range: there are {len(teacher_set)} teachers (0-based)"
+        )
+    if format == "timm" and teacher_set.family.format != "timm":
+        raise WeightFormerError(
+            f"the teachers are {teacher_set.family.name} (transformers) models; they cannot become a timm "
+            "student: use --format transformers"
+        )
+    model = load_generator(generator, teacher_set, token=token, trust_remote_code=trust_remote_code)
+    generator_id = describe_generator(model)
+
+    show = sys.stderr.isatty() if progress is None else progress
+    stages = ["generate"] + (["save"] if out_dir is not None else []) + (["push"] if push_to_hub else [])
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=len(stages), desc="weightformer", disable=not show, file=sys.stderr)
+    try:
+        bar.set_postfix_str(f"generating from {len(teacher_set)} teachers")
+        student = model.generate_student(teacher_set, anchor=anchor)
+        bar.update()
+        saved = None
+        if out_dir is not None:
+            bar.set_postfix_str(f"saving to {out_dir}")
+            with no_progress_bars():  # one bar (ours), not one per library
+                saved = save_student(
+                    student,
+                    out_dir,
+                    format=format,
+                    teachers=teacher_set,
+                    generator=generator_id,
+                    metrics=metrics,
+                    anchor=anchor,
+                )
+            bar.update()
+        commit = None
+        if push_to_hub:
+            from .push import push_student_to_hub
+
+            bar.set_postfix_str(f"pushing to {push_to_hub}")
+            with no_progress_bars():
+                commit = push_student_to_hub(saved, push_to_hub, private=private, token=token)
+            bar.update()
+    finally:
+        bar.close()
+    return GenerationResult(student, teacher_set, generator_id, saved, commit)

@@ -1,0 +1,155 @@
+"""Score models named by source (Hub id or folder) on a dataset: what `weightformer evaluate` runs.
+
+Datasets: `mnist1d` (generated locally with a fixed seed, for the MLP / 1-D CNN reference families), or an
+image-classification dataset (a Hub dataset id, a `save_to_disk` folder or an image folder), preprocessed
+with timm's data config (timm models) or the model's image processor (transformers models).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from .errors import WeightFormerError
+from .evaluation import classification_metrics, ensemble_probs, predict_logits
+from .teachers import TeacherSet
+
+_SIGNAL_FAMILIES = {"mlp", "cnn1d"}
+
+
+class EvaluationDataError(WeightFormerError):
+    """A dataset that does not fit the models or lacks a needed split or column."""
+
+
+def evaluate_sources(
+    sources: Sequence[str],
+    dataset: str,
+    split: str = "test",
+    num_samples: int = 1000,
+    seed: int = 0,
+    image_column: str = "image",
+    label_column: str = "label",
+    batch_size: int = 256,
+    **load_kwargs,
+) -> dict[str, dict[str, float]]:
+    """Accuracy, NLL and ECE of each model in `sources` and, for several, of their ensemble."""
+    from .hub import load_teachers
+
+    models = load_teachers(list(sources), **load_kwargs)
+    inputs, labels = evaluation_data(models, dataset, split, num_samples, seed, image_column, label_column)
+    return score(models, inputs, labels, batch_size)
+
+
+def score(models: TeacherSet, inputs: torch.Tensor, labels: torch.Tensor, batch_size: int = 256) -> dict:
+    results, all_logits = {}, []
+    for i, info in enumerate(models.infos):
+        model = models.model(i)
+        logits = predict_logits(lambda x, m=model: models.family.logits(m, x), inputs, batch_size)
+        all_logits.append(logits)
+        results[info.name] = classification_metrics(F.softmax(logits, -1), labels)
+    if len(all_logits) > 1:
+        results["ensemble"] = classification_metrics(ensemble_probs(all_logits), labels)
+    return results
+
+
+def evaluation_data(
+    models: TeacherSet,
+    dataset: str,
+    split: str,
+    num_samples: int,
+    seed: int,
+    image_column: str,
+    label_column: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    if dataset.lower() == "mnist1d":
+        return _mnist1d(models, num_samples, seed)
+    if models.family.name in _SIGNAL_FAMILIES:
+        raise EvaluationDataError(
+            f"{models.family.name} models read 40-sample 1-D signals: evaluate them with --dataset mnist1d"
+        )
+    return _image_dataset(models, dataset, split, num_samples, image_column, label_column)
+
+
+def _mnist1d(models: TeacherSet, num_samples: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    if models.family.name not in _SIGNAL_FAMILIES:
+        raise EvaluationDataError(
+            f"mnist1d holds 1-D signals, but the models are {models.family.name} image models; "
+            "pass an image dataset"
+        )
+    if len(models.label_names) != 10:
+        raise EvaluationDataError(f"mnist1d has 10 classes but the models have {len(models.label_names)}")
+    from mnist1d.data import get_dataset_args, make_dataset
+
+    args = get_dataset_args()
+    args.num_samples, args.train_split, args.seed = 2 * num_samples, 0.5, seed
+    data = make_dataset(args)  # generated locally; get_dataset() would try to download
+    inputs = torch.as_tensor(data["x_test"], dtype=torch.float32)
+    labels = torch.as_tensor(data["y_test"], dtype=torch.long)
+    return inputs, labels
+
+
+def _image_dataset(models, dataset, split, num_samples, image_column, label_column):
+    from datasets import DatasetDict, load_dataset, load_from_disk
+
+    path = Path(dataset).expanduser()
+    try:
+        if path.is_dir() and any((path / n).is_file() for n in ("dataset_dict.json", "dataset_info.json")):
+            ds = load_from_disk(str(path))
+            if isinstance(ds, DatasetDict):
+                if split not in ds:
+                    raise EvaluationDataError(
+                        f"dataset {dataset!r} has no split {split!r}; splits: {list(ds)}"
+                    )
+                ds = ds[split]
+        else:
+            ds = load_dataset(str(path) if path.is_dir() else dataset, split=split)
+    except (FileNotFoundError, ValueError) as err:
+        if isinstance(err, WeightFormerError):
+            raise
+        raise EvaluationDataError(f"cannot load dataset {dataset!r} split {split!r}: {err}") from err
+    for column in (image_column, label_column):
+        if column not in ds.column_names:
+            raise EvaluationDataError(
+                f"dataset {dataset!r} has no column {column!r}; columns: {ds.column_names} "
+                "(use --image-column / --label-column)"
+            )
+    ds = ds.select(range(min(num_samples, len(ds))))
+    preprocess = _preprocessor(models)
+    inputs = torch.stack([preprocess(image) for image in ds[image_column]])
+    labels = torch.as_tensor(_label_ids(ds, label_column, models.label_names), dtype=torch.long)
+    return inputs, labels
+
+
+def _label_ids(ds, label_column: str, label_names: list[str]) -> list[int]:
+    """Dataset labels as model class indices: by name when the dataset's class names are the model's."""
+    feature = ds.features[label_column]
+    values = ds[label_column]
+    names = getattr(feature, "names", None)
+    if names and set(names) == set(label_names):
+        return [label_names.index(names[v]) for v in values]
+    return [int(v) for v in values]
+
+
+def _preprocessor(models: TeacherSet):
+    model = models.model(0)
+    if models.family.format == "timm":
+        from timm.data import create_transform, resolve_data_config
+
+        config = resolve_data_config({}, model=model)
+        transform = create_transform(**config)
+        mode = "L" if config["input_size"][0] == 1 else "RGB"
+        return lambda image: transform(image.convert(mode))
+    from transformers import AutoImageProcessor
+
+    folder = models.infos[0].extra.get("folder")
+    if not folder or not (Path(folder) / "preprocessor_config.json").is_file():
+        raise EvaluationDataError(
+            f"model {models.infos[0].name!r} has no preprocessor_config.json: cannot preprocess images for it"
+        )
+    processor = AutoImageProcessor.from_pretrained(folder)
+    channels = int(getattr(model.config, "num_channels", 3))
+    mode = "L" if channels == 1 else "RGB"
+    return lambda image: processor(image.convert(mode), return_tensors="pt")["pixel_values"][0]
