@@ -1,0 +1,313 @@
+"""Train a WeightFormer on a pool of teachers, then evaluate it on held-out teachers.
+
+    accelerate launch examples/train.py     # offline default: MNIST-1D MLP pool, CPU, minutes
+    accelerate launch --multi_gpu --num_processes 2 examples/train.py --cpu   # 2 CPU ranks (gloo)
+    accelerate launch examples/train.py --config cifar10-resnet18 --teachers org/r18-a org/r18-b ...
+
+`--config` takes a preset from `hub_configs/` (or a JSON path); command-line flags override it. Generators
+too large for one device: pick FSDP or DeepSpeed in `accelerate config` (wrap `WeightFormerBlock`, the
+model's `_no_split_modules`); the script itself does not change.
+"""
+
+import argparse
+import math
+import os
+import signal
+import sys
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+from transformers import get_scheduler
+from weightformer_hf.hub_configs import load_preset
+
+from weightformer_hf import WeightFormerError, WeightFormerModel
+from weightformer_hf import data as wf_data
+from weightformer_hf import pool as wf_pool
+from weightformer_hf import training as wf
+
+# Flag → argparse options. Preset values become the defaults; flags given on the command line win.
+FLAGS = {
+    # The method's own flags.
+    "teachers": dict(nargs="+", help="teacher folders, pool folders or Hub ids (default: the preset's pool)"),
+    "pool_dir": dict(help="where the preset's pool lives (default ~/.cache/weightformer_hf/pools/<preset>)"),
+    "shared_init": dict(action="store_true", help="pool variant: one initialisation, different data orders"),
+    "k_min": dict(type=int), "k_max": dict(type=int),
+    "alpha": dict(type=float), "temperature": dict(type=float),
+    "num_eval_teachers": dict(type=int), "eval_k": dict(type=int), "num_heldout_sets": dict(type=int),
+    "finetune_steps": dict(type=int, default=0), "finetune_learning_rate": dict(type=float, default=3e-4),
+    "recompute_bn_stats": dict(action="store_true", default=None),
+    "online_augmentation": dict(action="store_true", help="augment batches; the K teachers then run live"),
+    # Data (names of the Hugging Face image-classification example).
+    "dataset_name": dict(help="mnist1d, mnist5k or a Hub dataset id"), "train_dir": {}, "validation_dir": {},
+    "image_column_name": dict(default="image"), "label_column_name": dict(default="label"),
+    # Training (names of the *_no_trainer.py examples).
+    "output_dir": dict(default="outputs/weightformer-mnist1d-mlp"),
+    "max_train_steps": dict(type=int), "num_train_epochs": dict(type=int),
+    "per_device_train_batch_size": dict(type=int), "per_device_eval_batch_size": dict(type=int, default=1024),
+    "learning_rate": dict(type=float), "weight_decay": dict(type=float), "max_grad_norm": dict(type=float),
+    "lr_scheduler_type": {}, "num_warmup_steps": dict(type=int),
+    "gradient_accumulation_steps": dict(type=int, default=1),
+    "seed": dict(type=int, default=0), "logging_steps": dict(type=int, default=50),
+    "checkpointing_steps": dict(type=int),
+    "resume_from_checkpoint": dict(help="'latest' or a checkpoint folder"),
+    "with_tracking": dict(action="store_true"), "report_to": dict(default="tensorboard"),
+    "push_to_hub": dict(action="store_true"), "hub_model_id": {},
+    "cpu": dict(action="store_true"), "mixed_precision": dict(choices=["no", "fp16", "bf16"]),
+}  # fmt: skip
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--config", default="mnist1d-mlp", help="preset name in hub_configs/ or a JSON file")
+    for name, options in FLAGS.items():
+        parser.add_argument(f"--{name}", **options)
+    config = parser.parse_known_args(argv)[0].config
+    preset = load_preset(config)
+    parser.set_defaults(**{k: v for k, v in preset.items() if k in FLAGS})
+    args = parser.parse_args(argv)
+    args.preset, args.preset_name = preset, Path(config).stem
+    return args
+
+
+def main(args):
+    accelerator = Accelerator(
+        cpu=args.cpu,
+        mixed_precision=args.mixed_precision,
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        log_with=args.report_to if args.with_tracking else None,
+        project_config=ProjectConfiguration(project_dir=args.output_dir),
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+    )
+    set_seed(args.seed)
+    with accelerator.main_process_first():  # rank 0 builds the pool and fills the logits cache; others read
+        raw = wf_data.load_raw_splits(
+            args.dataset_name, args.train_dir, args.validation_dir, args.image_column_name,
+            args.label_column_name, mnist1d=args.preset.get("mnist1d"), seed=args.seed,
+        )  # fmt: skip
+        teachers = wf_pool.resolve_pool(
+            args.teachers, args.preset, args.preset_name, raw, args.dataset_name, args.pool_dir,
+            args.shared_init, may_build=accelerator.is_main_process,
+        )  # fmt: skip
+        splits = wf_data.task_splits(raw, transform := wf_data.transform_for(raw, teachers))
+        cache = wf.TeacherLogitsCache(wf_data.cache_root() / "teacher_logits")
+        logits = {
+            s: cache.logits(
+                teachers,
+                splits[s],
+                wf_data.fingerprint(splits[s], transform),
+                show_progress=accelerator.is_main_process,
+            )
+            for s in ("meta", "test")
+        }
+    train_idx, eval_idx = wf.split_pool(len(teachers), args.num_eval_teachers, args.seed)
+    wf.check_k(len(train_idx), len(eval_idx), args.k_min, args.k_max, args.eval_k)
+    train_teachers = teachers.subset(train_idx)
+    targets = wf.TeacherTargets(
+        train_teachers,
+        logits["meta"][train_idx].to(accelerator.device),
+        args.online_augmentation,
+        accelerator.device,
+    )
+
+    generator = WeightFormerModel.for_teachers(train_teachers, **args.preset.get("generator", {}))
+    generator.config.training_pool = [i.identity for i in train_teachers.infos]
+    optimizer = torch.optim.AdamW(
+        generator.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay
+    )
+    train_dl = DataLoader(
+        splits["meta"],
+        batch_size=args.per_device_train_batch_size,
+        shuffle=True,
+        drop_last=True,
+        collate_fn=wf_data.collate,
+    )
+    test_dl = DataLoader(
+        splits["test"], batch_size=args.per_device_eval_batch_size, collate_fn=wf_data.collate
+    )
+    updates_per_epoch = math.ceil(
+        len(train_dl) / accelerator.num_processes / args.gradient_accumulation_steps
+    )
+    if args.num_train_epochs and not args.max_train_steps:
+        args.max_train_steps = args.num_train_epochs * updates_per_epoch
+    scheduler = get_scheduler(
+        args.lr_scheduler_type,
+        optimizer,
+        args.num_warmup_steps * accelerator.num_processes,
+        args.max_train_steps * accelerator.num_processes,
+    )
+    generator, optimizer, train_dl, test_dl, scheduler = accelerator.prepare(
+        generator, optimizer, train_dl, test_dl, scheduler
+    )
+    progress = wf.TrainingProgress()
+    accelerator.register_for_checkpointing(progress)
+    if args.with_tracking:
+        accelerator.init_trackers(
+            "weightformer", {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))}
+        )
+
+    checkpoints = Path(args.output_dir) / "checkpoints"
+    if args.resume_from_checkpoint:
+        path = (
+            wf.latest_checkpoint(checkpoints)
+            if args.resume_from_checkpoint == "latest"
+            else Path(args.resume_from_checkpoint)
+        )
+        accelerator.load_state(str(path))
+        accelerator.print(f"resumed from {path} at step {progress.step}")
+
+    def save_checkpoint():
+        accelerator.save_state(str(checkpoints / f"step_{progress.step:06d}"))
+        if accelerator.is_main_process:
+            wf.prune_checkpoints(checkpoints, keep=3)
+
+    stop = {}
+    for sig in (signal.SIGTERM, signal.SIGINT):  # every rank saves at the same step (set/check_trigger)
+        signal.signal(sig, lambda s, _f: (stop.setdefault("signal", s), accelerator.set_trigger()))
+
+    accelerator.print(
+        f"***** Running training: {len(train_idx)} training / {len(eval_idx)} held-out teachers, "
+        f"{args.max_train_steps} steps, {accelerator.num_processes} process(es) *****"
+    )
+    bar = tqdm(total=args.max_train_steps, initial=progress.step, disable=not accelerator.is_main_process)
+    micro, window, local = progress.step * args.gradient_accumulation_steps, [], []
+    while progress.step < args.max_train_steps:
+        train_dl.set_epoch(micro // len(train_dl))
+        skip = micro % len(train_dl)
+        for batch in accelerator.skip_first_batches(train_dl, skip) if skip else train_dl:
+            with accelerator.accumulate(generator):
+                members, anchor = wf.sample_episode(
+                    wf.episode_rng(args.seed, micro, accelerator.process_index),
+                    len(train_teachers),
+                    args.k_min,
+                    args.k_max,
+                )
+                inputs, teacher_logits = targets(members, batch)
+                with accelerator.autocast():
+                    loss = wf.episode_loss(
+                        generator,
+                        train_teachers,
+                        (members, anchor),
+                        inputs,
+                        batch["labels"],
+                        teacher_logits,
+                        args.alpha,
+                        args.temperature,
+                    )
+                accelerator.backward(loss)
+                if accelerator.sync_gradients:
+                    accelerator.clip_grad_norm_(generator.parameters(), args.max_grad_norm)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad()
+            micro += 1
+            local.append(loss.item())
+            window.append(accelerator.reduce(loss.detach(), "mean").item())  # the loss averaged over ranks
+            if accelerator.sync_gradients:
+                progress.step += 1
+                bar.update(1)
+                if progress.step % args.logging_steps == 0 or progress.step == args.max_train_steps:
+                    mean = sum(window) / len(window)
+                    accelerator.print(
+                        f"step {progress.step}: loss {mean:.6f} (mean over "
+                        f"{accelerator.num_processes} process(es))"
+                    )
+                    accelerator.log(
+                        {"train/loss": mean, "lr": scheduler.get_last_lr()[0]}, step=progress.step
+                    )
+                    window = []
+                if args.checkpointing_steps and progress.step % args.checkpointing_steps == 0:
+                    save_checkpoint()
+            if accelerator.check_trigger():
+                save_checkpoint()
+                accelerator.print(
+                    f"caught signal {stop.get('signal', '')}: checkpoint saved at step {progress.step}; "
+                    "resume with --resume_from_checkpoint latest"
+                )
+                sys.exit(128 + int(stop.get("signal", signal.SIGTERM)))
+            if progress.step >= args.max_train_steps:
+                break
+    bar.close()
+    print(
+        f"[rank {accelerator.process_index}/{accelerator.num_processes}] {len(local)} episodes, "
+        f"mean local loss {sum(local) / max(len(local), 1):.6f}",
+        flush=True,
+    )
+
+    # Held-out evaluation: students for several sets of teachers the generator never saw.
+    unwrapped = accelerator.unwrap_model(generator)
+    meta_dl = DataLoader(
+        splits["meta"],
+        batch_size=256,
+        shuffle=True,
+        collate_fn=wf_data.collate,
+        generator=torch.Generator().manual_seed(args.seed),
+    )
+    finetune = (
+        (
+            lambda student, members: wf.finetune_student(
+                student,
+                meta_dl,
+                logits["meta"][members],
+                args.finetune_steps,
+                args.finetune_learning_rate,
+                args.alpha,
+                args.temperature,
+                accelerator.device,
+            )
+        )
+        if args.finetune_steps
+        else None
+    )
+    bn = (
+        (lambda student: wf.recompute_bn_stats(student, meta_dl, num_batches=20))
+        if args.recompute_bn_stats
+        else None
+    )
+    sets = wf.heldout_sets(eval_idx, args.eval_k, args.num_heldout_sets, args.seed)
+    results = wf.evaluate_heldout(
+        unwrapped,
+        teachers,
+        sets,
+        logits["test"],
+        wf_data.tensors(splits["test"])[1],
+        test_dl,
+        accelerator.gather_for_metrics,
+        finetune,
+        bn,
+        accelerator.device,
+    )
+    results.update(
+        train_teachers=train_teachers.names, finetune_steps=args.finetune_steps, train_steps=progress.step
+    )
+    accelerator.log(wf.tracker_metrics(results), step=progress.step)
+    accelerator.wait_for_everyone()
+    unwrapped.config.heldout_results = {k: v for k, v in results.items() if k != "heldout_sets"}
+    unwrapped.save_pretrained(args.output_dir, is_main_process=accelerator.is_main_process)
+    if accelerator.is_main_process:
+        wf.write_eval_results(results, args.output_dir)
+        accelerator.print(wf.eval_table(results))
+        if args.push_to_hub:
+            push(unwrapped, args)
+    accelerator.end_training()
+
+
+def push(generator, args):
+    try:
+        from weightformer_hf.push import push_generator_to_hub
+    except ImportError:
+        generator.push_to_hub(args.hub_model_id or Path(args.output_dir).name)
+        return
+    push_generator_to_hub(generator, args.hub_model_id or Path(args.output_dir).name, folder=args.output_dir)
+
+
+if __name__ == "__main__":
+    try:
+        main(parse_args())
+    except (WeightFormerError, FileNotFoundError) as err:  # bad input: one message, exit status 2
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"train.py: error: {err}", file=sys.stderr)
+        sys.exit(2)

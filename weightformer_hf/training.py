@@ -1,0 +1,492 @@
+"""Episodic WeightFormer training and held-out evaluation: the method-specific parts of `examples/train.py`.
+
+One training step (an *episode*): sample K teachers and an anchor from the training teachers, generate the
+student, run it on a batch of the meta split, and back-propagate
+
+    alpha · T² · KL(ensemble_T ‖ student_T) + (1 − alpha) · CE(student, labels)
+
+into the generator, where `ensemble_T` is the mean of the K teachers' softmax(logits / T) (the Hinton KD
+term; the issue writes it KL(student/T ‖ ensemble/T)). Teacher logits on fixed data never change, so
+they are computed once per teacher and split and cached on disk (`TeacherLogitsCache`); a step then costs
+one generator pass plus one student forward and backward. Online augmentation would need K live teacher
+forwards per step instead (K times the student's cost, plus memory for K teachers on the device).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import random
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+from tqdm.auto import tqdm
+
+from .errors import WeightFormerError
+from .evaluation import ece, ensemble_probs, gain_recovered, nll
+from .teachers import TeacherSet
+
+
+class PoolConfigError(WeightFormerError):
+    """Pool sizes and K that cannot work together (K larger than the pool, no teacher left to evaluate)."""
+
+
+# ------------------------------------------------------------------------------------------ the pool
+def split_pool(num_teachers: int, num_eval: int, seed: int = 0) -> tuple[list[int], list[int]]:
+    """Disjoint (training, evaluation) teacher indices: the evaluation teachers are never trained on."""
+    if num_teachers == 0:
+        raise PoolConfigError("the teacher pool is empty")
+    if not 0 < num_eval < num_teachers:
+        raise PoolConfigError(
+            f"cannot hold out {num_eval} of {num_teachers} teachers for evaluation: training and evaluation "
+            "teachers must both be non-empty (set --num_eval_teachers)"
+        )
+    order = list(range(num_teachers))
+    random.Random(f"pool-split-{seed}").shuffle(order)
+    return sorted(order[num_eval:]), sorted(order[:num_eval])
+
+
+def check_k(num_train: int, num_eval: int, k_min: int, k_max: int, eval_k: int) -> None:
+    """Raise `PoolConfigError` with the numbers when K does not fit the training or evaluation teachers."""
+    if not 1 <= k_min <= k_max:
+        raise PoolConfigError(f"need 1 <= k_min <= k_max, got k_min={k_min}, k_max={k_max}")
+    if k_max > num_train:
+        raise PoolConfigError(
+            f"K is larger than the pool: k_max={k_max} but only {num_train} training teachers "
+            f"({num_train + num_eval} in the pool, {num_eval} held out for evaluation); lower --k_max or "
+            "add teachers"
+        )
+    if eval_k > num_eval:
+        raise PoolConfigError(
+            f"K is larger than the pool: evaluation draws sets of {eval_k} teachers but only {num_eval} are "
+            "held out; lower --eval_k or raise --num_eval_teachers"
+        )
+
+
+def sample_episode(rng: random.Random, pool_size: int, k_min: int, k_max: int) -> tuple[list[int], int]:
+    """K ∈ [k_min, k_max] distinct teacher indices and the anchor's position among them."""
+    k = rng.randint(k_min, min(k_max, pool_size))
+    return rng.sample(range(pool_size), k), rng.randrange(k)
+
+
+def episode_rng(seed: int, step: int, rank: int) -> random.Random:
+    """The episode RNG of one step on one rank: derived, not stored, so resuming needs no extra state.
+    Ranks draw different episodes (more teacher combinations per optimizer step)."""
+    return random.Random(f"episode-{seed}-{step}-{rank}")
+
+
+def heldout_sets(
+    eval_indices: Sequence[int], k: int, num_sets: int, seed: int = 0
+) -> list[tuple[list[int], int]]:
+    """`num_sets` distinct sets of `k` evaluation teachers, each with an anchor position."""
+    rng = random.Random(f"heldout-{seed}")
+    possible = math.comb(len(eval_indices), k)
+    sets: list[tuple[list[int], int]] = []
+    seen: set[tuple[int, ...]] = set()
+    while len(sets) < num_sets:
+        members = sorted(rng.sample(list(eval_indices), k))
+        if tuple(members) in seen and len(seen) < possible:
+            continue
+        seen.add(tuple(members))
+        sets.append((members, rng.randrange(k)))
+    return sets
+
+
+# ----------------------------------------------------------------------------------- the objective
+def kd_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    labels: torch.Tensor,
+    alpha: float,
+    temperature: float,
+) -> torch.Tensor:
+    """`alpha·T²·KL(ensemble_T ‖ student_T) + (1−alpha)·CE`; `teacher_logits` is `(K, B, C)`.
+
+    Computed in fp32 whatever the autocast dtype: the KL of nearly equal distributions is a small
+    difference of large terms.
+    """
+    student = student_logits.float()
+    target = F.softmax(teacher_logits.float() / temperature, dim=-1).mean(0)
+    kl = F.kl_div(F.log_softmax(student / temperature, dim=-1), target, reduction="batchmean")
+    loss = alpha * temperature**2 * kl
+    if alpha < 1:
+        loss = loss + (1 - alpha) * F.cross_entropy(student, labels)
+    return loss
+
+
+def logits_of(output) -> torch.Tensor:
+    """Logits from a timm (tensor) or transformers (`.logits`) forward."""
+    return output if isinstance(output, torch.Tensor) else output.logits
+
+
+def episode_loss(
+    generator: nn.Module,
+    teachers: TeacherSet,
+    episode: tuple[list[int], int],
+    inputs: torch.Tensor,
+    labels: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    alpha: float,
+    temperature: float,
+    mask_sparsity_weight: float = 0.0,
+) -> torch.Tensor:
+    """The loss of one episode: `episode` = (member indices into `teachers`, anchor position);
+    `teacher_logits` `(K, B, C)` are the members' logits on `inputs` (see `TeacherTargets`)."""
+    from .modeling import run_student
+
+    members, anchor = episode
+    episode_teachers = teachers.subset(members)
+    out = generator(episode_teachers, anchor=anchor)
+    student_logits = run_student(episode_teachers, out.student_state, inputs)
+    loss = kd_loss(student_logits, teacher_logits.to(student_logits.device), labels, alpha, temperature)
+    if out.mask_sparsity is not None and mask_sparsity_weight > 0:
+        loss = loss + mask_sparsity_weight * out.mask_sparsity
+    return loss
+
+
+class TeacherTargets:
+    """Where an episode's teacher logits come from.
+
+    - cached (default): rows of the on-disk cache, looked up by the batch's `index`; free per step.
+    - online augmentation (`augment=True`): the batch is randomly augmented (signals: a circular shift of
+      up to 2 samples and 5 % Gaussian noise; images: a horizontal flip and a 4-pixel translation), so the
+      K teachers must run live on it. Cost per step: K extra teacher forwards (no backward), about K/3 of
+      the student's forward+backward, and every training teacher resident on the device.
+    """
+
+    def __init__(self, teachers: TeacherSet, cached: torch.Tensor, augment: bool = False, device="cpu"):
+        self.cached = cached
+        self.augment = augment
+        self.models = [teachers.model(i).to(device) for i in range(len(teachers))] if augment else []
+
+    @torch.no_grad()
+    def __call__(self, members: list[int], batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """`(inputs, teacher_logits (K, B, C))` for this episode and batch."""
+        inputs = batch["inputs"]
+        if not self.augment:
+            return inputs, self.cached[members][:, batch["index"].to(self.cached.device)]
+        inputs = augment_batch(inputs)
+        return inputs, torch.stack([logits_of(self.models[m](inputs)).float() for m in members])
+
+
+def augment_batch(inputs: torch.Tensor) -> torch.Tensor:
+    """A random augmentation of a batch of signals `(B, L)` or images `(B, C, H, W)`."""
+    if inputs.dim() == 2:
+        shifted = torch.roll(inputs, shifts=int(torch.randint(-2, 3, ())), dims=1)
+        return shifted + 0.05 * inputs.std() * torch.randn_like(inputs)
+    flip = torch.rand(inputs.shape[0], device=inputs.device) < 0.5
+    out = torch.where(flip[:, None, None, None], inputs.flip(-1), inputs)
+    dy, dx = (int(v) for v in torch.randint(-4, 5, (2,)))
+    return torch.roll(out, shifts=(dy, dx), dims=(-2, -1))
+
+
+# --------------------------------------------------------------------------------- teacher logits
+class TeacherLogitsCache:
+    """Teacher logits on fixed data, one safetensors file per (teacher identity, data fingerprint).
+
+    The fingerprint names the dataset and the transform (`data.fingerprint`), so a different split,
+    dataset version or preprocessing misses the cache instead of reading stale logits. In multi-process
+    runs call `logits` on the main process first: the other ranks then only read the files.
+    """
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+
+    def path(self, identity: str, fingerprint: str) -> Path:
+        key = hashlib.sha256(f"{identity}\n{fingerprint}".encode()).hexdigest()[:32]
+        return self.root / f"{key}.safetensors"
+
+    def logits(
+        self,
+        teachers: TeacherSet,
+        split,
+        fingerprint: str,
+        batch_size: int = 1024,
+        device: torch.device | str = "cpu",
+        show_progress: bool = True,
+    ) -> torch.Tensor:
+        """`(len(teachers), len(split), C)` fp32 logits, row order of `split`, computed where missing."""
+        out = []
+        for i, info in enumerate(tqdm(teachers.infos, desc="teacher logits", disable=not show_progress)):
+            path = self.path(info.identity, fingerprint)
+            if path.exists():
+                out.append(load_file(path)["logits"])
+                continue
+            model = teachers.model(i).to(device)
+            logits = batch_logits(lambda x, m=model: logits_of(m(x)), split, batch_size, device)
+            self.root.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
+            save_file(
+                {"logits": logits.contiguous()}, tmp, metadata={"teacher": info.identity, "data": fingerprint}
+            )
+            os.replace(tmp, path)  # atomic: readers never see a half-written file
+            out.append(logits)
+        return torch.stack(out)
+
+
+@torch.no_grad()
+def batch_logits(
+    forward: Callable[[torch.Tensor], torch.Tensor],
+    split,
+    batch_size: int = 1024,
+    device: torch.device | str = "cpu",
+) -> torch.Tensor:
+    """`forward` over a transformed split in row order, fp32 on the CPU."""
+    chunks = []
+    for start in range(0, len(split), batch_size):
+        inputs = torch.as_tensor(split[start : start + batch_size]["inputs"]).to(device)
+        chunks.append(forward(inputs).float().cpu())
+    return torch.cat(chunks)
+
+
+# ------------------------------------------------------------------------------------ evaluation
+@torch.no_grad()
+def predict(
+    model: nn.Module, dataloader: Iterable[dict], gather: Callable | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`(logits, index)` of `model` over `dataloader`; `gather` is `accelerator.gather_for_metrics` when
+    the loader is sharded over processes (every rank then gets every row, padding removed)."""
+    model.eval()
+    logits, index = [], []
+    for batch in dataloader:
+        out = logits_of(model(batch["inputs"])).float()
+        idx = batch["index"]
+        if gather is not None:
+            out, idx = gather((out, idx))
+        logits.append(out.cpu())
+        index.append(idx.cpu())
+    logits, index = torch.cat(logits), torch.cat(index)
+    order = torch.argsort(index)  # back to row order, so teacher logits line up by row
+    return logits[order], index[order]
+
+
+def load_accuracy_metric():
+    """The project's own `evaluate` accuracy module, loaded by path (works offline)."""
+    import evaluate
+
+    return evaluate.load(str(Path(__file__).parent / "metrics" / "accuracy"))
+
+
+def _accuracy(metric, probs_or_logits: torch.Tensor, labels: torch.Tensor) -> float:
+    preds = probs_or_logits.argmax(-1)
+    return float(metric.compute(predictions=preds.tolist(), references=labels.tolist())["accuracy"])
+
+
+def score_set(
+    metric,
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    labels: torch.Tensor,
+) -> dict[str, float]:
+    """The figures of one held-out set: singles, ensemble, student, G, student NLL and ECE."""
+    singles = [_accuracy(metric, t, labels) for t in teacher_logits]
+    single_mean = sum(singles) / len(singles)
+    ensemble = _accuracy(metric, ensemble_probs(list(teacher_logits)), labels)
+    probs = F.softmax(student_logits.float(), dim=-1)
+    student = _accuracy(metric, probs, labels)
+    return {
+        "single_accuracies": singles,
+        "single_mean_accuracy": single_mean,
+        "ensemble_accuracy": ensemble,
+        "student_accuracy": student,
+        "gain_recovered": gain_recovered(student, single_mean, ensemble),
+        "student_nll": nll(probs, labels),
+        "student_ece": ece(probs, labels),
+    }
+
+
+def evaluate_heldout(
+    generator: nn.Module,
+    teachers: TeacherSet,
+    sets: Sequence[tuple[list[int], int]],
+    test_logits: torch.Tensor,
+    test_labels: torch.Tensor,
+    test_loader: Iterable[dict],
+    gather: Callable | None = None,
+    finetune: Callable[[nn.Module, list[int]], nn.Module] | None = None,
+    prepare_student: Callable[[nn.Module], nn.Module] | None = None,
+    device: torch.device | str = "cpu",
+) -> dict:
+    """Generate a student for each held-out set and score it: the `eval_results.json` dict.
+
+    `teachers` is the whole pool; `sets` hold pool indices and the anchor's position; `test_logits` are
+    the pool's cached test logits `(pool, N, C)`. `finetune(student, members)`, when given, returns the
+    student briefly distilled on the set's ensemble; G before and after are both reported.
+    `prepare_student(student)` runs right after generation (e.g. `recompute_bn_stats`).
+    """
+    metric = load_accuracy_metric()
+    results = []
+    for members, anchor in sets:
+        subset = teachers.subset(members)
+        student = generator.generate_student(subset, anchor=anchor, device=device)
+        if prepare_student is not None:
+            student = prepare_student(student)
+        logits, _ = predict(student, test_loader, gather)
+        entry = {
+            "teachers": subset.names,
+            "anchor": subset.names[anchor],
+            **score_set(metric, logits, test_logits[members], test_labels),
+        }
+        anchor_acc = entry["single_accuracies"][anchor]
+        entry["anchor_accuracy"] = anchor_acc
+        entry["anchor_gain_recovered"] = gain_recovered(
+            anchor_acc, entry["single_mean_accuracy"], entry["ensemble_accuracy"]
+        )
+        if finetune is not None:
+            tuned_logits, _ = predict(finetune(student, members), test_loader, gather)
+            tuned = score_set(metric, tuned_logits, test_logits[members], test_labels)
+            entry.update(
+                {f"finetuned_{k}": tuned[k] for k in ("student_accuracy", "gain_recovered", "student_nll")}
+            )
+        results.append(entry)
+    summary = {
+        "k": len(sets[0][0]) if sets else 0,
+        "heldout_sets": results,
+        "mean_gain_recovered": _mean(r["gain_recovered"] for r in results),
+        "mean_anchor_gain_recovered": _mean(r["anchor_gain_recovered"] for r in results),
+    }
+    if finetune is not None:
+        summary["mean_finetuned_gain_recovered"] = _mean(r["finetuned_gain_recovered"] for r in results)
+    return summary
+
+
+def _mean(values: Iterable[float]) -> float:
+    values = [v for v in values if not math.isnan(v)]
+    return sum(values) / len(values) if values else float("nan")
+
+
+def eval_table(results: dict) -> str:
+    """The held-out results as a Markdown table (one row per set, then the mean)."""
+    tuned = "mean_finetuned_gain_recovered" in results
+    head = ["set", "anchor", "single", "ensemble", "student", "G", "anchor G", "NLL", "ECE"]
+    head += ["tuned acc", "tuned G"] if tuned else []
+    rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for i, r in enumerate(results["heldout_sets"]):
+        cells = [
+            str(i),
+            Path(r["anchor"]).name,
+            f"{r['single_mean_accuracy']:.4f}",
+            f"{r['ensemble_accuracy']:.4f}",
+            f"{r['student_accuracy']:.4f}",
+            f"{r['gain_recovered']:.3f}",
+            f"{r['anchor_gain_recovered']:.3f}",
+            f"{r['student_nll']:.4f}",
+            f"{r['student_ece']:.4f}",
+        ]
+        if tuned:
+            cells += [f"{r['finetuned_student_accuracy']:.4f}", f"{r['finetuned_gain_recovered']:.3f}"]
+        rows.append("| " + " | ".join(cells) + " |")
+    mean = f"mean G = {results['mean_gain_recovered']:.3f}"
+    mean += f" (anchor alone {results['mean_anchor_gain_recovered']:.3f})"
+    if tuned:
+        mean += f"; after fine-tuning {results['mean_finetuned_gain_recovered']:.3f}"
+    return "\n".join(rows) + "\n" + mean
+
+
+def write_eval_results(results: dict, output_dir: str | Path) -> Path:
+    path = Path(output_dir) / "eval_results.json"
+    path.write_text(json.dumps(results, indent=2))
+    return path
+
+
+def tracker_metrics(results: dict) -> dict[str, float]:
+    """Flat scalars for `accelerator.log`."""
+    out = {k: v for k, v in results.items() if isinstance(v, float)}
+    for i, r in enumerate(results["heldout_sets"]):
+        out.update({f"heldout_{i}/{k}": v for k, v in r.items() if isinstance(v, float)})
+    return out
+
+
+# ------------------------------------------------------------------------------ after generation
+def finetune_student(
+    student: nn.Module,
+    dataloader: Iterable[dict],
+    teacher_logits: torch.Tensor,
+    steps: int,
+    learning_rate: float = 3e-4,
+    alpha: float = 0.9,
+    temperature: float = 4.0,
+    device: torch.device | str = "cpu",
+) -> nn.Module:
+    """Distil the generated student itself on the ensemble for `steps` AdamW steps (the paper's "minor
+    fine-tuning"). `teacher_logits` `(K, N, C)` are the set's cached logits on the loader's rows."""
+    student = student.to(device).train()
+    optimizer = torch.optim.AdamW(student.parameters(), lr=learning_rate)
+    done = 0
+    while done < steps:
+        for batch in dataloader:
+            inputs = batch["inputs"].to(device)
+            targets = teacher_logits[:, batch["index"]].to(device)
+            loss = kd_loss(
+                logits_of(student(inputs)), targets, batch["labels"].to(device), alpha, temperature
+            )
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            done += 1
+            if done == steps:
+                break
+    return student.eval()
+
+
+@torch.no_grad()
+def recompute_bn_stats(
+    student: nn.Module, dataloader: Iterable[dict], num_batches: int | None = None
+) -> nn.Module:
+    """Re-estimate every BatchNorm's running statistics on data (a cumulative average over the batches).
+
+    Generated weights change what each BatchNorm sees, so stats copied or averaged from the teachers can
+    be off; one pass over a few batches fixes them. Nothing else changes.
+    """
+    norms = [m for m in student.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not norms:
+        return student
+    device = next(student.parameters()).device
+    momenta = [m.momentum for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative moving average: every batch weighs the same
+    student.train()
+    for i, batch in enumerate(dataloader):
+        if num_batches is not None and i >= num_batches:
+            break
+        student(batch["inputs"].to(device))
+    for m, momentum in zip(norms, momenta):
+        m.momentum = momentum
+    return student.eval()
+
+
+# ------------------------------------------------------------------------------------ checkpoints
+def latest_checkpoint(folder: str | Path) -> Path:
+    """The newest `step_*` checkpoint in `folder` (names sort by step)."""
+    found = sorted(Path(folder).glob("step_*"))
+    if not found:
+        raise WeightFormerError(f"--resume_from_checkpoint latest: no checkpoint in {str(folder)!r}")
+    return found[-1]
+
+
+def prune_checkpoints(folder: str | Path, keep: int = 3) -> None:
+    """Delete all but the `keep` newest `step_*` checkpoints."""
+    import shutil
+
+    for old in sorted(Path(folder).glob("step_*"))[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+class TrainingProgress:
+    """Optimizer steps done; `accelerator.register_for_checkpointing` stores it in every checkpoint."""
+
+    def __init__(self):
+        self.step = 0
+
+    def state_dict(self) -> dict:
+        return {"step": self.step}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step = int(state["step"])
