@@ -98,11 +98,15 @@ class TeacherSet:
                     f"teacher {name!r} is a {fam.name} model but teacher {names[0]!r} is a {first.name} model; "
                     "all teachers must share one architecture"
                 )
+        reference = models[0].state_dict()
+        for name, model in zip(names[1:], models[1:]):
+            _check_same_tensors(reference, model.state_dict(), names[0], name)
         archs = [first.describe(m) for m in models]
         for name, arch in zip(names, archs):
             if arch != archs[0]:
                 raise TeacherMismatchError(
-                    f"teacher {name!r} has architecture {arch} but teacher {names[0]!r} has {archs[0]}"
+                    f"teacher {name!r} has architecture {_arch_name(arch)} but teacher {names[0]!r} has "
+                    f"{_arch_name(archs[0])} ({_arch_diff(archs[0], arch)})"
                 )
         per_teacher_labels = [first.label_names(m) for m in models]
         state_dicts = [{k: v.detach() for k, v in m.state_dict().items()} for m in models]
@@ -193,9 +197,11 @@ class TeacherSet:
         """Raise if this set's architecture or labels differ from `described` (a `describe()` dict)."""
         mine = self.describe()
         if described.get("family") != mine["family"] or described.get("arch") != mine["arch"]:
+            theirs = described.get("arch") or {}
             raise TeacherMismatchError(
-                f"{what} serves {described.get('family')} {_arch_name(described.get('arch') or {})}, but the "
-                f"teachers ({', '.join(self.names)}) are {mine['family']} {_arch_name(mine['arch'])}"
+                f"{what} serves {described.get('family')} {_arch_name(theirs)}, but the teachers "
+                f"({', '.join(self.names)}) are {mine['family']} {_arch_name(mine['arch'])}"
+                + (f" ({_arch_diff(theirs, mine['arch'])})" if described.get("family") == mine["family"] else "")
             )
         if list(described.get("label_names", [])) != mine["label_names"]:
             raise TeacherMismatchError(
@@ -207,6 +213,35 @@ class TeacherSet:
 def _arch_name(arch: dict) -> str:
     """A short human name: the timm architecture, or the transformers class."""
     return str(arch.get("architecture") or arch.get("class") or arch)
+
+
+def _check_same_tensors(reference: Mapping, other: Mapping, reference_name: str, other_name: str) -> None:
+    """Raise naming the first tensor that one teacher lacks or has in another shape."""
+    for key, tensor in reference.items():
+        if key not in other:
+            raise TeacherMismatchError(f"teacher {other_name!r} lacks tensor {key!r} that teacher {reference_name!r} has")
+        if tuple(other[key].shape) != tuple(tensor.shape):
+            raise TeacherMismatchError(
+                f"tensor {key!r} has shape {tuple(other[key].shape)} in teacher {other_name!r} but "
+                f"{tuple(tensor.shape)} in teacher {reference_name!r}"
+            )
+    for key in other:
+        if key not in reference:
+            raise TeacherMismatchError(f"teacher {other_name!r} has tensor {key!r} that teacher {reference_name!r} lacks")
+
+
+def _arch_diff(expected: dict, got: dict) -> str:
+    """The first architecture settings that differ, as 'key: expected vs got'."""
+
+    def flat(d: dict, prefix: str = "") -> dict:
+        out = {}
+        for k, v in d.items():
+            out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+        return out
+
+    a, b = flat(expected), flat(got)
+    diffs = [f"{k}: {a.get(k)} vs {b.get(k)}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+    return "; ".join(diffs[:3])
 
 
 def _short(labels) -> str:
@@ -231,8 +266,10 @@ def _reorder_labels(
             out.append(sd)
             continue
         if len(own) != len(reference):
+            head = classifier.tensors[0].name
             raise TeacherMismatchError(
-                f"teacher {name!r} has {len(own)} classes but teacher {names[0]!r} has {len(reference)}"
+                f"teacher {name!r} has {len(own)} classes but teacher {names[0]!r} has {len(reference)} "
+                f"(classifier tensor {head!r})"
             )
         if sorted(own) != sorted(reference) or len(set(own)) != len(own):
             differing = sorted(set(own) ^ set(reference))

@@ -13,5 +13,9 @@ class TimmVGGFamily(TimmFamily):
     description = "timm VGG (vgg11, vgg11_bn, vgg16, ...)"
     model_class_path = "timm.models.vgg.VGG"
 
+    def infer_model_args(self, model: nn.Module) -> dict:
+        # the pre-logits ConvMlp is 4096 * mlp_ratio wide
+        return {"in_chans": model.features[0].in_channels, "mlp_ratio": model.pre_logits.fc1.out_channels / 4096}
+
     def permutation_spec(self, model: nn.Module) -> PermutationSpec:
         return chain_permutation_spec(model, self.layers(model)[0])

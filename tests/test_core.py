@@ -1,0 +1,239 @@
+"""The generator's contract (issue #2): exact anchor at init, full coverage, order-free, gradients, I/O."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from families import ALL_FAMILIES, make_inputs, make_model
+from transformers import AutoModel
+
+import weightformer_hf as wf
+from weightformer_hf.alignment import permute_tensor, weight_matching
+from weightformer_hf.errors import InvalidWeightsError, TeacherMismatchError, UnsupportedArchitectureError
+
+SMALL = {"hidden_size": 32, "num_attention_heads": 2, "intermediate_size": 64, "num_hidden_layers": 1, "align_max_iter": 2}
+
+
+def bits(t: torch.Tensor) -> torch.Tensor:
+    return t.view(torch.uint8) if t.is_floating_point() else t
+
+
+def perturb(model: torch.nn.Module, seed: int = 0, std: float = 0.05) -> None:
+    """Move every generator parameter off its initial value (zero decoders included)."""
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * std)
+
+
+@pytest.fixture(scope="module", params=ALL_FAMILIES)
+def family_teachers(request):
+    family = request.param
+    return family, [make_model(family, seed) for seed in range(3)]
+
+
+def test_untrained_generator_returns_anchor_bit_for_bit(family_teachers):
+    family, models = family_teachers
+    teachers = wf.TeacherSet.from_models(models)
+    generator = wf.WeightFormerModel.for_teachers(teachers, **SMALL)
+    student = generator.generate_student(teachers, anchor=1)
+    assert type(student) is type(models[1])
+    expected = models[1].state_dict()
+    got = student.state_dict()
+    assert list(got) == list(expected)
+    for name, tensor in expected.items():
+        assert got[name].dtype == tensor.dtype and got[name].shape == tensor.shape, name
+        assert torch.equal(bits(got[name]), bits(tensor)), name
+    inputs = make_inputs(family)
+    assert torch.equal(teachers.family.logits(student, inputs), teachers.family.logits(models[1], inputs))
+    assert not student.training
+
+
+def test_every_floating_tensor_is_generated(family_teachers):
+    """Every parameter and float buffer belongs to exactly one generator layer; nothing is copied."""
+    family, models = family_teachers
+    teachers = wf.TeacherSet.from_models(models)
+    layers, non_float = teachers.layers
+    covered = [t.name for layer in layers for t in layer.tensors]
+    state = models[0].state_dict()
+    assert sorted(covered) == sorted(k for k, v in state.items() if v.is_floating_point())
+    assert len(covered) == len(set(covered))
+    assert all(not state[k].is_floating_point() for k in non_float)
+
+
+def test_perturbed_generator_changes_every_tensor_and_keeps_shapes(family_teachers):
+    family, models = family_teachers
+    teachers = wf.TeacherSet.from_models(models)
+    generator = wf.WeightFormerModel.for_teachers(teachers, **SMALL)
+    perturb(generator)
+    student = generator.generate_student(teachers, anchor=0)
+    anchor = models[0].state_dict()
+    for name, tensor in student.state_dict().items():
+        assert tensor.shape == anchor[name].shape and tensor.dtype == anchor[name].dtype
+        if tensor.is_floating_point():
+            assert not torch.equal(tensor, anchor[name]), f"{name} was copied from the anchor"
+            assert torch.isfinite(tensor).all()
+        if name.endswith("running_var"):
+            assert (tensor > 0).all()
+    assert torch.isfinite(teachers.family.logits(student, make_inputs(family))).all()
+
+
+@pytest.mark.parametrize("family", ["mlp", "timm_resnet", "hf_vit"])
+def test_permuting_other_teachers_leaves_student_unchanged(family):
+    models = [make_model(family, seed) for seed in range(5)]
+    teachers = wf.TeacherSet.from_models(models)
+    generator = wf.WeightFormerModel.for_teachers(teachers, **SMALL)
+    perturb(generator, seed=1)
+    a = generator(teachers, anchor=2).student_state
+    shuffled = teachers.subset([4, 0, 2, 1, 3])  # same anchor (teacher 2), others reordered
+    b = generator(shuffled, anchor=2).student_state
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=1e-5, atol=1e-6, msg=name)
+    c = generator(teachers.subset([0, 1, 3]), anchor=0).student_state
+    assert any(not torch.allclose(a[n].float(), c[n].float()) for n in a if a[n].is_floating_point())
+
+
+@pytest.mark.parametrize("k", [1, 2, 5, 8])
+def test_any_number_of_teachers(k):
+    models = [make_model("mlp", seed) for seed in range(k)]
+    generator = wf.WeightFormerModel.for_teachers(models, **SMALL)
+    perturb(generator)
+    student = generator.generate_student(models, anchor=k - 1)
+    assert torch.isfinite(student(make_inputs("mlp")).logits).all()
+
+
+def test_gradient_reaches_every_generator_parameter():
+    models = [make_model("mlp", seed) for seed in range(3)]
+    teachers = wf.TeacherSet.from_models(models)
+    generator = wf.WeightFormerModel.for_teachers(teachers, **SMALL)
+    inputs, labels = make_inputs("mlp", 8), torch.arange(8) % 10
+
+    def grads():
+        generator.zero_grad()
+        state = generator(teachers, anchor=0).student_state
+        loss = torch.nn.functional.cross_entropy(wf.run_student(teachers, state, inputs), labels)
+        loss.backward()
+        return {n: p.grad for n, p in generator.named_parameters()}
+
+    # At exact initialisation the zero output layers block the gradient upstream.
+    at_init = grads()
+    for name, grad in at_init.items():
+        if name.startswith("decoders."):
+            assert grad is not None and grad.abs().sum() > 0, name
+        else:
+            assert grad is None or grad.abs().sum() == 0, name
+    # After one optimisation step everything upstream learns too.
+    torch.optim.SGD(generator.parameters(), lr=0.1).step()
+    after = grads()
+    for name, grad in after.items():
+        assert grad is not None and grad.abs().sum() > 0, name
+
+
+def test_generate_student_keeps_generator_mode():
+    models = [make_model("mlp", seed) for seed in range(2)]
+    generator = wf.WeightFormerModel.for_teachers(models, **SMALL)
+    generator.train()
+    generator.generate_student(models)
+    assert generator.training
+    generator.eval()
+    generator.generate_student(models)
+    assert not generator.training
+
+
+def test_save_and_load_give_identical_students(tmp_path):
+    models = [make_model("timm_resnet", seed) for seed in range(2)]
+    teachers = wf.TeacherSet.from_models(models)
+    generator = wf.WeightFormerModel.for_teachers(teachers, **SMALL)
+    perturb(generator)
+    generator.save_pretrained(tmp_path)
+    assert sorted(os.listdir(tmp_path)) == ["config.json", "model.safetensors"]
+    reloaded = wf.WeightFormerModel.from_pretrained(tmp_path)
+    auto = AutoModel.from_pretrained(tmp_path)
+    assert type(auto) is wf.WeightFormerModel
+    assert reloaded.config.student == teachers.describe()
+    expected = generator.generate_student(teachers, anchor=1).state_dict()
+    for other in (reloaded, auto):
+        for name, tensor in other.generate_student(teachers, anchor=1).state_dict().items():
+            assert torch.equal(tensor, expected[name]), name
+
+
+def test_mismatched_architectures_name_the_tensor():
+    with pytest.raises(TeacherMismatchError, match=r"net\.2\.weight.*\(32, 16\).*teacher\[1\]"):
+        wf.TeacherSet.from_models([make_model("mlp", 0), make_model("mlp", 1, hidden_sizes=(16, 32))])
+
+
+def test_mixed_families_are_refused():
+    with pytest.raises(TeacherMismatchError, match="mlp.*cnn1d|cnn1d.*mlp"):
+        wf.TeacherSet.from_models([make_model("mlp", 0), make_model("cnn1d", 1)])
+
+
+def test_different_class_counts_name_the_classifier():
+    with pytest.raises(TeacherMismatchError, match=r"'fc\.weight'.*\(5, 512\).*teacher\[1\]"):
+        wf.TeacherSet.from_models([make_model("timm_resnet", 0), make_model("timm_resnet", 1, num_classes=5)])
+
+
+def test_same_labels_in_another_order_are_reordered():
+    a, b = make_model("mlp", 0), make_model("mlp", 1)
+    order = [3, 1, 4, 0, 5, 9, 2, 6, 8, 7]
+    b.config.id2label = {i: str(order[i]) for i in range(10)}
+    b.config.label2id = {str(order[i]): i for i in range(10)}
+    teachers = wf.TeacherSet.from_models([a, b])
+    x = make_inputs("mlp")
+    reordered = teachers.model(1)(x).logits
+    original = b(x).logits
+    for i, label in enumerate(order):
+        torch.testing.assert_close(reordered[:, label], original[:, i])
+
+
+def test_different_label_sets_are_refused():
+    a, b = make_model("mlp", 0), make_model("mlp", 1)
+    b.config.id2label = {i: f"class{i}" for i in range(10)}
+    with pytest.raises(TeacherMismatchError, match="teacher\\[1\\].*labels"):
+        wf.TeacherSet.from_models([a, b])
+
+
+def test_generator_for_other_architecture_names_both():
+    generator = wf.WeightFormerModel.for_teachers([make_model("mlp", 0)], **SMALL)
+    with pytest.raises(TeacherMismatchError, match="mlp.*timm_resnet|resnet10t"):
+        generator.generate_student([make_model("timm_resnet", 0)])
+    with pytest.raises(TeacherMismatchError, match=r"hidden_sizes: \[16, 16\] vs \[16, 32\]"):
+        generator.generate_student([make_model("mlp", 0, hidden_sizes=(16, 32))])
+
+
+def test_nan_weights_name_teacher_and_tensor():
+    bad = make_model("mlp", 1)
+    with torch.no_grad():
+        bad.net[2].bias[3] = float("nan")
+    with pytest.raises(InvalidWeightsError, match=r"teacher\[1\].*net\.2\.bias.*NaN"):
+        wf.TeacherSet.from_models([make_model("mlp", 0), bad])
+
+
+def test_unsupported_architecture_lists_families():
+    with pytest.raises(UnsupportedArchitectureError, match="Sequential.*mlp.*timm_resnet"):
+        wf.TeacherSet.from_models([torch.nn.Sequential(torch.nn.Linear(2, 2))])
+
+
+@pytest.mark.parametrize("family", ["mlp", "timm_resnet", "hf_vit"])
+def test_weight_matching_undoes_a_hidden_permutation(family):
+    """A teacher that is a channel-permuted copy of the anchor is aligned back onto it exactly."""
+    model = make_model(family, 0)
+    teachers = wf.TeacherSet.from_models([model])
+    spec = teachers.family.permutation_spec(teachers.template)
+    state = model.state_dict()
+    groups = {g for groups, _ in spec.values() for g in groups if g is not None}
+    sizes = {}
+    for name, (groups_, reshape) in spec.items():
+        shape = reshape or state[name].shape
+        sizes.update({g: shape[i] for i, g in enumerate(groups_) if g is not None})
+    torch.manual_seed(0)
+    true_perm = {g: torch.randperm(sizes[g]) for g in groups}
+    permuted = {n: permute_tensor(n, t, spec, true_perm) for n, t in state.items()}
+    x = make_inputs(family)
+    copy = make_model(family, 0)
+    copy.load_state_dict(permuted)
+    torch.testing.assert_close(teachers.family.logits(copy, x), teachers.family.logits(model, x), rtol=1e-4, atol=1e-5)
+    found = weight_matching(spec, state, permuted, max_iter=20)
+    for name, tensor in state.items():
+        assert torch.equal(permute_tensor(name, permuted[name], spec, found), tensor), name
