@@ -55,11 +55,15 @@ def test_sharded_timm_checkpoint_over_http(hub, tmp_path):
     state = load_file(folder / "model.safetensors")
     names = sorted(state)
     half = len(names) // 2
-    shards = {"model-00001-of-00002.safetensors": names[:half], "model-00002-of-00002.safetensors": names[half:]}
+    shards = {
+        "model-00001-of-00002.safetensors": names[:half],
+        "model-00002-of-00002.safetensors": names[half:],
+    }
     for shard, keys in shards.items():
         save_file({k: state[k] for k in keys}, folder / shard)
     weight_map = {k: shard for shard, keys in shards.items() for k in keys}
-    (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    index = {"metadata": {}, "weight_map": weight_map}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
     (folder / "model.safetensors").unlink()
     sha = hub.add_repo("testorg/timm-sharded", folder)
     teachers = load_teachers(["testorg/timm-sharded", str(folder)])
@@ -186,7 +190,8 @@ def test_error_missing_repo(hub):
 
 
 def test_error_missing_branch(timm_repos):
-    with pytest.raises(TeacherSourceError, match=r"revision 'no-such-branch' not found in repo 'testorg/timm-a'"):
+    message = r"revision 'no-such-branch' not found in repo 'testorg/timm-a'"
+    with pytest.raises(TeacherSourceError, match=message):
         load_teachers([f"{timm_repos.ids[0]}@no-such-branch"])
 
 
@@ -206,7 +211,8 @@ def test_error_truncated_safetensors_over_http(hub, tmp_path):
     data = (folder / "model.safetensors").read_bytes()
     (folder / "model.safetensors").write_bytes(data[: len(data) // 2])
     hub.add_repo("testorg/timm-truncated", folder)
-    with pytest.raises(InvalidWeightsError, match=r"'testorg/timm-truncated'.*'model\.safetensors'.*truncated"):
+    message = r"'testorg/timm-truncated'.*'model\.safetensors'.*truncated"
+    with pytest.raises(InvalidWeightsError, match=message):
         load_teachers(["testorg/timm-truncated"])
 
 
@@ -233,7 +239,8 @@ def test_error_non_finite_weights(tmp_path, value, kind):
 def test_error_unsupported_timm_architecture(tmp_path):
     folder = tmp_path / "mobilenet"
     folder.mkdir()
-    (folder / "config.json").write_text(json.dumps({"architecture": "mobilenetv3_small_050", "num_classes": 3}))
+    config = {"architecture": "mobilenetv3_small_050", "num_classes": 3}
+    (folder / "config.json").write_text(json.dumps(config))
     save_file({"w": torch.zeros(1)}, folder / "model.safetensors")
     with pytest.raises(UnsupportedArchitectureError, match=r"'.*mobilenet'.*MobileNetV3.*supported families"):
         load_teachers([folder])
