@@ -232,7 +232,7 @@ def derive_license(teachers: TeacherSet | None) -> tuple[str | None, str | None]
     warnings.warn(
         f"student license set to 'other' because {detail}; check the teachers' terms before publishing",
         UserWarning,
-        stacklevel=3,
+        stacklevel=4,
     )
     return "other", "derived-from-teachers"
 
