@@ -47,7 +47,10 @@ def load_generator(
     elif isinstance(spec, WeightFormerModel):
         model = spec
     else:
-        model = _load_saved_generator(str(spec), token, trust_remote_code)
+        from .hub import no_progress_bars
+
+        with no_progress_bars():  # validation comes before any bar
+            model = _load_saved_generator(str(spec), token, trust_remote_code)
     model.check_teachers(teachers)
     return model
 

@@ -1,0 +1,233 @@
+"""The `weightformer` command line and the `generate()` function it runs."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from huggingface_hub import ModelCard
+from test_push import TOKEN, HubRecorder
+
+from weightformer_hf import WeightFormerModel
+from weightformer_hf.cli import main
+from weightformer_hf.generate import generate
+from weightformer_hf.hub import load_teachers
+
+
+def _run(capsys, *argv):
+    capsys.readouterr()  # drop what the test's own setup printed
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def _same_weights(a, b) -> bool:
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_version_families_and_help(capsys):
+    code, out, _ = _run(capsys, "families")
+    assert code == 0 and "timm_resnet" in out and "hf_vit" in out
+    for argv in (
+        ["--version"],
+        ["--help"],
+        ["generate", "--help"],
+        ["evaluate", "--help"],
+        ["families", "--help"],
+    ):
+        with pytest.raises(SystemExit) as exit_info:
+            main(argv)
+        assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert "weightformer_hf 0.1.0" in out and "--push-to-hub" in out and "--dataset" in out
+
+
+def test_generate_untrained_student_equals_anchor(timm_repos, tmp_path, capsys):
+    import timm
+
+    out_dir = tmp_path / "student"
+    code, out, err = _run(
+        capsys,
+        "generate",
+        "--generator",
+        "none",
+        "--teachers",
+        *timm_repos.ids,
+        "--anchor",
+        "1",
+        "--out",
+        str(out_dir),
+    )
+    assert code == 0, err
+    assert "%|" not in err  # no progress bar when stderr is not a terminal
+    assert timm_repos.shas[0] in out
+    student = timm.create_model(f"local-dir:{out_dir}", pretrained=True).eval()
+    assert _same_weights(student, timm_repos.models[1])
+    card = ModelCard.load(out_dir / "README.md")
+    assert card.data.base_model == timm_repos.ids and "untrained" in card.text
+
+
+def test_generate_function_matches_cli(timm_repos, tmp_path):
+    result = generate(timm_repos.ids[:2], generator="none", anchor=0, out_dir=tmp_path / "s", progress=False)
+    assert _same_weights(result.student, timm_repos.models[0])
+    assert result.out_dir == tmp_path / "s" and (result.out_dir / "model.safetensors").is_file()
+    assert [i.revision for i in result.teachers.infos] == timm_repos.shas[:2]
+
+
+def test_generate_with_a_generator_from_the_hub(hub, timm_repos, tmp_path, capsys):
+    teachers = load_teachers(timm_repos.ids)
+    WeightFormerModel.for_teachers(teachers, hidden_size=16, intermediate_size=32).save_pretrained(
+        tmp_path / "g"
+    )
+    sha = hub.add_repo("testorg/generator", tmp_path / "g")
+    out_dir = tmp_path / "student"
+    code, _, err = _run(
+        capsys,
+        "generate",
+        "--generator",
+        "testorg/generator",
+        "--teachers",
+        *timm_repos.ids,
+        "--out",
+        str(out_dir),
+    )
+    assert code == 0, err
+    card = ModelCard.load(out_dir / "README.md")
+    assert f"`testorg/generator` at commit `{sha}`" in card.text
+
+
+def test_generate_refuses_teachers_the_generator_does_not_serve(hf_repos, timm_repos, tmp_path, capsys):
+    teachers = load_teachers(timm_repos.ids[:1])
+    WeightFormerModel.for_teachers(teachers, hidden_size=16, intermediate_size=32).save_pretrained(
+        tmp_path / "g"
+    )
+    resnets = hf_repos["resnet"].ids
+    code, out, err = _run(
+        capsys,
+        "generate",
+        "--generator",
+        str(tmp_path / "g"),
+        "--teachers",
+        *resnets,
+        "--out",
+        str(tmp_path / "o"),
+    )
+    assert code == 2 and out == ""
+    assert err.count("\n") == 1
+    assert "timm_resnet" in err and "testorg/hf-resnet-a" in err and "hf_resnet" in err
+
+
+@pytest.mark.parametrize(
+    "argv, culprit",
+    [
+        (["--teachers", "testorg/missing-teacher"], "'testorg/missing-teacher'"),
+        (["--teachers", "testorg/timm-a", "--anchor", "5"], "anchor 5"),
+        (["--teachers", "testorg/hf-resnet-a", "--format", "timm"], "--format transformers"),
+        (["--teachers", "testorg/timm-a", "--bogus-flag"], "--bogus-flag"),
+        (["--teachers", "testorg/timm-a", "--format", "onnx"], "'onnx'"),
+    ],
+)
+def test_bad_input_exits_2_with_one_line(hub, timm_repos, hf_repos, tmp_path, capsys, argv, culprit):
+    code, out, err = _run(capsys, "generate", "--generator", "none", "--out", str(tmp_path / "o"), *argv)
+    assert code == 2 and out == ""
+    assert err.count("\n") == 1 and culprit in err, err
+
+
+def test_generate_and_push_never_prints_the_token(timm_repos, tmp_path, capsys, caplog):
+    caplog.set_level("DEBUG")
+    with HubRecorder() as recorder:
+        code, out, err = _run(
+            capsys,
+            "generate",
+            "--generator",
+            "none",
+            "--teachers",
+            *timm_repos.ids[:2],
+            "--out",
+            str(tmp_path / "s"),
+            "--push-to-hub",
+            "org/student",
+            "--token",
+            TOKEN,
+            "--private",
+        )
+    assert code == 0, err
+    (upload,) = recorder.uploads
+    assert upload["repo_id"] == "org/student" and recorder.repos[0]["private"] is True
+    assert {"README.md", "config.json", "model.safetensors"} <= set(upload["files"])
+    assert "pushed:" in out
+    assert TOKEN not in out + err + caplog.text
+
+
+@pytest.fixture
+def mlp_folders(tmp_path):
+    from weightformer_hf.reference_models import MLPClassifier, MLPClassifierConfig
+
+    folders = []
+    for i in range(2):
+        torch.manual_seed(i)
+        MLPClassifier(MLPClassifierConfig(hidden_sizes=[16])).save_pretrained(tmp_path / f"mlp{i}")
+        folders.append(str(tmp_path / f"mlp{i}"))
+    return folders
+
+
+def test_evaluate_teachers_and_student_on_mnist1d(mlp_folders, tmp_path, capsys):
+    code, out, err = _run(
+        capsys,
+        "evaluate",
+        "--teachers",
+        *mlp_folders,
+        "--dataset",
+        "mnist1d",
+        "--num-samples",
+        "64",
+        "--json",
+    )
+    assert code == 0, err
+    results = json.loads(out)
+    assert set(results) == {*mlp_folders, "ensemble"}
+    assert all(0.0 <= r["accuracy"] <= 1.0 for r in results.values())
+    student = tmp_path / "student"
+    assert (
+        _run(
+            capsys,
+            "generate",
+            "--generator",
+            "none",
+            "--teachers",
+            *mlp_folders,
+            "--out",
+            str(student),
+            "--quiet",
+        )[0]
+        == 0
+    )
+    code, out, _ = _run(
+        capsys, "evaluate", "--model", str(student), "--dataset", "mnist1d", "--num-samples", "64"
+    )
+    assert code == 0 and "accuracy" in out
+    # the untrained student is teacher 0: same numbers
+    assert f"{results[mlp_folders[0]]['accuracy']:8.4f}" in out
+
+
+def test_evaluate_image_models_on_mnist1d_is_refused(timm_repos, capsys):
+    code, _, err = _run(capsys, "evaluate", "--model", timm_repos.ids[0], "--dataset", "mnist1d")
+    assert code == 2 and "timm_resnet" in err and "mnist1d" in err
+
+
+def test_console_script_exit_status(tmp_path):
+    script = [sys.executable, "-c", "import sys; from weightformer_hf.cli import main; sys.exit(main())"]
+    done = subprocess.run(
+        [*script, "generate", "--generator", "none", "--teachers", str(tmp_path / "absent"), "--out", "o"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 2
+    assert (
+        done.stderr.strip().count("\n") == 0 and "absent" in done.stderr and "folder not found" in done.stderr
+    )
