@@ -12,6 +12,7 @@ model's `_no_split_modules`); the script itself does not change.
 import argparse
 import math
 import os
+import shutil
 import signal
 import sys
 from pathlib import Path
@@ -159,9 +160,13 @@ def main(args):
         accelerator.load_state(str(path))
         accelerator.print(f"resumed from {path} at step {progress.step}")
 
-    def save_checkpoint():
-        accelerator.save_state(str(checkpoints / f"step_{progress.step:06d}"))
+    def save_checkpoint():  # saved aside, renamed when complete: a kill never leaves half a checkpoint
+        tmp = checkpoints / f".step_{progress.step:06d}.tmp"
+        accelerator.save_state(str(tmp))
+        accelerator.wait_for_everyone()
         if accelerator.is_main_process:
+            shutil.rmtree(final := checkpoints / tmp.name[1:-4], ignore_errors=True)  # a re-run of this step
+            os.replace(tmp, final)
             wf.prune_checkpoints(checkpoints, keep=3)
 
     stop = {}
@@ -296,12 +301,10 @@ def main(args):
 
 
 def push(generator, args):
-    try:
-        from weightformer_hf.push import push_generator_to_hub
-    except ImportError:
-        generator.push_to_hub(args.hub_model_id or Path(args.output_dir).name)
-        return
-    push_generator_to_hub(generator, args.hub_model_id or Path(args.output_dir).name, folder=args.output_dir)
+    from weightformer_hf.push import push_generator_to_hub  # weights, config and model card in one commit
+
+    commit = push_generator_to_hub(generator, args.hub_model_id or Path(args.output_dir).name)
+    print(f"pushed the generator: {getattr(commit, 'commit_url', commit)}")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,312 @@
+"""`examples/train.py` run for real in subprocesses, in the style of accelerate's example tests.
+
+A tiny preset (MLPs 40-32-32-10, 6 teachers of 200 steps, 1.5k MNIST-1D samples, a 1-block generator) and
+its pool are built once per session, so each run spends its time importing, not training.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT = str(REPO / "examples" / "train.py")
+TINY = {
+    "dataset_name": "mnist1d",
+    "mnist1d": {"num_samples": 1500, "train_split": 2 / 3, "meta_samples": 512, "meta_seed": 4242},
+    "pool": {
+        "model": {"model_type": "wf_mlp", "in_features": 40, "hidden_sizes": [32, 32]},
+        "num_teachers": 6, "train_steps": 200, "batch_size": 64, "learning_rate": 0.002,
+    },
+    "generator": {"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2,
+                  "intermediate_size": 64},
+    "k_min": 2, "k_max": 3, "alpha": 0.9, "temperature": 4.0, "lr_scheduler_type": "cosine",
+    "weight_decay": 0.01, "max_grad_norm": 1.0, "num_eval_teachers": 2, "eval_k": 2, "num_heldout_sets": 2,
+    "max_train_steps": 4, "per_device_train_batch_size": 64, "learning_rate": 0.001, "num_warmup_steps": 1,
+}  # fmt: skip
+SET_KEYS = {"teachers", "anchor", "single_mean_accuracy", "ensemble_accuracy", "student_accuracy",
+            "gain_recovered", "student_nll", "student_ece"}  # fmt: skip
+
+# Records every file a rank opens for writing under $WF_AUDIT_ROOT (Python-level opens: json, pickle, torch).
+SITECUSTOMIZE = """
+import atexit, os, sys
+_root, _log, _rank = os.environ.get("WF_AUDIT_ROOT"), os.environ.get("WF_AUDIT_LOG"), os.environ.get("RANK")
+if _root and _log and _rank is not None:
+    _seen = []
+    def _hook(event, args):
+        if event != "open" or not isinstance(args[0], (str, bytes, os.PathLike)):
+            return
+        mode, flags = args[1], args[2] or 0
+        if isinstance(mode, str):
+            writes = any(c in mode for c in "wax+")
+        else:
+            writes = bool(flags & (os.O_WRONLY | os.O_RDWR))
+        if writes and os.fsdecode(args[0]).startswith(_root):
+            _seen.append(os.fsdecode(args[0]))
+    sys.addaudithook(_hook)
+    atexit.register(lambda: open(os.path.join(_log, f"rank{_rank}.txt"), "w").write("\\n".join(_seen)))
+"""
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory):
+    """The tiny preset file, an environment for runs, and its pool and datasets built once."""
+    root = tmp_path_factory.mktemp("train")
+    preset = root / "tiny.json"
+    preset.write_text(json.dumps(TINY))
+    env = {**os.environ, "WEIGHTFORMER_HF_CACHE": str(root / "cache"), "OMP_NUM_THREADS": "1",
+           "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}  # fmt: skip
+    (root / "site").mkdir()
+    (root / "site" / "sitecustomize.py").write_text(SITECUSTOMIZE)
+    os.environ["WEIGHTFORMER_HF_CACHE"] = env["WEIGHTFORMER_HF_CACHE"]
+    try:
+        from weightformer_hf import data, pool
+
+        raw = data.load_raw_splits("mnist1d", mnist1d=TINY["mnist1d"])
+        pool.resolve_pool(None, TINY, "tiny", raw, "mnist1d")  # builds the pool the runs share
+    finally:
+        os.environ.pop("WEIGHTFORMER_HF_CACHE")
+    from accelerate.utils import write_basic_config
+
+    write_basic_config(mixed_precision="no", save_location=str(root / "accelerate.json"))
+    return {"root": root, "preset": str(preset), "env": env, "config": str(root / "accelerate.json")}
+
+
+def run(tiny, *args, launch: list[str] | None = None, env=None, timeout=300) -> subprocess.CompletedProcess:
+    cmd = [*(launch or [sys.executable]), SCRIPT, "--config", tiny["preset"], *map(str, args)]
+    return subprocess.run(
+        cmd, env=env or tiny["env"], capture_output=True, text=True, timeout=timeout, cwd=REPO
+    )
+
+
+def accelerate_launch(tiny, *flags: str) -> list[str]:
+    exe = str(Path(sys.executable).with_name("accelerate"))
+    return [exe, "launch", "--config_file", tiny["config"], *flags]
+
+
+def test_launch_writes_generator_and_eval_results(tiny, tmp_path):
+    out = tmp_path / "out"
+    proc = run(tiny, "--output_dir", out, "--finetune_steps", "3", launch=accelerate_launch(tiny))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads((out / "eval_results.json").read_text())
+    assert results["k"] == 2 and len(results["heldout_sets"]) == 2
+    for entry in results["heldout_sets"]:
+        assert SET_KEYS <= entry.keys()
+        assert len(entry["teachers"]) == 2 and entry["anchor"] in entry["teachers"]
+        assert "finetuned_gain_recovered" in entry
+    assert "mean_gain_recovered" in results and "mean_finetuned_gain_recovered" in results
+    assert "| set | anchor |" in proc.stdout and "mean G =" in proc.stdout
+
+    from transformers import AutoModel
+
+    import weightformer_hf  # noqa: F401  (registers WeightFormer with AutoModel)
+
+    generator = AutoModel.from_pretrained(out)
+    assert type(generator).__name__ == "WeightFormerModel"
+    assert len(generator.config.training_pool) == 4  # 6 teachers, 2 held out
+    assert generator.config.heldout_results["k"] == 2
+    held_out = {t for e in results["heldout_sets"] for t in e["teachers"]}
+    assert not held_out & set(results["train_teachers"])  # training and evaluation teachers never meet
+
+
+def _wait_for(predicate, proc: subprocess.Popen, timeout: float = 120) -> None:
+    deadline = time.time() + timeout
+    while not predicate():
+        if proc.poll() is not None:
+            raise AssertionError(f"run ended early: {proc.stdout.read()[-3000:]}")
+        if time.time() > deadline:
+            proc.kill()
+            raise AssertionError("timed out")
+        time.sleep(0.02)
+
+
+def _optimizer_state(checkpoint: Path) -> dict:
+    return torch.load(checkpoint / "optimizer.bin", weights_only=False)["state"]
+
+
+def test_resume_after_kill_continues_with_identical_state(tiny, tmp_path):
+    from safetensors.torch import load_file
+
+    flags = ["--max_train_steps", "60", "--checkpointing_steps", "4", "--num_heldout_sets", "1"]
+    full = tmp_path / "full"
+    assert run(tiny, *flags, "--output_dir", full).returncode == 0
+
+    killed = tmp_path / "killed"
+    cmd = [sys.executable, SCRIPT, "--config", tiny["preset"], *flags, "--output_dir", str(killed)]
+    proc = subprocess.Popen(cmd, env=tiny["env"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    _wait_for(lambda: (killed / "checkpoints" / "step_000004").exists(), proc)
+    proc.kill()  # SIGKILL: no chance to save anything more
+    proc.wait()
+    saved = sorted(p.name for p in (killed / "checkpoints").glob("step_*"))
+    assert saved and saved[-1] != "step_000060"
+    start = int(saved[-1].split("_")[1])
+
+    resumed = run(tiny, *flags, "--output_dir", killed, "--resume_from_checkpoint", "latest")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"at step {start}" in resumed.stdout
+    final_a, final_b = full / "checkpoints" / "step_000060", killed / "checkpoints" / "step_000060"
+    state_a, state_b = _optimizer_state(final_a), _optimizer_state(final_b)
+    assert state_a.keys() == state_b.keys()
+    for key in state_a:
+        for name in ("exp_avg", "exp_avg_sq", "step"):
+            assert torch.equal(state_a[key][name], state_b[key][name]), (key, name)
+    weights_a, weights_b = load_file(full / "model.safetensors"), load_file(killed / "model.safetensors")
+    assert all(torch.equal(weights_a[k], weights_b[k]) for k in weights_a)
+
+
+def test_sigterm_saves_a_checkpoint(tiny, tmp_path):
+    out = tmp_path / "out"
+    cmd = [
+        sys.executable,
+        SCRIPT,
+        "--config",
+        tiny["preset"],
+        "--max_train_steps",
+        "100000",
+        "--output_dir",
+        str(out),
+    ]
+    proc = subprocess.Popen(
+        cmd, env=tiny["env"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True
+    )
+    lines: list[str] = []
+
+    def training_started() -> bool:
+        lines.append(proc.stdout.readline())
+        return "Running training" in lines[-1]
+
+    _wait_for(training_started, proc)
+    time.sleep(1.0)
+    proc.send_signal(signal.SIGTERM)
+    rest, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM
+    assert "checkpoint saved at step" in rest
+    checkpoints = sorted((out / "checkpoints").glob("step_*"))
+    assert len(checkpoints) == 1 and (checkpoints[0] / "optimizer.bin").exists()
+    assert int(checkpoints[0].name.split("_")[1]) > 0
+
+
+def test_two_cpu_processes_average_the_loss_and_only_rank0_writes(tiny, tmp_path):
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out, audit = tmp_path / "out", tmp_path / "audit"
+    audit.mkdir()
+    site = os.pathsep.join([str(tiny["root"] / "site"), os.environ.get("PYTHONPATH", "")])
+    env = {**tiny["env"], "PYTHONPATH": site, "WF_AUDIT_ROOT": str(out), "WF_AUDIT_LOG": str(audit)}
+    launch = accelerate_launch(tiny, "--multi_gpu", "--num_processes", "2", "--main_process_port", str(port))
+    proc = run(tiny, "--cpu", "--output_dir", out, "--max_train_steps", "4", "--logging_steps", "4",
+               launch=launch, env=env)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    local = {}
+    for line in proc.stdout.splitlines():
+        if line.startswith("[rank "):
+            rank = line.split()[1].rstrip("]").split("/")
+            assert rank[1] == "2"
+            local[int(rank[0])] = float(line.rsplit(" ", 1)[1])
+    assert set(local) == {0, 1}, proc.stdout  # both ranks ran
+    logged = [line for line in proc.stdout.splitlines() if line.startswith("step 4: loss")]
+    assert len(logged) == 1 and "mean over 2 process(es)" in logged[0]  # printed by rank 0 only
+    assert float(logged[0].split()[3]) == pytest.approx((local[0] + local[1]) / 2, rel=1e-5)
+    assert local[0] != local[1]  # the ranks drew different episodes and batches
+    assert (out / "eval_results.json").exists() and (out / "model.safetensors").exists()
+    rank0, rank1 = (audit / "rank0.txt").read_text().split(), (audit / "rank1.txt").read_text().split()
+    assert any(p.endswith("eval_results.json") for p in rank0)
+    assert rank1 == []
+
+
+def _save_mixed_pool(folder: Path) -> None:
+    from weightformer_hf.reference_models import (
+        Conv1dClassifier,
+        Conv1dClassifierConfig,
+        MLPClassifier,
+        MLPClassifierConfig,
+    )
+
+    labels = {i: str(i) for i in range(10)}
+    MLPClassifier(MLPClassifierConfig(hidden_sizes=(32, 32), id2label=labels)).save_pretrained(
+        folder / "a-mlp"
+    )
+    MLPClassifier(MLPClassifierConfig(hidden_sizes=(32, 32), id2label=labels)).save_pretrained(
+        folder / "b-mlp"
+    )
+    Conv1dClassifier(Conv1dClassifierConfig(channels=(8, 8), id2label=labels)).save_pretrained(
+        folder / "c-cnn"
+    )
+
+
+def _save_image_folder(folder: Path) -> None:
+    from PIL import Image
+
+    for cls in ("cat", "dog"):
+        (folder / cls).mkdir(parents=True)
+        for i in range(3):
+            Image.new("RGB", (8, 8), (40 * i, 0, 0)).save(folder / cls / f"{i}.png")
+
+
+@pytest.mark.parametrize(
+    "case, expected",
+    [
+        ("mixed", "all teachers must share one architecture"),
+        ("empty", "the pool is empty"),
+        ("k_too_large", "K is larger than the pool"),
+        ("no_label_column", "has no label column 'fine_label'"),
+    ],
+)
+def test_bad_input_gives_one_message_and_exit_status_2(tiny, tmp_path, case, expected):
+    if case == "mixed":
+        _save_mixed_pool(tmp_path / "pool")
+        args = ["--teachers", tmp_path / "pool"]
+    elif case == "empty":
+        (tmp_path / "pool").mkdir()
+        args = ["--teachers", tmp_path / "pool"]
+    elif case == "k_too_large":
+        args = ["--k_max", "5"]  # 6 teachers, 2 held out: 4 to train on
+    else:
+        _save_image_folder(tmp_path / "images")
+        args = ["--train_dir", tmp_path / "images", "--label_column_name", "fine_label"]
+    proc = run(tiny, *args, "--output_dir", tmp_path / "out")
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("train.py: error:")]
+    assert len(errors) == 1 and expected in errors[0], proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+
+
+def test_presets_load_and_name_the_issue_settings():
+    from weightformer_hf.hub_configs import load_preset, preset_names
+
+    required = {"mnist1d-mlp", "mnist1d-cnn", "mnist-resnet-tiny", "cifar10-resnet18", "cifar10-vit-tiny",
+                "cifar10-vgg11", "cifar100-resnet50", "cifar10-vit-b32"}  # fmt: skip
+    assert required <= set(preset_names())
+    for name in required:
+        preset = load_preset(name)
+        assert preset["temperature"] > 1  # the distillation signal needs room (measured-baselines.md)
+        assert preset["k_max"] <= preset["pool"]["num_teachers"] - preset["num_eval_teachers"]
+
+
+def test_kd_loss_and_episode_sampling():
+    import random
+
+    from weightformer_hf import training
+
+    logits = torch.randn(3, 8, 10)
+    labels = torch.randint(0, 10, (8,))
+    ensemble_mean = torch.log(torch.softmax(logits / 4, -1).mean(0)) * 4  # a student matching the ensemble
+    assert training.kd_loss(ensemble_mean, logits, labels, alpha=1.0, temperature=4.0).abs() < 1e-5
+    assert training.kd_loss(torch.zeros(8, 10), logits, labels, 1.0, 4.0) > 0
+    members, anchor = training.sample_episode(random.Random(0), 10, 2, 6)
+    assert 2 <= len(members) <= 6 and len(set(members)) == len(members) and 0 <= anchor < len(members)
+    train, held = training.split_pool(10, 3)
+    assert not set(train) & set(held) and len(held) == 3
+    with pytest.raises(training.PoolConfigError, match="K is larger than the pool"):
+        training.check_k(7, 3, 2, 8, 2)
