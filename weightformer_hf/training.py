@@ -143,11 +143,19 @@ def episode_loss(
     members, anchor = episode
     episode_teachers = teachers.subset(members)
     out = generator(episode_teachers, anchor=anchor)
-    student_logits = run_student(episode_teachers, out.student_state, inputs)
+    # BatchNorm statistics are inputs of an eval-mode batch_norm, which refuses running stats that require
+    # grad; they get no distillation gradient anyway (they only rescale), so they enter detached.
+    buffers = _buffer_names(episode_teachers)
+    state = {k: v.detach() if k in buffers else v for k, v in out.student_state.items()}
+    student_logits = run_student(episode_teachers, state, inputs)
     loss = kd_loss(student_logits, teacher_logits.to(student_logits.device), labels, alpha, temperature)
     if out.mask_sparsity is not None and mask_sparsity_weight > 0:
         loss = loss + mask_sparsity_weight * out.mask_sparsity
     return loss
+
+
+def _buffer_names(teachers: TeacherSet) -> set[str]:
+    return {name for name, _ in teachers.template.named_buffers()}
 
 
 class TeacherTargets:
