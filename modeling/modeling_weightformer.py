@@ -305,6 +305,13 @@ class WeightFormerModel(WeightFormerPreTrainedModel):
             student = student.to(device=device, dtype=dtype)
         return student.eval()
 
+    def push_to_hub(self, repo_id: str, **kwargs):
+        """Push weights, config and a generator model card (family, training pool, held-out results) in
+        one commit; see `weightformer_hf.push.weightformer_push_to_hub`."""
+        from ..push import weightformer_push_to_hub
+
+        return weightformer_push_to_hub(self, repo_id, **kwargs)
+
     def student_logits(
         self, teachers: TeacherSet, student_state: Mapping[str, torch.Tensor], inputs: torch.Tensor
     ) -> torch.Tensor:

@@ -237,3 +237,16 @@ def test_weight_matching_undoes_a_hidden_permutation(family):
     found = weight_matching(spec, state, permuted, max_iter=20)
     for name, tensor in state.items():
         assert torch.equal(permute_tensor(name, permuted[name], spec, found), tensor), name
+
+
+def test_reference_model_with_other_class_count_reloads(tmp_path):
+    from weightformer_hf.reference_models import MLPClassifier, MLPClassifierConfig
+
+    labels = ["a", "b", "c", "d", "e"]
+    model = MLPClassifier(
+        MLPClassifierConfig(hidden_sizes=(8,), id2label=dict(enumerate(labels)), label2id={n: i for i, n in enumerate(labels)})
+    )
+    model.save_pretrained(tmp_path)
+    reloaded = AutoModel.from_pretrained(tmp_path)
+    assert reloaded.config.num_labels == 5
+    assert torch.equal(reloaded.net[-1].weight, model.net[-1].weight)

@@ -21,7 +21,8 @@ class MLPClassifierConfig(PreTrainedConfig):
     def __init__(self, in_features: int = 40, hidden_sizes: list[int] | tuple[int, ...] = (256, 256), **kwargs):
         self.in_features = in_features
         self.hidden_sizes = list(hidden_sizes)
-        kwargs.setdefault("num_labels", 10)
+        if "id2label" not in kwargs:  # a saved config's id2label decides the class count
+            kwargs.setdefault("num_labels", 10)
         super().__init__(**kwargs)
 
 
@@ -42,7 +43,8 @@ class Conv1dClassifierConfig(PreTrainedConfig):
         self.channels = list(channels)
         self.kernel_size = kernel_size
         self.stride = stride
-        kwargs.setdefault("num_labels", 10)
+        if "id2label" not in kwargs:  # a saved config's id2label decides the class count
+            kwargs.setdefault("num_labels", 10)
         super().__init__(**kwargs)
 
     def output_length(self) -> int:
