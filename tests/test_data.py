@@ -1,0 +1,69 @@
+"""Data splits, transforms, the teacher-logits cache and BatchNorm recalibration, in-process and small."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from weightformer_hf import TeacherSet, data, training
+from weightformer_hf.reference_models import MLPClassifier, MLPClassifierConfig
+
+LABELS = {i: str(i) for i in range(10)}
+
+
+def test_mnist1d_splits_have_a_fresh_meta_split_and_are_cached(tmp_path):
+    splits = data.mnist1d_splits(num_samples=300, meta_samples=100, cache_dir=tmp_path)
+    assert {k: len(v) for k, v in splits.items()} == {"train": 200, "test": 100, "meta": 100}
+    assert splits["train"].features["label"].names == data.DIGIT_NAMES
+    train = {tuple(x) for x in splits["train"][data.SIGNAL_COLUMN]}
+    assert not train & {tuple(x) for x in splits["meta"][data.SIGNAL_COLUMN]}  # another seed: new samples
+    again = data.mnist1d_splits(num_samples=300, meta_samples=100, cache_dir=tmp_path)
+    assert again["meta"]._fingerprint == splits["meta"]._fingerprint  # reloaded from disk, same identity
+
+    task = data.task_splits(splits, data.signal_transform())
+    batch = data.collate([task["meta"][i] for i in range(4)])
+    assert batch["inputs"].shape == (4, 40) and batch["inputs"].dtype == torch.float32
+    assert batch["index"].tolist() == [0, 1, 2, 3]
+
+
+def test_mnist5k_images_with_the_teachers_image_processor():
+    splits = data.mnist5k_splits()
+    assert {k: len(v) for k, v in splits.items()} == {"train": 3000, "meta": 1000, "test": 1000}
+    processor = {"image_processor_type": "ViTImageProcessor", "do_resize": False,
+                 "image_mean": [0.1307], "image_std": [0.3081]}  # fmt: skip
+    transform = data.image_transform({"preprocessor_config": processor})
+    inputs, labels = data.tensors(data.task_splits(splits, transform)["test"].select(range(8)))
+    assert inputs.shape == (8, 1, 28, 28) and labels.shape == (8,)
+    with pytest.raises(data.DataError, match="image transform is unknown"):
+        data.image_transform({})
+
+
+def test_teacher_logits_cache_is_keyed_by_teacher_and_data(tmp_path, monkeypatch):
+    torch.manual_seed(0)
+    models = [MLPClassifier(MLPClassifierConfig(hidden_sizes=(8,), id2label=LABELS)) for _ in range(2)]
+    teachers = TeacherSet.from_models(models, ["a", "b"])
+    raw = data.mnist1d_splits(300, meta_samples=100, cache_dir=tmp_path)
+    split = data.task_splits(raw, data.signal_transform())
+    cache = training.TeacherLogitsCache(tmp_path / "logits")
+    first = cache.logits(teachers, split["meta"], "meta-v1", show_progress=False)
+    assert first.shape == (2, 100, 10) and len(list((tmp_path / "logits").glob("*.safetensors"))) == 2
+    with torch.no_grad():
+        expected = models[1](data.tensors(split["meta"])[0]).logits
+    torch.testing.assert_close(first[1], expected)
+
+    monkeypatch.setattr(TeacherSet, "model", lambda self, i: pytest.fail("cache miss"))
+    torch.testing.assert_close(cache.logits(teachers, split["meta"], "meta-v1", show_progress=False), first)
+    monkeypatch.undo()
+    cache.logits(teachers, split["meta"], "meta-v2", show_progress=False)  # other data: new files
+    assert len(list((tmp_path / "logits").glob("*.safetensors"))) == 4
+
+
+def test_recompute_bn_stats_matches_the_data():
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4))
+    batches = [{"inputs": torch.randn(64, 3) * 3 + 1} for _ in range(4)]
+    training.recompute_bn_stats(model, batches)
+    with torch.no_grad():
+        hidden = model[0](torch.cat([b["inputs"] for b in batches]))
+    torch.testing.assert_close(model[1].running_mean, hidden.mean(0), atol=1e-5, rtol=1e-5)
+    assert not model.training and model[1].momentum == 0.1
