@@ -170,8 +170,10 @@ def main(args):
             wf.prune_checkpoints(checkpoints, keep=3)
 
     stop = {}
-    for sig in (signal.SIGTERM, signal.SIGINT):  # every rank saves at the same step (set/check_trigger)
-        signal.signal(sig, lambda s, _f: (stop.setdefault("signal", s), accelerator.set_trigger()))
+    previous = {  # every rank saves at the same step (set/check_trigger)
+        sig: signal.signal(sig, lambda s, _f: (stop.setdefault("signal", s), accelerator.set_trigger()))
+        for sig in (signal.SIGTERM, signal.SIGINT)
+    }
 
     accelerator.print(
         f"***** Running training: {len(train_idx)} training / {len(eval_idx)} held-out teachers, "
@@ -236,6 +238,8 @@ def main(args):
             if progress.step >= args.max_train_steps:
                 break
     bar.close()
+    for sig, handler in previous.items():  # past the loop nobody checks the trigger: signals act at once
+        signal.signal(sig, handler)
     print(
         f"[rank {accelerator.process_index}/{accelerator.num_processes}] {len(local)} episodes, "
         f"mean local loss {sum(local) / max(len(local), 1):.6f}",

@@ -94,7 +94,10 @@ def accelerate_launch(tiny, *flags: str) -> list[str]:
 
 def test_launch_writes_generator_and_eval_results(tiny, tmp_path):
     out = tmp_path / "out"
-    proc = run(tiny, "--output_dir", out, "--finetune_steps", "3", launch=accelerate_launch(tiny))
+    proc = run(
+        tiny, "--output_dir", out, "--finetune_steps", "3", "--with_tracking", "--report_to", "tensorboard",
+        launch=accelerate_launch(tiny),
+    )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads((out / "eval_results.json").read_text())
     assert results["k"] == 2 and len(results["heldout_sets"]) == 2
@@ -104,6 +107,7 @@ def test_launch_writes_generator_and_eval_results(tiny, tmp_path):
         assert "finetuned_gain_recovered" in entry
     assert "mean_gain_recovered" in results and "mean_finetuned_gain_recovered" in results
     assert "| set | anchor |" in proc.stdout and "mean G =" in proc.stdout
+    assert list(out.glob("**/events.out.tfevents.*"))  # the tracker received the figures
 
     from transformers import AutoModel
 
@@ -171,6 +175,7 @@ def test_sigterm_saves_a_checkpoint(tiny, tmp_path):
         tiny["preset"],
         "--max_train_steps",
         "100000",
+        "--online_augmentation",
         "--output_dir",
         str(out),
     ]
