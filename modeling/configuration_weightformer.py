@@ -28,6 +28,8 @@ class WeightFormerConfig(PreTrainedConfig):
         use_cross_token (`bool`, defaults to `True`): carry a `[cross]` state from layer to layer.
         pool_aligned (`bool`, defaults to `True`): add the mean of the other teachers' aligned tokens of
             the same channel to each anchor query.
+        copy_path (`bool`, defaults to `False`): add a gated, zero-initialised pull of each channel towards a
+            learned softmax mix of the teachers' aligned values of that channel.
         shift_consistency_weight (`float`, defaults to 0.0): weight of the paper's shift-consistency loss
             (MSE between students generated from two orders of the other teachers); 0 disables it.
         mask_sparsity_weight (`float`, defaults to 0.0): weight of the paper's mask-sparsity loss on the
@@ -54,6 +56,7 @@ class WeightFormerConfig(PreTrainedConfig):
         align_max_iter: int = 30,
         use_cross_token: bool = True,
         pool_aligned: bool = True,
+        copy_path: bool = False,
         shift_consistency_weight: float = 0.0,
         mask_sparsity_weight: float = 0.0,
         initializer_range: float = 0.02,
@@ -78,6 +81,7 @@ class WeightFormerConfig(PreTrainedConfig):
         self.align_max_iter = align_max_iter
         self.use_cross_token = use_cross_token
         self.pool_aligned = pool_aligned
+        self.copy_path = copy_path
         self.shift_consistency_weight = shift_consistency_weight
         self.mask_sparsity_weight = mask_sparsity_weight
         self.initializer_range = initializer_range

@@ -130,6 +130,9 @@ class WeightFormerPreTrainedModel(PreTrainedModel):
             for decoder in module.decoders:
                 init.zeros_(decoder.weight)
                 init.zeros_(decoder.bias)
+            if module.config.copy_path:
+                init.zeros_(module.copy_gate.weight)
+                init.zeros_(module.copy_gate.bias)
 
 
 class WeightFormerModel(WeightFormerPreTrainedModel):
@@ -153,6 +156,10 @@ class WeightFormerModel(WeightFormerPreTrainedModel):
         self.pool_proj = nn.Linear(d, d)
         self.cross_init = nn.Parameter(torch.zeros(d))
         self.memory_gate = nn.Linear(d, 1) if config.mask_sparsity_weight > 0 else None
+        if config.copy_path:
+            self.copy_query = nn.Linear(d, d)
+            self.copy_key = nn.Linear(d, d)
+            self.copy_gate = nn.Linear(d, 1)
         self.blocks = nn.ModuleList(WeightFormerBlock(config) for _ in range(config.num_hidden_layers))
         self.final_norm = nn.LayerNorm(d, eps=config.layer_norm_eps)
         self.gradient_checkpointing = False
@@ -277,8 +284,28 @@ class WeightFormerModel(WeightFormerPreTrainedModel):
         queries = self.final_norm(queries)
         if self.config.use_cross_token:
             cross, queries = queries[:, 0].mean(0), queries[:, 1:]
-        decrements = self.decoders[index](queries).transpose(0, 1).reshape(channels, n_chunks * chunk)[:, :width]
+        decrements = self.decoders[index](queries)  # (n, C, chunk), normalised units
+        if self.config.copy_path:
+            decrements = decrements + self._copy_decrement(queries, tokens, content, anchor)
+        decrements = decrements.transpose(0, 1).reshape(channels, n_chunks * chunk)[:, :width]
         return decrements * scales, cross, gate_mean
+
+    def _copy_decrement(
+        self, queries: torch.Tensor, tokens: torch.Tensor, content: torch.Tensor, anchor: int
+    ) -> torch.Tensor:
+        """Gated pull of each channel towards a learned mix of the teachers' aligned values of that channel.
+
+        The mix is a softmax over the K teachers (anchor included) of the same channel, so the generator can
+        copy exact values at full precision rather than through the d-wide decoder. The gate starts at
+        zero, which keeps the untrained student equal to the anchor (a ±0 product added to the decoder's
+        +0.0 gives +0.0).
+        """
+        q = self.copy_query(queries)  # (n, C, d)
+        keys = self.copy_key(tokens).permute(2, 1, 0, 3)  # (n, C, K, d)
+        weights = torch.einsum("ncd,nckd->nck", q, keys).div(math.sqrt(q.shape[-1])).softmax(-1)
+        values = content.permute(2, 1, 0, 3)  # (n, C, K, chunk)
+        mix = torch.einsum("nck,nckw->ncw", weights, values)
+        return self.copy_gate(queries) * (values[:, :, anchor] - mix)
 
     # ---------------------------------------------------------------------------------------- generation
     @torch.no_grad()

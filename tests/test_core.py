@@ -37,7 +37,7 @@ def family_teachers(request):
 def test_untrained_generator_returns_anchor_bit_for_bit(family_teachers):
     family, models = family_teachers
     teachers = wf.TeacherSet.from_models(models)
-    generator = wf.WeightFormerModel.for_teachers(teachers, **SMALL)
+    generator = wf.WeightFormerModel.for_teachers(teachers, **SMALL, copy_path=True)
     student = generator.generate_student(teachers, anchor=1)
     assert type(student) is type(models[1])
     expected = models[1].state_dict()
@@ -80,11 +80,13 @@ def test_perturbed_generator_changes_every_tensor_and_keeps_shapes(family_teache
     assert torch.isfinite(teachers.family.logits(student, make_inputs(family))).all()
 
 
-@pytest.mark.parametrize("family", ["mlp", "timm_resnet", "hf_vit"])
-def test_permuting_other_teachers_leaves_student_unchanged(family):
+@pytest.mark.parametrize(
+    "family,options", [("mlp", {}), ("mlp", {"copy_path": True}), ("timm_resnet", {}), ("hf_vit", {"copy_path": True})]
+)
+def test_permuting_other_teachers_leaves_student_unchanged(family, options):
     models = [make_model(family, seed) for seed in range(5)]
     teachers = wf.TeacherSet.from_models(models)
-    generator = wf.WeightFormerModel.for_teachers(teachers, **SMALL)
+    generator = wf.WeightFormerModel.for_teachers(teachers, **SMALL, **options)
     perturb(generator, seed=1)
     a = generator(teachers, anchor=2).student_state
     shuffled = teachers.subset([4, 0, 2, 1, 3])  # same anchor (teacher 2), others reordered
@@ -104,10 +106,11 @@ def test_any_number_of_teachers(k):
     assert torch.isfinite(student(make_inputs("mlp")).logits).all()
 
 
-def test_gradient_reaches_every_generator_parameter():
+@pytest.mark.parametrize("copy_path", [False, True])
+def test_gradient_reaches_every_generator_parameter(copy_path):
     models = [make_model("mlp", seed) for seed in range(3)]
     teachers = wf.TeacherSet.from_models(models)
-    generator = wf.WeightFormerModel.for_teachers(teachers, **SMALL)
+    generator = wf.WeightFormerModel.for_teachers(teachers, **SMALL, copy_path=copy_path)
     inputs, labels = make_inputs("mlp", 8), torch.arange(8) % 10
 
     def grads():
@@ -120,7 +123,7 @@ def test_gradient_reaches_every_generator_parameter():
     # At exact initialisation the zero output layers block the gradient upstream.
     at_init = grads()
     for name, grad in at_init.items():
-        if name.startswith("decoders."):
+        if name.startswith(("decoders.", "copy_gate.")):
             assert grad is not None and grad.abs().sum() > 0, name
         else:
             assert grad is None or grad.abs().sum() == 0, name

@@ -85,6 +85,7 @@ def main() -> None:
     p.add_argument("--no_align", action="store_true")
     p.add_argument("--no_pool", action="store_true")
     p.add_argument("--no_cross", action="store_true")
+    p.add_argument("--copy_path", action="store_true")
     p.add_argument("--tag", default="")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
@@ -112,6 +113,7 @@ def main() -> None:
         align_teachers=not args.no_align,
         pool_aligned=not args.no_pool,
         use_cross_token=not args.no_cross,
+        copy_path=args.copy_path,
     )
     optimizer = torch.optim.AdamW(generator.parameters(), lr=args.lr, weight_decay=0.01)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: one_cycle(s, args.gen_steps, 0.05))
