@@ -63,6 +63,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     p.add_argument("--output_dir", help="default: results/ (full) or results_quick/ (--quick)")
     p.add_argument("--pools", nargs="+", choices=bm.POOLS, help="run only these pools (default: all)")
+    p.add_argument("--build_only", action="store_true", help="only train and cache the pools, then exit")
     g = p.add_argument_group("generator (design and training; chosen on training teachers only)")
     g.add_argument(
         "--generator_config",
@@ -193,11 +194,14 @@ def run_pool(plan: bm.PoolPlan, args, costs: dict, notes: dict) -> list[dict]:
     log(f"[{name}] teacher test accuracy mean {100 * (test_logits.argmax(-1) == y).float().mean():.2f}%")
 
     train_ids = list(range(plan.num_train))
-    heldout, in_pool = plan.heldout_sets(), plan.in_pool_sets(args.seed)
+    heldout = plan.heldout_sets()
     settings = generator_settings(args, hub)
     generator, gen_stats = bm.train_generator(
         teachers, train_ids, data, meta_logits, settings, log=log, tag=name
     )
+    seen = gen_stats.pop("seen_combinations")
+    in_pool = plan.in_pool_sets(args.seed, seen=seen)  # new combinations where any are left
+    in_pool_new = {k: sum(frozenset(m) not in seen for m in sets) for k, sets in in_pool.items()}
     costs["generator_training"][name] = {**gen_stats, "config": settings.config}
     probe_members = train_ids[: min(4, len(train_ids))]
     costs["train_step"][name] = bm.step_times(generator, teachers, probe_members, data, meta_logits, settings)
@@ -443,7 +447,9 @@ def run_pool(plan: bm.PoolPlan, args, costs: dict, notes: dict) -> list[dict]:
     notes[name] = [
         f"{plan.num_teachers} teachers ({plan.num_train} train the generator, {gen_stats['steps']} "
         "episodes); "
-        f"held-out sets {heldout}; in-pool sets {in_pool}.",
+        f"held-out sets {heldout}; in-pool sets {in_pool} (never an episode of the generator's training: "
+        + ", ".join(f"K={k}: {n}/{len(in_pool[k])}" for k, n in in_pool_new.items())
+        + ").",
         "Ensemble beats single_long ("
         + f"{long_steps} steps) in: "
         + ", ".join(f"K={k}: {sum(v)}/{len(v)} sets" for k, v in beats.items())
@@ -490,6 +496,11 @@ def main(argv=None) -> dict:
     }
     notes: dict = {}
     rows: list[dict] = []
+    if args.build_only:
+        for plan in plans:
+            load_pool(plan)
+        log("pools built and cached")
+        return {}
     for plan in plans:
         rows += run_pool(plan, args, costs, notes)
     if not args.skip_memory:

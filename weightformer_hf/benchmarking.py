@@ -141,17 +141,23 @@ class PoolPlan:
                 out[k] = [rest[i * k : (i + 1) * k] for i in range(count)]
         return out
 
-    def in_pool_sets(self, seed: int = 0) -> dict[int, list[list[int]]]:
-        """New combinations of training teachers, `sets_per_k` per K (as many as exist)."""
+    def in_pool_sets(self, seed: int = 0, seen: set | None = None) -> dict[int, list[list[int]]]:
+        """Combinations of training teachers, `sets_per_k` per K (as many as exist), preferring
+        combinations the generator never trained on (`seen`: frozensets of members of its episodes)."""
         rng = random.Random(f"in-pool-{self.name}-{seed}")
+        seen = seen or set()
         out = {}
         for k in self.ks:
             if k > self.num_train:
                 continue
             wanted = min(self.sets_per_k, math.comb(self.num_train, k))
             sets: list[list[int]] = []
+            tries = 0
             while len(sets) < wanted:
                 members = rng.sample(range(self.num_train), k)
+                tries += 1
+                if frozenset(members) in seen and tries < 20_000:
+                    continue
                 if sorted(members) not in [sorted(s) for s in sets]:
                     sets.append(members)
             out[k] = sets
@@ -459,7 +465,7 @@ def train_generator(
 ):
     """Episodic training on the training teachers only: K ∈ [k_min, k_max] random members per step (the
     first one is the anchor), a random meta-split batch, KD on the members' ensemble (+ CE).
-    Returns `(generator, stats)`."""
+    Returns `(generator, stats)`; `stats["seen_combinations"]` holds the member sets it trained on."""
     import weightformer_hf as wf
 
     from .batched_training import one_cycle
@@ -477,10 +483,11 @@ def train_generator(
     generator.train()
     k_max = min(settings.k_max, len(train_ids))
     k_min = min(settings.k_min, k_max)
-    losses, start = [], time.perf_counter()
+    losses, start, seen = [], time.perf_counter(), set()
     every = max(1, settings.steps // 6)
     for step in range(settings.steps):
         members = rng.sample(list(train_ids), rng.randint(k_min, k_max))
+        seen.add(frozenset(members))
         batch = torch.randint(len(data.meta_x), (settings.batch_size,), generator=batch_gen)
         loss = generator_step(
             generator,
@@ -507,6 +514,7 @@ def train_generator(
         "seconds": seconds,
         "seconds_per_step": seconds / max(1, settings.steps),
         "final_loss": sum(losses[-50:]) / max(1, len(losses[-50:])),
+        "seen_combinations": seen,  # frozensets of episode members (popped before saving)
     }
 
 
