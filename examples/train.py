@@ -83,7 +83,6 @@ def main(args):
         project_config=ProjectConfiguration(project_dir=args.output_dir),
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
     )
-    set_seed(args.seed)
     with accelerator.main_process_first():  # rank 0 builds the pool and fills the logits cache; others read
         raw = wf_data.load_raw_splits(
             args.dataset_name, args.train_dir, args.validation_dir, args.image_column_name,
@@ -104,6 +103,7 @@ def main(args):
             )
             for s in ("meta", "test")
         }
+    set_seed(args.seed)  # after a possible pool build, so a first run equals later runs
     train_idx, eval_idx = wf.split_pool(len(teachers), args.num_eval_teachers, args.seed)
     wf.check_k(len(train_idx), len(eval_idx), args.k_min, args.k_max, args.eval_k)
     train_teachers = teachers.subset(train_idx)
