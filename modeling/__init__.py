@@ -8,4 +8,10 @@ from .modeling_weightformer import (
     run_student,
 )
 
-__all__ = ["WeightFormerConfig", "WeightFormerModel", "WeightFormerOutput", "WeightFormerPreTrainedModel", "run_student"]
+__all__ = [
+    "WeightFormerConfig",
+    "WeightFormerModel",
+    "WeightFormerOutput",
+    "WeightFormerPreTrainedModel",
+    "run_student",
+]

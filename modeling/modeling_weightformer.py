@@ -63,7 +63,10 @@ def chunk_layout(width: int, chunk_size: int) -> tuple[int, int]:
 def describe_layers(teachers: TeacherSet) -> list[dict]:
     """The `student_layers` table of a config: name, channels and token width of each layer."""
     layers, _ = teachers.layers
-    return [{"name": l.name, "channels": l.channels, "width": l.token_width(teachers.shapes)} for l in layers]
+    return [
+        {"name": layer.name, "channels": layer.channels, "width": layer.token_width(teachers.shapes)}
+        for layer in layers
+    ]
 
 
 class WeightFormerAttention(nn.Module):
@@ -77,7 +80,9 @@ class WeightFormerAttention(nn.Module):
         self.o_proj = nn.Linear(config.hidden_size, config.hidden_size)
         self.dropout = config.dropout
 
-    def forward(self, queries: torch.Tensor, keys: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, queries: torch.Tensor, keys: torch.Tensor, bias: torch.Tensor | None = None
+    ) -> torch.Tensor:
         batch, n_q, dim = queries.shape
         heads, head_dim = self.num_heads, dim // self.num_heads
         q = self.q_proj(queries).view(batch, n_q, heads, head_dim).transpose(1, 2)
@@ -167,7 +172,9 @@ class WeightFormerModel(WeightFormerPreTrainedModel):
 
     # -------------------------------------------------------------------------------------- construction
     @classmethod
-    def for_teachers(cls, teachers: TeacherSet | Sequence[nn.Module], **generator_kwargs) -> WeightFormerModel:
+    def for_teachers(
+        cls, teachers: TeacherSet | Sequence[nn.Module], **generator_kwargs
+    ) -> WeightFormerModel:
         """An untrained generator whose config describes the architecture and labels of `teachers`."""
         teachers = as_teacher_set(teachers)
         config = WeightFormerConfig(
@@ -178,10 +185,12 @@ class WeightFormerModel(WeightFormerPreTrainedModel):
     def check_teachers(self, teachers: TeacherSet) -> None:
         """Raise `TeacherMismatchError` naming both architectures if `teachers` do not fit this generator."""
         teachers.check_matches(self.config.student, what="this WeightFormer")
-        expected = [(l["name"], l["channels"], l["width"]) for l in self.config.student_layers]
-        got = [(l["name"], l["channels"], l["width"]) for l in describe_layers(teachers)]
+        expected = [(x["name"], x["channels"], x["width"]) for x in self.config.student_layers]
+        got = [(x["name"], x["channels"], x["width"]) for x in describe_layers(teachers)]
         if expected != got:
-            first = next((e, g) for e, g in zip(expected, got) if e != g) if len(expected) == len(got) else None
+            first = (
+                next((e, g) for e, g in zip(expected, got) if e != g) if len(expected) == len(got) else None
+            )
             raise TeacherMismatchError(
                 f"this WeightFormer was built for layers {first[0] if first else len(expected)} but the teachers "
                 f"have {first[1] if first else len(got)}"
@@ -224,6 +233,34 @@ class WeightFormerModel(WeightFormerPreTrainedModel):
             mask_sparsity=torch.stack(gates).mean() if gates else None,
         )
 
+    def auxiliary_loss(
+        self, teachers: TeacherSet, anchor: int, output: WeightFormerOutput
+    ) -> torch.Tensor | None:
+        """The paper's optional auxiliary losses, weighted by the config (None when both are off).
+
+        - mask sparsity: mean of the soft gate over memory tokens (`mask_sparsity_weight`);
+        - shift consistency (`shift_consistency_weight`): the paper shifts the teacher sequence, cutting one
+          end. Order cannot change this generator's output, so the shift that remains is the cut: the
+          student regenerated without the last non-anchor teacher should stay close (relative squared
+          distance, averaged over tensors).
+        """
+        loss = None
+        if self.config.mask_sparsity_weight > 0 and output.mask_sparsity is not None:
+            loss = self.config.mask_sparsity_weight * output.mask_sparsity
+        if self.config.shift_consistency_weight > 0 and len(teachers) > 2:
+            cut = max(i for i in range(len(teachers)) if i != anchor)
+            keep = [i for i in range(len(teachers)) if i != cut]
+            shifted = self(teachers.subset(keep), anchor=keep.index(anchor)).student_state
+            terms = [
+                (output.student_state[n] - shifted[n]).pow(2).sum()
+                / output.student_state[n].detach().pow(2).sum().clamp_min(1e-12)
+                for n in shifted
+                if shifted[n].is_floating_point()
+            ]
+            consistency = self.config.shift_consistency_weight * torch.stack(terms).mean()
+            loss = consistency if loss is None else loss + consistency
+        return loss
+
     def _alignments(self, teachers: TeacherSet, anchor: int) -> list[dict[str, torch.Tensor]]:
         """Per teacher, the permutations that align it to the anchor (empty for the anchor itself)."""
         spec = teachers.family.permutation_spec(teachers.template) if self.config.align_teachers else {}
@@ -252,7 +289,8 @@ class WeightFormerModel(WeightFormerPreTrainedModel):
         anchor: int,
         cross: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """Decrements `(channels, width)` (the negated changes, in tensor units) of one layer, the next [cross] state and the gate mean."""
+        """One layer's decrements `(channels, width)` (negated changes, in tensor units), the next [cross]
+        state and the memory gate's mean."""
         n_teachers, channels = len(tensors), layer.channels
         content, scales = _layer_content(layer, tensors)  # (K, C, W), (W,)
         width = content.shape[-1]
@@ -346,7 +384,9 @@ class WeightFormerModel(WeightFormerPreTrainedModel):
         return run_student(teachers, student_state, inputs)
 
 
-def run_student(teachers: TeacherSet, student_state: Mapping[str, torch.Tensor], inputs: torch.Tensor) -> torch.Tensor:
+def run_student(
+    teachers: TeacherSet, student_state: Mapping[str, torch.Tensor], inputs: torch.Tensor
+) -> torch.Tensor:
     """Logits of the architecture of `teachers` with weights `student_state`, via `functional_call`."""
     template = teachers.template
     if next(iter(template.parameters())).device != inputs.device:
@@ -360,7 +400,9 @@ def as_teacher_set(teachers: TeacherSet | Sequence[nn.Module]) -> TeacherSet:
     return teachers if isinstance(teachers, TeacherSet) else TeacherSet.from_models(list(teachers))
 
 
-def _layer_content(layer: LayerSpec, tensors: list[dict[str, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+def _layer_content(
+    layer: LayerSpec, tensors: list[dict[str, torch.Tensor]]
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Per teacher, the layer's channel tokens `(K, C, W)`, normalised, and the per-column scales `(W,)`.
 
     Each tensor is divided by its RMS over all teachers (a symmetric function of the set, so the order of

@@ -23,16 +23,26 @@ def make_model(family: str, seed: int, **overrides) -> torch.nn.Module:
     """A randomly initialised tiny model of `family`; BatchNorm statistics are randomised too."""
     torch.manual_seed(seed)
     if family == "mlp":
-        model = MLPClassifier(MLPClassifierConfig(hidden_sizes=overrides.get("hidden_sizes", (16, 16)), **_hf_labels()))
+        model = MLPClassifier(
+            MLPClassifierConfig(hidden_sizes=overrides.get("hidden_sizes", (16, 16)), **_hf_labels())
+        )
     elif family == "cnn1d":
         model = Conv1dClassifier(Conv1dClassifierConfig(channels=(4, 4), **_hf_labels()))
     elif family == "hf_resnet":
-        config = ResNetConfig(num_channels=1, embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], **_hf_labels())
+        config = ResNetConfig(
+            num_channels=1, embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], **_hf_labels()
+        )
         model = ResNetForImageClassification(config)
     elif family == "hf_vit":
         config = ViTConfig(
-            image_size=16, patch_size=4, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
-            intermediate_size=32, num_channels=1, **_hf_labels(),
+            image_size=16,
+            patch_size=4,
+            hidden_size=16,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            intermediate_size=32,
+            num_channels=1,
+            **_hf_labels(),
         )
         model = ViTForImageClassification(config)
     else:
@@ -46,7 +56,9 @@ def make_model(family: str, seed: int, **overrides) -> torch.nn.Module:
                 {"img_size": 16, "patch_size": 4, "in_chans": 1, "embed_dim": 16, "depth": 2, "num_heads": 2},
             ),
         }[family]
-        model = timm.create_model(kwargs[0], pretrained=False, num_classes=overrides.get("num_classes", 10), **kwargs[1])
+        model = timm.create_model(
+            kwargs[0], pretrained=False, num_classes=overrides.get("num_classes", 10), **kwargs[1]
+        )
     with torch.no_grad():
         for module in model.modules():
             if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):

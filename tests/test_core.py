@@ -13,7 +13,13 @@ import weightformer_hf as wf
 from weightformer_hf.alignment import permute_tensor, weight_matching
 from weightformer_hf.errors import InvalidWeightsError, TeacherMismatchError, UnsupportedArchitectureError
 
-SMALL = {"hidden_size": 32, "num_attention_heads": 2, "intermediate_size": 64, "num_hidden_layers": 1, "align_max_iter": 2}
+SMALL = {
+    "hidden_size": 32,
+    "num_attention_heads": 2,
+    "intermediate_size": 64,
+    "num_hidden_layers": 1,
+    "align_max_iter": 2,
+}
 
 
 def bits(t: torch.Tensor) -> torch.Tensor:
@@ -81,7 +87,8 @@ def test_perturbed_generator_changes_every_tensor_and_keeps_shapes(family_teache
 
 
 @pytest.mark.parametrize(
-    "family,options", [("mlp", {}), ("mlp", {"copy_path": True}), ("timm_resnet", {}), ("hf_vit", {"copy_path": True})]
+    "family,options",
+    [("mlp", {}), ("mlp", {"copy_path": True}), ("timm_resnet", {}), ("hf_vit", {"copy_path": True})],
 )
 def test_permuting_other_teachers_leaves_student_unchanged(family, options):
     models = [make_model(family, seed) for seed in range(5)]
@@ -236,7 +243,9 @@ def test_weight_matching_undoes_a_hidden_permutation(family):
     x = make_inputs(family)
     copy = make_model(family, 0)
     copy.load_state_dict(permuted)
-    torch.testing.assert_close(teachers.family.logits(copy, x), teachers.family.logits(model, x), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(
+        teachers.family.logits(copy, x), teachers.family.logits(model, x), rtol=1e-4, atol=1e-5
+    )
     found = weight_matching(spec, state, permuted, max_iter=20)
     for name, tensor in state.items():
         assert torch.equal(permute_tensor(name, permuted[name], spec, found), tensor), name
@@ -247,9 +256,28 @@ def test_reference_model_with_other_class_count_reloads(tmp_path):
 
     labels = ["a", "b", "c", "d", "e"]
     model = MLPClassifier(
-        MLPClassifierConfig(hidden_sizes=(8,), id2label=dict(enumerate(labels)), label2id={n: i for i, n in enumerate(labels)})
+        MLPClassifierConfig(
+            hidden_sizes=(8,), id2label=dict(enumerate(labels)), label2id={n: i for i, n in enumerate(labels)}
+        )
     )
     model.save_pretrained(tmp_path)
     reloaded = AutoModel.from_pretrained(tmp_path)
     assert reloaded.config.num_labels == 5
     assert torch.equal(reloaded.net[-1].weight, model.net[-1].weight)
+
+
+def test_auxiliary_losses_are_off_by_default_and_differentiable_when_on():
+    models = [make_model("mlp", seed) for seed in range(4)]
+    teachers = wf.TeacherSet.from_models(models)
+    generator = wf.WeightFormerModel.for_teachers(teachers, **SMALL)
+    output = generator(teachers, anchor=1)
+    assert generator.auxiliary_loss(teachers, 1, output) is None
+    generator = wf.WeightFormerModel.for_teachers(
+        teachers, **SMALL, shift_consistency_weight=1.0, mask_sparsity_weight=0.1
+    )
+    perturb(generator)
+    output = generator(teachers, anchor=1)
+    loss = generator.auxiliary_loss(teachers, 1, output)
+    assert loss is not None and loss.item() > 0
+    loss.backward()
+    assert generator.memory_gate.weight.grad.abs().sum() > 0

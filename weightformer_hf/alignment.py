@@ -22,7 +22,11 @@ def _view(tensor: torch.Tensor, reshape: tuple[int, ...] | None) -> torch.Tensor
 
 
 def permute_tensor(
-    name: str, tensor: torch.Tensor, spec: PermutationSpec, perms: Mapping[str, torch.Tensor], skip_group: str | None = None
+    name: str,
+    tensor: torch.Tensor,
+    spec: PermutationSpec,
+    perms: Mapping[str, torch.Tensor],
+    skip_group: str | None = None,
 ) -> torch.Tensor:
     """`tensor` with every axis that belongs to a permuted group reordered (except `skip_group`'s)."""
     if name not in spec or not perms:

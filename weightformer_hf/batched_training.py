@@ -58,11 +58,13 @@ def train_models_batched(
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: one_cycle(s, steps))
     generators = [torch.Generator().manual_seed(s) for s in data_seeds]
     template.train()
-    for step in tqdm(range(steps), desc=desc, disable=not progress):
+    for _ in tqdm(range(steps), desc=desc, disable=not progress):
         index = torch.stack([torch.randint(len(inputs), (batch_size,), generator=g) for g in generators])
         logits = batched_logits(params, buffers, inputs[index])  # (n, B, C)
         if loss_fn is None:
-            loss = F.cross_entropy(logits.flatten(0, 1), labels[index].flatten(), reduction="sum") / batch_size
+            loss = (
+                F.cross_entropy(logits.flatten(0, 1), labels[index].flatten(), reduction="sum") / batch_size
+            )
         else:
             loss = loss_fn(logits, labels[index], index)
         optimizer.zero_grad(set_to_none=True)

@@ -13,12 +13,14 @@ def predict_logits(
     forward: Callable[[torch.Tensor], torch.Tensor], inputs: torch.Tensor, batch_size: int = 1024
 ) -> torch.Tensor:
     """`forward` applied to `inputs` in batches, concatenated (on the CPU, fp32)."""
-    return torch.cat([forward(inputs[i : i + batch_size]).float().cpu() for i in range(0, len(inputs), batch_size)])
+    return torch.cat(
+        [forward(inputs[i : i + batch_size]).float().cpu() for i in range(0, len(inputs), batch_size)]
+    )
 
 
 def ensemble_probs(logits: Sequence[torch.Tensor]) -> torch.Tensor:
     """The probability-average ensemble of K models' logits."""
-    return torch.stack([F.softmax(l.float(), dim=-1) for l in logits]).mean(0)
+    return torch.stack([F.softmax(x.float(), dim=-1) for x in logits]).mean(0)
 
 
 def accuracy(probs_or_logits: torch.Tensor, labels: torch.Tensor) -> float:

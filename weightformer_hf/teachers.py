@@ -170,7 +170,8 @@ class TeacherSet:
             if missing:
                 raise TeacherMismatchError(
                     f"teacher {info.name!r} lacks tensor {missing[0]!r} of the {self.family.name} architecture "
-                    f"{_arch_name(self.arch)}" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
+                    f"{_arch_name(self.arch)}"
+                    + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
                 )
             extra = [k for k in sd if k not in expected]
             if extra:
@@ -191,7 +192,9 @@ class TeacherSet:
                     tensor = sd[name]
                     if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
                         kind = "NaN" if bool(torch.isnan(tensor).any()) else "inf"
-                        raise InvalidWeightsError(f"teacher {info.name!r}: tensor {name!r} contains {kind} values")
+                        raise InvalidWeightsError(
+                            f"teacher {info.name!r}: tensor {name!r} contains {kind} values"
+                        )
 
     def check_matches(self, described: dict, what: str = "the generator") -> None:
         """Raise if this set's architecture or labels differ from `described` (a `describe()` dict)."""
@@ -201,7 +204,11 @@ class TeacherSet:
             raise TeacherMismatchError(
                 f"{what} serves {described.get('family')} {_arch_name(theirs)}, but the teachers "
                 f"({', '.join(self.names)}) are {mine['family']} {_arch_name(mine['arch'])}"
-                + (f" ({_arch_diff(theirs, mine['arch'])})" if described.get("family") == mine["family"] else "")
+                + (
+                    f" ({_arch_diff(theirs, mine['arch'])})"
+                    if described.get("family") == mine["family"]
+                    else ""
+                )
             )
         if list(described.get("label_names", [])) != mine["label_names"]:
             raise TeacherMismatchError(
@@ -219,7 +226,9 @@ def _check_same_tensors(reference: Mapping, other: Mapping, reference_name: str,
     """Raise naming the first tensor that one teacher lacks or has in another shape."""
     for key, tensor in reference.items():
         if key not in other:
-            raise TeacherMismatchError(f"teacher {other_name!r} lacks tensor {key!r} that teacher {reference_name!r} has")
+            raise TeacherMismatchError(
+                f"teacher {other_name!r} lacks tensor {key!r} that teacher {reference_name!r} has"
+            )
         if tuple(other[key].shape) != tuple(tensor.shape):
             raise TeacherMismatchError(
                 f"tensor {key!r} has shape {tuple(other[key].shape)} in teacher {other_name!r} but "
@@ -227,7 +236,9 @@ def _check_same_tensors(reference: Mapping, other: Mapping, reference_name: str,
             )
     for key in other:
         if key not in reference:
-            raise TeacherMismatchError(f"teacher {other_name!r} has tensor {key!r} that teacher {reference_name!r} lacks")
+            raise TeacherMismatchError(
+                f"teacher {other_name!r} has tensor {key!r} that teacher {reference_name!r} lacks"
+            )
 
 
 def _arch_diff(expected: dict, got: dict) -> str:
@@ -283,4 +294,3 @@ def _reorder_labels(
             sd[t.name] = sd[t.name].index_select(t.channel_axis, order)
         out.append(sd)
     return out
-

@@ -56,7 +56,10 @@ def build_pool(kind: str, n: int, steps: int, shared_init: bool, data) -> list[t
     x, y = tensors(data["train"])
     train_models_batched(models, x, y, steps, data_seeds=[2000 + i for i in range(n)], desc=f"pool {kind}")
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_file({f"{i}/{k}": v.contiguous() for i, m in enumerate(models) for k, v in m.state_dict().items()}, str(path))
+    save_file(
+        {f"{i}/{k}": v.contiguous() for i, m in enumerate(models) for k, v in m.state_dict().items()},
+        str(path),
+    )
     return models
 
 
@@ -138,7 +141,10 @@ def main() -> None:
         scheduler.step()
         losses.append(loss.item())
         if step % 250 == 0 or step == args.gen_steps - 1:
-            print(f"step {step} loss {sum(losses[-50:]) / len(losses[-50:]):.4f} ({time.time() - t0:.0f}s)", flush=True)
+            print(
+                f"step {step} loss {sum(losses[-50:]) / len(losses[-50:]):.4f} ({time.time() - t0:.0f}s)",
+                flush=True,
+            )
 
     def evaluate(sets):
         rows = []
@@ -149,18 +155,25 @@ def main() -> None:
             with torch.no_grad():
                 acc = accuracy(student(test_x).logits, test_y)
             mean_single = sum(single) / len(single)
-            rows.append({
-                "members": members, "single_mean": mean_single, "anchor": single[0], "ensemble": ens,
-                "student": acc, "G": gain_recovered(acc, mean_single, ens),
-                "G_anchor": gain_recovered(single[0], mean_single, ens),
-            })
+            rows.append(
+                {
+                    "members": members,
+                    "single_mean": mean_single,
+                    "anchor": single[0],
+                    "ensemble": ens,
+                    "student": acc,
+                    "G": gain_recovered(acc, mean_single, ens),
+                    "G_anchor": gain_recovered(single[0], mean_single, ens),
+                }
+            )
         return rows
 
     heldout_rows = evaluate(heldout)
     in_pool = [rng.sample(train_ids, args.eval_k) for _ in range(3)]
     in_pool_rows = evaluate(in_pool)
     summary = {
-        "tag": args.tag, "args": vars(args),
+        "tag": args.tag,
+        "args": vars(args),
         "heldout_G": [round(r["G"], 3) for r in heldout_rows],
         "heldout_mean_G": sum(r["G"] for r in heldout_rows) / len(heldout_rows),
         "anchor_G": [round(r["G_anchor"], 3) for r in heldout_rows],

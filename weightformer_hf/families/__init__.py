@@ -16,8 +16,13 @@ from .timm_vit import TimmViTFamily
 FAMILIES: dict[str, Family] = {
     f.name: f
     for f in (
-        MLPFamily(), CNN1dFamily(), TimmResNetFamily(), TimmVGGFamily(), TimmViTFamily(),
-        HFResNetFamily(), HFViTFamily(),
+        MLPFamily(),
+        CNN1dFamily(),
+        TimmResNetFamily(),
+        TimmVGGFamily(),
+        TimmViTFamily(),
+        HFResNetFamily(),
+        HFViTFamily(),
     )
 }
 
@@ -28,7 +33,9 @@ def supported_families() -> str:
 
 def get_family(name: str) -> Family:
     if name not in FAMILIES:
-        raise UnsupportedArchitectureError(f"unknown family {name!r}; supported families: {', '.join(FAMILIES)}")
+        raise UnsupportedArchitectureError(
+            f"unknown family {name!r}; supported families: {', '.join(FAMILIES)}"
+        )
     return FAMILIES[name]
 
 
@@ -44,6 +51,12 @@ def family_of(model: nn.Module) -> Family:
 
 
 __all__ = [
-    "FAMILIES", "Family", "LayerSpec", "PermutationSpec", "TensorSpec", "family_of", "get_family",
+    "FAMILIES",
+    "Family",
+    "LayerSpec",
+    "PermutationSpec",
+    "TensorSpec",
+    "family_of",
+    "get_family",
     "supported_families",
 ]

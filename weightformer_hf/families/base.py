@@ -78,7 +78,11 @@ def walk_layers(model: nn.Module) -> tuple[list[LayerSpec], list[str]]:
             layers.append(spec)
             open_conv = spec
             continue
-        if isinstance(module, _BATCH_NORMS) and open_conv is not None and open_conv.channels == module.num_features:
+        if (
+            isinstance(module, _BATCH_NORMS)
+            and open_conv is not None
+            and open_conv.channels == module.num_features
+        ):
             open_conv.tensors += [TensorSpec(n, 0, positive=n.endswith("running_var")) for n, _ in floats]
             open_conv = None
             continue
@@ -94,7 +98,9 @@ def walk_layers(model: nn.Module) -> tuple[list[LayerSpec], list[str]]:
     return layers, non_float
 
 
-def chain_permutation_spec(model: nn.Module, layers: list[LayerSpec], flatten_lengths: dict[str, int] | None = None) -> PermutationSpec:
+def chain_permutation_spec(
+    model: nn.Module, layers: list[LayerSpec], flatten_lengths: dict[str, int] | None = None
+) -> PermutationSpec:
     """Permutation spec of a plain chain (MLP, plain CNN, VGG): each layer's output permutes the next input.
 
     The last layer is the classifier, whose outputs (classes) are never permuted. `flatten_lengths` maps

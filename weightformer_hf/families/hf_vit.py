@@ -18,6 +18,11 @@ class HFViTFamily(TransformersFamily):
 
     def permutation_spec(self, model: nn.Module) -> PermutationSpec:
         return vit_permutation_spec(
-            model, self.layers(model)[0], mlp_in=".mlp.fc1", mlp_out=".mlp.fc2",
-            attn_in=(".q_proj", ".k_proj", ".v_proj"), attn_out=".o_proj", classifier="classifier",
+            model,
+            self.layers(model)[0],
+            mlp_in=".mlp.fc1",
+            mlp_out=".mlp.fc2",
+            attn_in=(".q_proj", ".k_proj", ".v_proj"),
+            attn_out=".o_proj",
+            classifier="classifier",
         )

@@ -63,6 +63,10 @@ def resnet_permutation_spec(
     for layer in layers:
         for t in layer.tensors:
             ndim = state[t.name].ndim
-            groups = (out_group[layer.name],) if ndim == 1 else (out_group[layer.name], in_group[layer.name], *[None] * (ndim - 2))
+            groups = (
+                (out_group[layer.name],)
+                if ndim == 1
+                else (out_group[layer.name], in_group[layer.name], *[None] * (ndim - 2))
+            )
             spec[t.name] = (groups, None)
     return spec

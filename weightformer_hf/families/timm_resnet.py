@@ -34,7 +34,9 @@ class TimmResNetFamily(TimmFamily):
             layers,
             stage_block=_stage_block,
             is_shortcut=lambda name: ".downsample." in name + ".",
-            is_block_output=lambda name: name.endswith(".conv3") or (name.endswith(".conv2") and not _has_conv3(model, name)),
+            is_block_output=lambda name: (
+                name.endswith(".conv3") or (name.endswith(".conv2") and not _has_conv3(model, name))
+            ),
         )
 
 

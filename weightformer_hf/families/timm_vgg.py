@@ -15,7 +15,10 @@ class TimmVGGFamily(TimmFamily):
 
     def infer_model_args(self, model: nn.Module) -> dict:
         # the pre-logits ConvMlp is 4096 * mlp_ratio wide
-        return {"in_chans": model.features[0].in_channels, "mlp_ratio": model.pre_logits.fc1.out_channels / 4096}
+        return {
+            "in_chans": model.features[0].in_channels,
+            "mlp_ratio": model.pre_logits.fc1.out_channels / 4096,
+        }
 
     def permutation_spec(self, model: nn.Module) -> PermutationSpec:
         return chain_permutation_spec(model, self.layers(model)[0])

@@ -30,6 +30,11 @@ class TimmViTFamily(TimmFamily):
 
     def permutation_spec(self, model: nn.Module) -> PermutationSpec:
         return vit_permutation_spec(
-            model, self.layers(model)[0], mlp_in=".mlp.fc1", mlp_out=".mlp.fc2",
-            attn_in=(".attn.qkv",), attn_out=".attn.proj", classifier="head",
+            model,
+            self.layers(model)[0],
+            mlp_in=".mlp.fc1",
+            mlp_out=".mlp.fc2",
+            attn_in=(".attn.qkv",),
+            attn_out=".attn.proj",
+            classifier="head",
         )

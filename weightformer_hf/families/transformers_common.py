@@ -9,9 +9,20 @@ from .base import Family
 
 # Config keys that describe labels, dtype or provenance rather than the architecture.
 _NON_ARCH_KEYS = {
-    "id2label", "label2id", "num_labels", "dtype", "torch_dtype", "transformers_version",
-    "_name_or_path", "architectures", "problem_type", "_commit_hash", "output_attentions",
-    "output_hidden_states", "return_dict", "auto_map",
+    "id2label",
+    "label2id",
+    "num_labels",
+    "dtype",
+    "torch_dtype",
+    "transformers_version",
+    "_name_or_path",
+    "architectures",
+    "problem_type",
+    "_commit_hash",
+    "output_attentions",
+    "output_hidden_states",
+    "return_dict",
+    "auto_map",
 }
 
 
