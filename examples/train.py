@@ -76,13 +76,12 @@ def parse_args(argv=None):
 
 def main(args):
     accelerator = Accelerator(
-        cpu=args.cpu,
-        mixed_precision=args.mixed_precision,
+        cpu=args.cpu, mixed_precision=args.mixed_precision,
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         log_with=args.report_to if args.with_tracking else None,
         project_config=ProjectConfiguration(project_dir=args.output_dir),
-        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
-    )
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),  # resumable data order
+    )  # fmt: skip
     with accelerator.main_process_first():  # rank 0 builds the pool and fills the logits cache; others read
         raw = wf_data.load_raw_splits(
             args.dataset_name, args.train_dir, args.validation_dir, args.image_column_name,
@@ -94,44 +93,25 @@ def main(args):
         )  # fmt: skip
         splits = wf_data.task_splits(raw, transform := wf_data.transform_for(raw, teachers))
         cache = wf.TeacherLogitsCache(wf_data.cache_root() / "teacher_logits")
-        logits = {
-            s: cache.logits(
-                teachers,
-                splits[s],
-                wf_data.fingerprint(splits[s], transform),
-                show_progress=accelerator.is_main_process,
-            )
+        logits = {  # (pool, rows, classes) per split, computed once per teacher and data
+            s: cache.logits(teachers, splits[s], wf_data.fingerprint(splits[s], transform),
+                            show_progress=accelerator.is_main_process)
             for s in ("meta", "test")
-        }
+        }  # fmt: skip
     set_seed(args.seed)  # after a possible pool build, so a first run equals later runs
     train_idx, eval_idx = wf.split_pool(len(teachers), args.num_eval_teachers, args.seed)
     wf.check_k(len(train_idx), len(eval_idx), args.k_min, args.k_max, args.eval_k)
     train_teachers = teachers.subset(train_idx)
-    targets = wf.TeacherTargets(
-        train_teachers,
-        logits["meta"][train_idx].to(accelerator.device),
-        args.online_augmentation,
-        accelerator.device,
-    )
+    targets = wf.TeacherTargets(train_teachers, logits["meta"][train_idx].to(accelerator.device),
+                                args.online_augmentation, accelerator.device)  # fmt: skip
 
     generator = WeightFormerModel.for_teachers(train_teachers, **args.preset.get("generator", {}))
     generator.config.training_pool = [i.identity for i in train_teachers.infos]
-    optimizer = torch.optim.AdamW(
-        generator.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay
-    )
-    train_dl = DataLoader(
-        splits["meta"],
-        batch_size=args.per_device_train_batch_size,
-        shuffle=True,
-        drop_last=True,
-        collate_fn=wf_data.collate,
-    )
-    test_dl = DataLoader(
-        splits["test"], batch_size=args.per_device_eval_batch_size, collate_fn=wf_data.collate
-    )
-    updates_per_epoch = math.ceil(
-        len(train_dl) / accelerator.num_processes / args.gradient_accumulation_steps
-    )
+    optimizer = torch.optim.AdamW(generator.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
+    train_dl = DataLoader(splits["meta"], batch_size=args.per_device_train_batch_size, shuffle=True, drop_last=True,
+                          collate_fn=wf_data.collate)  # fmt: skip
+    test_dl = DataLoader(splits["test"], batch_size=args.per_device_eval_batch_size, collate_fn=wf_data.collate)
+    updates_per_epoch = math.ceil(len(train_dl) / accelerator.num_processes / args.gradient_accumulation_steps)
     if args.num_train_epochs and not args.max_train_steps:
         args.max_train_steps = args.num_train_epochs * updates_per_epoch
     scheduler = get_scheduler(
@@ -152,11 +132,8 @@ def main(args):
 
     checkpoints = Path(args.output_dir) / "checkpoints"
     if args.resume_from_checkpoint:
-        path = (
-            wf.latest_checkpoint(checkpoints)
-            if args.resume_from_checkpoint == "latest"
-            else Path(args.resume_from_checkpoint)
-        )
+        latest = args.resume_from_checkpoint == "latest"
+        path = wf.latest_checkpoint(checkpoints) if latest else Path(args.resume_from_checkpoint)
         accelerator.load_state(str(path))
         accelerator.print(f"resumed from {path} at step {progress.step}")
 
@@ -186,24 +163,12 @@ def main(args):
         skip = micro % len(train_dl)
         for batch in accelerator.skip_first_batches(train_dl, skip) if skip else train_dl:
             with accelerator.accumulate(generator):
-                members, anchor = wf.sample_episode(
-                    wf.episode_rng(args.seed, micro, accelerator.process_index),
-                    len(train_teachers),
-                    args.k_min,
-                    args.k_max,
-                )
+                rng = wf.episode_rng(args.seed, micro, accelerator.process_index)
+                members, anchor = wf.sample_episode(rng, len(train_teachers), args.k_min, args.k_max)
                 inputs, teacher_logits = targets(members, batch)
                 with accelerator.autocast():
-                    loss = wf.episode_loss(
-                        generator,
-                        train_teachers,
-                        (members, anchor),
-                        inputs,
-                        batch["labels"],
-                        teacher_logits,
-                        args.alpha,
-                        args.temperature,
-                    )
+                    loss = wf.episode_loss(generator, train_teachers, (members, anchor), inputs, batch["labels"],
+                                           teacher_logits, args.alpha, args.temperature)  # fmt: skip
                 accelerator.backward(loss)
                 if accelerator.sync_gradients:
                     accelerator.clip_grad_norm_(generator.parameters(), args.max_grad_norm)
@@ -218,13 +183,9 @@ def main(args):
                 bar.update(1)
                 if progress.step % args.logging_steps == 0 or progress.step == args.max_train_steps:
                     mean = sum(window) / len(window)
-                    accelerator.print(
-                        f"step {progress.step}: loss {mean:.6f} (mean over "
-                        f"{accelerator.num_processes} process(es))"
-                    )
-                    accelerator.log(
-                        {"train/loss": mean, "lr": scheduler.get_last_lr()[0]}, step=progress.step
-                    )
+                    accelerator.print(f"step {progress.step}: loss {mean:.6f} (mean over {accelerator.num_processes} "
+                                      "process(es))")  # fmt: skip
+                    accelerator.log({"train/loss": mean, "lr": scheduler.get_last_lr()[0]}, step=progress.step)
                     window = []
                 if args.checkpointing_steps and progress.step % args.checkpointing_steps == 0:
                     save_checkpoint()
@@ -240,58 +201,27 @@ def main(args):
     bar.close()
     for sig, handler in previous.items():  # past the loop nobody checks the trigger: signals act at once
         signal.signal(sig, handler)
-    print(
-        f"[rank {accelerator.process_index}/{accelerator.num_processes}] {len(local)} episodes, "
-        f"mean local loss {sum(local) / max(len(local), 1):.6f}",
-        flush=True,
-    )
+    print(f"[rank {accelerator.process_index}/{accelerator.num_processes}] {len(local)} episodes, "
+          f"mean local loss {sum(local) / max(len(local), 1):.6f}", flush=True)  # fmt: skip
 
     # Held-out evaluation: students for several sets of teachers the generator never saw.
     unwrapped = accelerator.unwrap_model(generator)
-    meta_dl = DataLoader(
-        splits["meta"],
-        batch_size=256,
-        shuffle=True,
-        collate_fn=wf_data.collate,
-        generator=torch.Generator().manual_seed(args.seed),
-    )
-    finetune = (
-        (
-            lambda student, members: wf.finetune_student(
-                student,
-                meta_dl,
-                logits["meta"][members],
-                args.finetune_steps,
-                args.finetune_learning_rate,
-                args.alpha,
-                args.temperature,
-                accelerator.device,
-            )
-        )
-        if args.finetune_steps
-        else None
-    )
-    bn = (
-        (lambda student: wf.recompute_bn_stats(student, meta_dl, num_batches=20))
-        if args.recompute_bn_stats
-        else None
-    )
+    meta_dl = DataLoader(splits["meta"], batch_size=256, shuffle=True, collate_fn=wf_data.collate,
+                         generator=torch.Generator().manual_seed(args.seed))  # same batches on every rank
+    def finetune(student, members):  # --finetune_steps: distil the generated student on its set's ensemble
+        return wf.finetune_student(student, meta_dl, logits["meta"][members], args.finetune_steps,
+                                   args.finetune_learning_rate, args.alpha, args.temperature, accelerator.device)
+
+    def recompute_bn(student):
+        return wf.recompute_bn_stats(student, meta_dl, num_batches=20)
+
     sets = wf.heldout_sets(eval_idx, args.eval_k, args.num_heldout_sets, args.seed)
     results = wf.evaluate_heldout(
-        unwrapped,
-        teachers,
-        sets,
-        logits["test"],
-        wf_data.tensors(splits["test"])[1],
-        test_dl,
-        accelerator.gather_for_metrics,
-        finetune,
-        bn,
-        accelerator.device,
+        unwrapped, teachers, sets, logits["test"], wf_data.tensors(splits["test"])[1], test_dl,
+        gather=accelerator.gather_for_metrics, finetune=finetune if args.finetune_steps else None,
+        prepare_student=recompute_bn if args.recompute_bn_stats else None, device=accelerator.device,
     )
-    results.update(
-        train_teachers=train_teachers.names, finetune_steps=args.finetune_steps, train_steps=progress.step
-    )
+    results.update(train_teachers=train_teachers.names, finetune_steps=args.finetune_steps, train_steps=progress.step)
     accelerator.log(wf.tracker_metrics(results), step=progress.step)
     accelerator.wait_for_everyone()
     unwrapped.config.heldout_results = {k: v for k, v in results.items() if k != "heldout_sets"}
