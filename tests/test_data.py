@@ -67,3 +67,39 @@ def test_recompute_bn_stats_matches_the_data():
         hidden = model[0](torch.cat([b["inputs"] for b in batches]))
     torch.testing.assert_close(model[1].running_mean, hidden.mean(0), atol=1e-5, rtol=1e-5)
     assert not model.training and model[1].momentum == 0.1
+
+
+@pytest.mark.parametrize("shared_init", [False, True])
+def test_pool_is_hub_format_with_license_and_shared_init_variant(tmp_path, shared_init):
+    from huggingface_hub import ModelCard
+
+    from weightformer_hf import pool
+
+    spec = pool.PoolSpec(model={"model_type": "wf_mlp", "hidden_sizes": [16]}, num_teachers=2, train_steps=2,
+                         batch_size=32, shared_init=shared_init)  # fmt: skip
+    x, y = torch.randn(64, 40), torch.randint(0, 10, (64,))
+    paths = pool.build_pool(spec, (x, y), (x, y), data.DIGIT_NAMES, tmp_path / "pool", show_progress=False)
+    assert pool.pool_is_built(spec, tmp_path / "pool", "mnist1d")
+    assert pool.teacher_paths(tmp_path / "pool") == paths
+    for path in paths:
+        assert {"config.json", "model.safetensors", "README.md"} <= {p.name for p in path.iterdir()}
+        assert ModelCard.load(path / "README.md").data.license == "apache-2.0"
+    teachers = pool.load_pool(paths)
+    first, second = (teachers.state_dicts[i]["net.0.weight"] for i in range(2))
+    # Two tiny steps barely move the weights: a shared initialisation stays nearly identical.
+    assert ((first - second).abs().max() < 0.05) == shared_init
+
+
+def test_student_tensors_stay_fp32_under_bf16_autocast():
+    from weightformer_hf import WeightFormerModel
+
+    torch.manual_seed(0)
+    models = [MLPClassifier(MLPClassifierConfig(hidden_sizes=(8,), id2label=LABELS)) for _ in range(3)]
+    teachers = TeacherSet.from_models(models)
+    generator = WeightFormerModel.for_teachers(teachers, hidden_size=16, num_attention_heads=2, intermediate_size=32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        state = generator(teachers, anchor=1).student_state
+        loss = training.kd_loss(torch.randn(4, 10, dtype=torch.bfloat16), torch.randn(3, 4, 10),
+                                torch.zeros(4, dtype=torch.long), 0.9, 4.0)  # fmt: skip
+    assert all(v.dtype == torch.float32 for v in state.values())  # the residual addition happens in fp32
+    assert loss.dtype == torch.float32
