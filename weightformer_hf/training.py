@@ -134,10 +134,11 @@ def episode_loss(
     teacher_logits: torch.Tensor,
     alpha: float,
     temperature: float,
-    mask_sparsity_weight: float = 0.0,
 ) -> torch.Tensor:
     """The loss of one episode: `episode` = (member indices into `teachers`, anchor position);
-    `teacher_logits` `(K, B, C)` are the members' logits on `inputs` (see `TeacherTargets`)."""
+    `teacher_logits` `(K, B, C)` are the members' logits on `inputs` (see `TeacherTargets`). The
+    generator's own auxiliary losses (mask sparsity, shift consistency; off unless its config weighs
+    them) are added."""
     from .modeling import run_student
 
     members, anchor = episode
@@ -149,9 +150,9 @@ def episode_loss(
     state = {k: v.detach() if k in buffers else v for k, v in out.student_state.items()}
     student_logits = run_student(episode_teachers, state, inputs)
     loss = kd_loss(student_logits, teacher_logits.to(student_logits.device), labels, alpha, temperature)
-    if out.mask_sparsity is not None and mask_sparsity_weight > 0:
-        loss = loss + mask_sparsity_weight * out.mask_sparsity
-    return loss
+    module = getattr(generator, "module", generator)  # under DDP the methods live on the wrapped module
+    auxiliary = module.auxiliary_loss(episode_teachers, anchor, out)
+    return loss if auxiliary is None else loss + auxiliary
 
 
 def _buffer_names(teachers: TeacherSet) -> set[str]:
