@@ -21,6 +21,7 @@ Data path, top to bottom:
 from __future__ import annotations
 
 import math
+import types
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -384,16 +385,33 @@ class WeightFormerModel(WeightFormerPreTrainedModel):
         return run_student(teachers, student_state, inputs)
 
 
-def run_student(
-    teachers: TeacherSet, student_state: Mapping[str, torch.Tensor], inputs: torch.Tensor
-) -> torch.Tensor:
-    """Logits of the architecture of `teachers` with weights `student_state`, via `functional_call`."""
+def run_student(teachers: TeacherSet, student_state: Mapping[str, torch.Tensor], inputs: torch.Tensor) -> torch.Tensor:
+    """Logits of the architecture of `teachers` with weights `student_state`, via `functional_call`.
+
+    Every generated tensor, BatchNorm statistics included, receives a gradient.
+    """
     template = teachers.template
     if next(iter(template.parameters())).device != inputs.device:
         template.to(inputs.device)
     template.eval()
+    _make_batch_norm_differentiable(template)
     out = torch.func.functional_call(template, dict(student_state), (inputs,), strict=True)
     return out if isinstance(out, torch.Tensor) else out.logits
+
+
+def _batch_norm_eval(self: nn.modules.batchnorm._BatchNorm, x: torch.Tensor) -> torch.Tensor:
+    """Eval-mode BatchNorm in plain ops: `native_batch_norm` refuses running statistics that require grad."""
+    if self.training:
+        return type(self).forward(self, x)
+    shape = (1, -1) + (1,) * (x.dim() - 2)
+    y = (x - self.running_mean.view(shape)) * torch.rsqrt(self.running_var + self.eps).view(shape)
+    return y * self.weight.view(shape) + self.bias.view(shape) if self.affine else y
+
+
+def _make_batch_norm_differentiable(model: nn.Module) -> None:
+    for module in model.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.track_running_stats:
+            module.forward = types.MethodType(_batch_norm_eval, module)
 
 
 def as_teacher_set(teachers: TeacherSet | Sequence[nn.Module]) -> TeacherSet:

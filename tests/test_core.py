@@ -281,3 +281,23 @@ def test_auxiliary_losses_are_off_by_default_and_differentiable_when_on():
     assert loss is not None and loss.item() > 0
     loss.backward()
     assert generator.memory_gate.weight.grad.abs().sum() > 0
+
+
+def test_batch_norm_statistics_receive_gradients():
+    models = [make_model("hf_resnet", seed) for seed in range(2)]
+    teachers = wf.TeacherSet.from_models(models)
+    generator = wf.WeightFormerModel.for_teachers(teachers, **SMALL)
+    perturb(generator)
+    state = generator(teachers, anchor=0).student_state
+    for tensor in state.values():
+        if tensor.requires_grad:
+            tensor.retain_grad()
+    logits = wf.run_student(teachers, state, make_inputs("hf_resnet"))
+    logits.sum().backward()
+    name = "resnet.embedder.embedder.normalization.running_var"
+    assert state[name].grad is not None and state[name].grad.abs().sum() > 0
+    # the plain-ops BatchNorm computes what the module computes
+    student = generator.generate_student(teachers)
+    torch.testing.assert_close(
+        logits.detach(), student(make_inputs("hf_resnet")).logits, rtol=1e-4, atol=1e-5
+    )

@@ -144,19 +144,11 @@ def episode_loss(
     members, anchor = episode
     episode_teachers = teachers.subset(members)
     out = generator(episode_teachers, anchor=anchor)
-    # BatchNorm statistics are inputs of an eval-mode batch_norm, which refuses running stats that require
-    # grad; they get no distillation gradient anyway (they only rescale), so they enter detached.
-    buffers = _buffer_names(episode_teachers)
-    state = {k: v.detach() if k in buffers else v for k, v in out.student_state.items()}
-    student_logits = run_student(episode_teachers, state, inputs)
+    student_logits = run_student(episode_teachers, out.student_state, inputs)
     loss = kd_loss(student_logits, teacher_logits.to(student_logits.device), labels, alpha, temperature)
     module = getattr(generator, "module", generator)  # under DDP the methods live on the wrapped module
     auxiliary = module.auxiliary_loss(episode_teachers, anchor, out)
     return loss if auxiliary is None else loss + auxiliary
-
-
-def _buffer_names(teachers: TeacherSet) -> set[str]:
-    return {name for name, _ in teachers.template.named_buffers()}
 
 
 class TeacherTargets:
