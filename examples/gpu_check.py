@@ -26,6 +26,7 @@ def main():
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--num_teachers", type=int, default=6)
     parser.add_argument("--num_samples", type=int, default=4096)
+    parser.add_argument("--teachers_on_cpu", action="store_true", help="keep teacher weights on the CPU (slower)")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("gpu_check.py needs a CUDA device")
@@ -53,6 +54,9 @@ def main():
     for anchor in range(len(teachers)):  # weight matching runs once per (anchor, teacher) pair, on the CPU
         accelerator.unwrap_model(generator)._alignments(teachers, anchor)
     print(f"weight matching of {len(teachers) * (len(teachers) - 1)} pairs: {time.time() - t0:.1f} s")
+    if not args.teachers_on_cpu:  # tokens (and their alignment permutations) are then built on the GPU
+        teachers = teachers.to(device)
+    print(f"teacher weights on {'cpu' if args.teachers_on_cpu else device}")
 
     batch_size, rng = preset["per_device_train_batch_size"], random.Random(0)
 

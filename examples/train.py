@@ -101,7 +101,7 @@ def main(args):
     set_seed(args.seed)  # after a possible pool build, so a first run equals later runs
     train_idx, eval_idx = wf.split_pool(len(teachers), args.num_eval_teachers, args.seed)
     wf.check_k(len(train_idx), len(eval_idx), args.k_min, args.k_max, args.eval_k)
-    train_teachers = teachers.subset(train_idx)
+    train_teachers = teachers.subset(train_idx).to(accelerator.device)  # tokens are built on the device
     targets = wf.TeacherTargets(train_teachers, logits["meta"][train_idx].to(accelerator.device),
                                 args.online_augmentation, accelerator.device)  # fmt: skip
 

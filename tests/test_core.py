@@ -301,3 +301,15 @@ def test_batch_norm_statistics_receive_gradients():
     torch.testing.assert_close(
         logits.detach(), student(make_inputs("hf_resnet")).logits, rtol=1e-4, atol=1e-5
     )
+
+
+def test_teacher_set_to_device_keeps_students_identical():
+    models = [make_model("mlp", seed) for seed in range(3)]
+    teachers = wf.TeacherSet.from_models(models)
+    generator = wf.WeightFormerModel.for_teachers(teachers, **SMALL)
+    perturb(generator)
+    moved = teachers.to("cpu")
+    assert moved.state_dicts[0] is not teachers.state_dicts[0]
+    a, b = generator(teachers).student_state, generator(moved).student_state
+    for name in a:
+        assert torch.equal(a[name], b[name]), name

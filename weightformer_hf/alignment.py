@@ -60,8 +60,9 @@ def weight_matching(
                 sizes[group] = shape[axis]
     if not axes_of:
         return {}
-    a_views = {n: _view(anchor[n].float(), spec[n][1]) for n in spec}
-    o_views = {n: _view(other[n].float(), spec[n][1]) for n in spec}
+    # linear_sum_assignment runs on the CPU: teachers may live on an accelerator
+    a_views = {n: _view(anchor[n].detach().float().cpu(), spec[n][1]) for n in spec}
+    o_views = {n: _view(other[n].detach().float().cpu(), spec[n][1]) for n in spec}
     perms = {g: torch.arange(n) for g, n in sizes.items()}
     rng = np.random.default_rng(seed)
     names = sorted(axes_of)

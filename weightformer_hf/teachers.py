@@ -125,6 +125,13 @@ class TeacherSet:
         new.__dict__.update({k: v for k, v in self.__dict__.items() if k in ("layers", "shapes")})
         return new
 
+    def to(self, device: str | torch.device) -> TeacherSet:
+        """A set whose tensors live on `device` (lazy tensors are read now): on an accelerator this keeps
+        the per-step tokenisation (alignment permutations included) off the CPU. Caches are shared."""
+        new = self.subset(range(len(self)))
+        new.state_dicts = [{k: sd[k].to(device) for k in self.shapes} for sd in self.state_dicts]
+        return new
+
     def __len__(self) -> int:
         return len(self.state_dicts)
 
