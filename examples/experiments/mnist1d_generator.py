@@ -63,6 +63,26 @@ def build_pool(kind: str, n: int, steps: int, shared_init: bool, data) -> list[t
     return models
 
 
+def rescaled(teachers: wf.TeacherSet, spread: float, step: int) -> wf.TeacherSet:
+    """The same functions with every hidden ReLU unit's incoming weights and bias scaled by a and its
+    outgoing weights by 1/a (a log-uniform in [e^-spread, e^spread]): a new weight vector per episode."""
+    layers = teachers.layers[0]
+    g = torch.Generator().manual_seed(step)
+    new_states, infos = [], []
+    for sd, info in zip(teachers.state_dicts, teachers.infos):
+        sd = dict(sd)
+        for layer, nxt in zip(layers[:-1], layers[1:]):
+            a = torch.empty(layer.channels).uniform_(-spread, spread, generator=g).exp()
+            for t in layer.tensors:
+                sd[t.name] = sd[t.name] * a.view(-1, *[1] * (sd[t.name].dim() - 1))
+            weight = nxt.tensors[0].name
+            sd[weight] = sd[weight] / a.view(1, -1)
+        new_states.append(sd)
+        infos.append(wf.TeacherInfo(name=f"{info.name}~{step}"))
+    return wf.TeacherSet(teachers.family, teachers.arch, teachers.label_names, new_states, infos,
+                         template=teachers.template, check_finite=False)
+
+
 @torch.no_grad()
 def logits_of(models, x) -> torch.Tensor:
     return torch.stack([m(x).logits for m in models])
@@ -89,6 +109,9 @@ def main() -> None:
     p.add_argument("--no_pool", action="store_true")
     p.add_argument("--no_cross", action="store_true")
     p.add_argument("--copy_path", action="store_true")
+    p.add_argument("--dropout", type=float, default=0.0)
+    p.add_argument("--rescale_aug", type=float, default=0.0, help="log-uniform ReLU rescaling of hidden units")
+    p.add_argument("--fixed_set", action="store_true", help="every episode is all training teachers, anchor first")
     p.add_argument("--tag", default="")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
@@ -117,6 +140,7 @@ def main() -> None:
         pool_aligned=not args.no_pool,
         use_cross_token=not args.no_cross,
         copy_path=args.copy_path,
+        dropout=args.dropout,
     )
     optimizer = torch.optim.AdamW(generator.parameters(), lr=args.lr, weight_decay=0.01)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: one_cycle(s, args.gen_steps, 0.05))
@@ -126,8 +150,10 @@ def main() -> None:
     losses = []
     for step in range(args.gen_steps):
         k = rng.randint(args.k_min, min(args.k_max, len(train_ids)))
-        members = rng.sample(train_ids, k)
+        members = list(train_ids) if args.fixed_set else rng.sample(train_ids, k)
         episode = teachers.subset(members)
+        if args.rescale_aug > 0:
+            episode = rescaled(episode, args.rescale_aug, step)
         batch = torch.randint(len(meta_x), (args.batch_size,))
         state = generator(episode, anchor=0).student_state
         logits = wf.run_student(episode, state, meta_x[batch])
@@ -169,7 +195,7 @@ def main() -> None:
         return rows
 
     heldout_rows = evaluate(heldout)
-    in_pool = [rng.sample(train_ids, args.eval_k) for _ in range(3)]
+    in_pool = [list(train_ids)] if args.fixed_set else [rng.sample(train_ids, args.eval_k) for _ in range(3)]
     in_pool_rows = evaluate(in_pool)
     summary = {
         "tag": args.tag,
@@ -179,9 +205,12 @@ def main() -> None:
         "anchor_G": [round(r["G_anchor"], 3) for r in heldout_rows],
         "in_pool_mean_G": sum(r["G"] for r in in_pool_rows) / len(in_pool_rows),
         "rows": heldout_rows,
+        "in_pool_rows": in_pool_rows,
         "seconds": time.time() - t0,
     }
-    print(json.dumps({k: v for k, v in summary.items() if k not in ("rows", "args")}))
+    print(json.dumps({k: v for k, v in summary.items() if k not in ("rows", "in_pool_rows", "args")}))
+    for row in in_pool_rows:
+        print(f"in-pool {row['members']}: anchor {row['anchor']:.4f} student {row['student']:.4f}")
     out = Path("docs/experiments")
     out.mkdir(parents=True, exist_ok=True)
     with open(out / "runs.jsonl", "a") as f:
