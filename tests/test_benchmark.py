@@ -90,9 +90,7 @@ def test_json_structure(quick_run):
         assert isinstance(row["heldout_set"], int) and row["heldout_set"] >= 0
         for key in ("accuracy", "nll", "ece", "seconds"):
             assert _number(row[key]), (key, row)
-        assert (
-            _number(row["gain_recovered"]) or row["gain_recovered"] is None
-        )  # null: the ensemble gains nothing
+        assert _number(row["gain_recovered"]) or row["gain_recovered"] is None  # null: the ensemble gains nothing
         assert 0 <= row["accuracy"] <= 1 and row["nll"] >= 0 and 0 <= row["ece"] <= 1 and row["seconds"] >= 0
         if row["method"] in WEIGHTFORMER:
             assert OPTIONAL_KEYS <= set(row), row
@@ -127,9 +125,7 @@ def test_costs(quick_run):
         step = costs["train_step"][pool]
         assert step["batch_size"] == 256 and step["ratio"] > 0
         for ratios in costs["time_ratios"][pool].values():
-            assert (
-                ratios["kd_anchor_1k_over_weightformer"] > 0 and ratios["kd_converged_over_weightformer"] > 0
-            )
+            assert ratios["kd_anchor_1k_over_weightformer"] > 0 and ratios["kd_converged_over_weightformer"] > 0
         assert pool in costs["ensemble_beats_single_long"]
     memory = costs["memory_k8"]
     assert memory["k"] == 8 and memory["teacher_mib"] > 0 and memory["peak_rss_after_generation_mib"] > 0

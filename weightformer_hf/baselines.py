@@ -63,9 +63,7 @@ def weight_average(teachers: TeacherSet | Sequence[nn.Module]) -> nn.Module:
     return teachers.build_student(_average(sds, sds[0]))
 
 
-def aligned_average(
-    teachers: TeacherSet | Sequence[nn.Module], anchor: int = 0, max_iter: int = 30
-) -> nn.Module:
+def aligned_average(teachers: TeacherSet | Sequence[nn.Module], anchor: int = 0, max_iter: int = 30) -> nn.Module:
     """Weight-match every teacher to the anchor (Git Re-Basin weight matching, data-free), then average.
 
     Families without channel-order groups (no permutation spec) fall back to the plain average.
@@ -88,9 +86,7 @@ def aligned_average(
 
 
 @torch.no_grad()
-def recompute_bn(
-    model: nn.Module, inputs: torch.Tensor, batch_size: int = 256, max_batches: int = 8
-) -> nn.Module:
+def recompute_bn(model: nn.Module, inputs: torch.Tensor, batch_size: int = 256, max_batches: int = 8) -> nn.Module:
     """Re-estimate every BatchNorm's running statistics on `inputs` (cumulative average over batches)."""
     norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     if not norms:
@@ -148,9 +144,7 @@ def kd_anchor(
     model.train()
     for _ in range(steps):
         index = torch.randint(len(inputs), (batch_size,), generator=generator)
-        loss = kd_loss_from_probs(
-            logits_of(model(inputs[index])), targets[index], labels[index], alpha, temperature
-        )
+        loss = kd_loss_from_probs(logits_of(model(inputs[index])), targets[index], labels[index], alpha, temperature)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -264,7 +258,5 @@ def kd_converged(
         return train_models(models, inputs, labels, steps, data_seeds=seeds, loss_fn=loss_for(rows), **recipe)
     recipe["batched"] = False
     for i, (model, seed) in enumerate(zip(models, seeds)):
-        train_models(
-            [model], inputs, labels, steps, data_seeds=[seed], loss_fn=loss_for(torch.tensor([i])), **recipe
-        )
+        train_models([model], inputs, labels, steps, data_seeds=[seed], loss_fn=loss_for(torch.tensor([i])), **recipe)
     return list(models)

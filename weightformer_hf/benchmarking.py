@@ -405,9 +405,7 @@ def stacked_logits(models: Sequence[nn.Module], x: torch.Tensor, batch_size: int
     out = []
     for m in models:
         m.eval()
-        out.append(
-            torch.cat([logits_of(m(x[i : i + batch_size])).float() for i in range(0, len(x), batch_size)])
-        )
+        out.append(torch.cat([logits_of(m(x[i : i + batch_size])).float() for i in range(0, len(x), batch_size)]))
     return torch.stack(out)
 
 
@@ -460,9 +458,7 @@ def generator_step(generator, teachers, members, inputs, labels, teacher_logits,
     return loss
 
 
-def train_generator(
-    teachers, train_ids, data: Split, meta_logits, settings: GeneratorSettings, log=print, tag=""
-):
+def train_generator(teachers, train_ids, data: Split, meta_logits, settings: GeneratorSettings, log=print, tag=""):
     """Episodic training on the training teachers only: K ∈ [k_min, k_max] random members per step (the
     first one is the anchor), a random meta-split batch, KD on the members' ensemble (+ CE).
     Returns `(generator, stats)`; `stats["seen_combinations"]` holds the member sets it trained on."""
@@ -472,9 +468,7 @@ def train_generator(
 
     torch.manual_seed(settings.seed)
     generator = wf.WeightFormerModel.for_teachers(teachers.subset(train_ids[:1]), **settings.config)
-    optimizer = torch.optim.AdamW(
-        generator.parameters(), lr=settings.learning_rate, weight_decay=settings.weight_decay
-    )
+    optimizer = torch.optim.AdamW(generator.parameters(), lr=settings.learning_rate, weight_decay=settings.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: one_cycle(s, settings.steps, settings.warmup_frac)
     )
@@ -518,9 +512,7 @@ def train_generator(
     }
 
 
-def step_times(
-    generator, teachers, members, data: Split, meta_logits, settings: GeneratorSettings, repeats: int = 10
-):
+def step_times(generator, teachers, members, data: Split, meta_logits, settings: GeneratorSettings, repeats: int = 10):
     """Median seconds of one generator training step (alignments cached) and of one student-only KD step,
     both on a batch of `settings.batch_size` meta samples with the same K teachers' targets."""
     import copy
@@ -538,9 +530,7 @@ def step_times(
         generator_step(gen, teachers, members, x, y, meta_logits[members][:, batch], settings, opt)
         g = time.perf_counter() - t
         t = time.perf_counter()
-        loss = kd_loss_from_probs(
-            logits_of(student(x)), target_all[batch], y, settings.alpha, settings.temperature
-        )
+        loss = kd_loss_from_probs(logits_of(student(x)), target_all[batch], y, settings.alpha, settings.temperature)
         s_opt.zero_grad(set_to_none=True)
         loss.backward()
         s_opt.step()
@@ -594,9 +584,7 @@ def summarize(rows: list[dict]) -> dict:
     """Mean over sets of accuracy and G, per pool, K and method."""
     out: dict = {}
     for r in rows:
-        cell = (
-            out.setdefault(r["pool"], {}).setdefault(r["k"], {}).setdefault(r["method"], {"acc": [], "G": []})
-        )
+        cell = out.setdefault(r["pool"], {}).setdefault(r["k"], {}).setdefault(r["method"], {"acc": [], "G": []})
         cell["acc"].append(r["accuracy"])
         cell["G"].append(r["gain_recovered"])
     for pool in out.values():
@@ -650,8 +638,44 @@ def markdown(result: dict, command: str) -> str:
         notes = result.get("notes", {}).get(pool, [])
         lines += [f"- {n}" for n in notes] + ([""] if notes else [])
     costs = result["costs"]
-    lines += ["## Costs", "", "```json", json.dumps(costs, indent=2), "```", ""]
+    lines += ["## Costs", ""] + cost_summary(costs) + ["", "All cost figures:", "", "```json"]
+    lines += [json.dumps(costs, indent=2), "```", ""]
     return "\n".join(lines)
+
+
+def cost_summary(costs: dict) -> list[str]:
+    """A readable table of the cost figures (means over the sets of K = 4, else the largest K)."""
+    lines = [
+        "| pool | K | generation s (first / alignment cached) | kd_anchor_1k s | ratio | kd_converged s "
+        "| ratio | generator step / student KD step (batch 256) | generator training |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for pool, by_k in costs.get("time_ratios", {}).items():
+        k = 4 if 4 in by_k else max(by_k)
+        r = by_k[k]
+        cached = r.get("weightformer_seconds_alignment_cached", float("nan"))
+        step = costs["train_step"].get(pool, {})
+        train = costs["generator_training"].get(pool, {})
+        lines.append(
+            f"| {pool} | {k} | {r['weightformer_seconds']:.3f} / {cached:.3f} | {r['kd_anchor_1k_seconds']:.1f} "
+            f"| {r['kd_anchor_1k_over_weightformer']:.0f}x | {r['kd_converged_seconds']:.1f} "
+            f"| {r['kd_converged_over_weightformer']:.0f}x "
+            f"| {step.get('generator_step_seconds', float('nan')):.3f} s / "
+            f"{step.get('student_kd_step_seconds', float('nan')):.4f} s = {step.get('ratio', float('nan')):.1f}x "
+            f"| {train.get('steps', 0)} steps, {train.get('seconds', float('nan')):.0f} s |"
+        )
+    memory = costs.get("memory_k8")
+    if memory:
+        lines += [
+            "",
+            f"Peak memory, K = {memory['k']} teachers of {memory['family']}: generation raised peak RSS by "
+            f"{memory['generation_increment_over_imports_mib']:.0f} MiB over the imports "
+            f"({memory['increment_over_one_teacher']:.1f}x one teacher of {memory['teacher_mib']:.0f} MiB; "
+            f"{memory['increment_over_budget']:.1f}x the budget teacher + K x largest layer + generator = "
+            f"{memory['budget_mib (teacher + K x largest layer + generator)']:.0f} MiB); load_teachers alone: "
+            f"{memory['peak_rss_after_load_mib'] - memory['rss_after_imports_mib']:.0f} MiB.",
+        ]
+    return lines
 
 
 def plot_accuracy_vs_k(rows: list[dict], path: Path) -> None:
@@ -682,9 +706,7 @@ def plot_accuracy_vs_k(rows: list[dict], path: Path) -> None:
     for ax, pool in zip(axes[0], pools):
         ks = sorted(summary[pool])
         for method, style in styles.items():
-            points = [
-                (k, 100 * summary[pool][k][method]["accuracy"]) for k in ks if method in summary[pool][k]
-            ]
+            points = [(k, 100 * summary[pool][k][method]["accuracy"]) for k in ks if method in summary[pool][k]]
             if points:
                 ax.plot(*zip(*points), style, label=method, markersize=5)
         ax.set_title(pool)
