@@ -23,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -62,13 +63,25 @@ def _digest(obj) -> str:
 
 
 # --------------------------------------------------------------------------------------------- MNIST-1D
-def _mnist1d_draw(num_samples: int, train_split: float, seed: int) -> tuple[np.ndarray, ...]:
+def _mnist1d_draw(num_samples: int, train_split: float, seed: int, **generator_args) -> tuple[np.ndarray, ...]:
+    """One MNIST-1D draw; `generator_args` override `mnist1d`'s defaults (e.g. `scale_coeff`,
+    `max_translation`, `corr_noise_scale`: another task of the same shape, for pretraining a base)."""
     from mnist1d.data import get_dataset_args, make_dataset
 
     args = get_dataset_args()
     args.num_samples, args.train_split, args.seed = num_samples, train_split, seed
+    for name, value in generator_args.items():
+        if not hasattr(args, name):
+            raise DataError(f"mnist1d has no generator argument {name!r}")
+        setattr(args, name, value)
     d = make_dataset(args)  # generated locally; get_dataset() would try to download
     return d["x"], d["y"], d["x_test"], d["y_test"]
+
+
+def mnist1d_tensors(num_samples: int, seed: int, **generator_args) -> tuple[torch.Tensor, torch.Tensor]:
+    """`(inputs, labels)` of one MNIST-1D draw of `num_samples`, as the teachers read them."""
+    x, y, _, _ = _mnist1d_draw(num_samples, 1.0, seed, **generator_args)
+    return torch.as_tensor(x, dtype=torch.float32), torch.as_tensor(y, dtype=torch.long)
 
 
 def _signal_dataset(x: np.ndarray, y: np.ndarray) -> Dataset:
@@ -112,7 +125,12 @@ def mnist1d_splits(
     )
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
     splits.save_to_disk(str(tmp))
-    os.replace(tmp, path)  # atomic: a concurrent reader sees either nothing or the whole dataset
+    try:
+        os.replace(tmp, path)  # atomic: a concurrent reader sees either nothing or the whole dataset
+    except OSError:
+        if not (path / "dataset_dict.json").exists():
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)  # another process finished the same draw first
     return load_from_disk(str(path))
 
 

@@ -8,6 +8,11 @@ import torch
 import torch.nn.functional as F
 
 
+def logits_of(output) -> torch.Tensor:
+    """Logits from a timm (tensor) or transformers (`.logits`) forward."""
+    return output if isinstance(output, torch.Tensor) else output.logits
+
+
 @torch.no_grad()
 def predict_logits(
     forward: Callable[[torch.Tensor], torch.Tensor], inputs: torch.Tensor, batch_size: int = 1024

@@ -1,47 +1,58 @@
-"""Teacher pools: build one (reference MLPs/CNNs trained from different seeds) or load one from folders.
+"""Teacher pools: build one (teachers trained from scratch, or fine-tunes of one pretrained base) or load one.
 
 A built pool is a folder of Hub-format repos (`config.json`, `model.safetensors`, `README.md` with a
-license) plus a `pool.json` manifest written last, so an interrupted build is redone rather than reused.
+license), the pretrained `base/` for fine-tune pools (task arithmetic and TIES need it), and a `pool.json`
+manifest written last. Teachers are trained in chunks and each is saved as soon as its chunk ends (folder
+written aside, then renamed), so an interrupted build keeps every finished teacher and resumes with the rest.
 
-Recipe (measured-baselines.md): AdamW lr 2e-3, weight decay 1e-4, one-cycle schedule, batch 128. The
-measured MNIST-1D MLPs reach 85.9 % after 12k steps and 85.0 % after 6k; the `mnist1d-*` presets use
-14 teachers of 5k steps (≈ 32 epochs of 20k samples; ≈ 85 % test accuracy), ≈ 7 s per MLP on one idle
-core, so the default pool is built in about 1.5 minutes and its ensemble still gains ≈ 2.5 points.
-Teachers train on one thread: for these small matmuls a second thread costs more in hand-offs than it
-gives, and on a shared 2-core machine it was 6× slower (3 ms vs 19 ms per step, measured).
+Regimes (`PoolSpec.regime`):
+- `scratch`: each teacher from its own initialisation and data order (or one shared initialisation,
+  `shared_init`), recipe AdamW lr 2e-3, weight decay 1e-4, one-cycle, batch 128 (measured-baselines.md:
+  85.0 % after 6k steps on MNIST-1D).
+- `finetune`: one base pretrained on a *source* task that differs from the target (MNIST-1D drawn with other
+  generator arguments: `base_data`), then each teacher fine-tuned from it on the target with its own data
+  order, learning rate 10^U[`finetune_log10_lr`] and length drawn from `finetune_steps`: the model-soup
+  setting most Hub users are in.
+
+Teachers without BatchNorm train many at once under `torch.func.vmap` (`teacher_training.train_models`), on
+one thread: for these small matmuls a second thread costs more in hand-offs than it gives on a shared 2-core
+machine.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import os
+import random
 import shutil
+import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from datasets import DatasetDict
 from torch import nn
 from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoModel, AutoModelForImageClassification
 
-from .data import cache_root, image_transform, label_names_of, signal_transform, task_splits, tensors
-from .errors import TeacherSourceError
-from .hub import load_teachers
+from .data import cache_root, image_transform, label_names_of, mnist1d_tensors, signal_transform, task_splits, tensors
+from .errors import TeacherSourceError, WeightFormerError
+from .evaluation import logits_of
+from .hub import load_teachers, no_progress_bars
+from .teacher_training import has_batchnorm, train_models
 from .teachers import TeacherSet
 
 MANIFEST = "pool.json"
+PROGRESS = "build.json"  # the spec of a build in progress: finished teachers are kept only for the same spec
+RECORD = "weightformer_teacher.json"  # per teacher: its recipe, test accuracy and training seconds
 
 
 @dataclass
 class PoolSpec:
-    """How to build a pool: the teacher architecture (`model`: `model_type` + config kwargs) and recipe.
-
-    `shared_init=True` gives every teacher the same initialisation and a different data order (the
-    setting in which plain weight averaging works); the default draws both from each teacher's seed.
-    """
+    """How to build a pool: the teacher architecture (`model`: `model_type` + config kwargs, or `timm`: name +
+    kwargs), the regime and the recipe. See the module docstring for the regimes."""
 
     model: dict = field(default_factory=lambda: {"model_type": "wf_mlp", "hidden_sizes": [256, 256]})
     num_teachers: int = 16
@@ -51,14 +62,52 @@ class PoolSpec:
     weight_decay: float = 1e-4
     seed: int = 0
     shared_init: bool = False
+    regime: str = "scratch"  # "scratch" | "finetune"
+    base_steps: int = 3000  # finetune: pretraining steps of the base on the source task
+    base_data: dict = field(
+        default_factory=lambda: {
+            "num_samples": 20000, "seed": 77, "scale_coeff": 0.6, "max_translation": 60, "corr_noise_scale": 0.4,
+        }
+    )  # fmt: skip
+    finetune_log10_lr: tuple[float, float] = (-3.3, -2.5)
+    finetune_steps: tuple[int, ...] = (1500, 3000)
+    chunk_size: int = 32  # teachers trained at once (vmap) and saved together
     license: str = "apache-2.0"
     image_processor: dict | None = None  # saved with image teachers; their transform is read from it
     build: bool = True  # False: the preset only describes the architecture (pools come from --teachers)
+
+    def __post_init__(self):
+        if self.regime not in ("scratch", "finetune"):
+            raise WeightFormerError(f"unknown pool regime {self.regime!r}: use 'scratch' or 'finetune'")
+        self.finetune_log10_lr = tuple(self.finetune_log10_lr)
+        self.finetune_steps = tuple(self.finetune_steps)
 
     @classmethod
     def from_dict(cls, d: dict) -> PoolSpec:
         known = {k: v for k, v in d.items() if k in cls.__dataclass_fields__}
         return cls(**known)
+
+    def to_dict(self) -> dict:
+        return json.loads(json.dumps(asdict(self)))  # tuples as lists, so saved and fresh specs compare equal
+
+
+def teacher_recipes(spec: PoolSpec) -> list[dict]:
+    """Per teacher: name, initialisation seed, data-order seed, peak learning rate and steps (a pure function of
+    the spec, so a resumed build trains the teachers it lacks exactly as a fresh build would)."""
+    width = max(2, len(str(spec.num_teachers - 1)))
+    rng = random.Random(f"pool-recipes-{spec.seed}")
+    out = []
+    for i in range(spec.num_teachers):
+        seed = spec.seed + i
+        recipe = {"name": f"teacher-{i:0{width}d}", "seed": seed, "data_seed": 10_000 + seed}
+        if spec.regime == "finetune":
+            low, high = spec.finetune_log10_lr
+            recipe.update(learning_rate=10 ** rng.uniform(low, high), steps=rng.choice(spec.finetune_steps))
+        else:
+            recipe.update(learning_rate=spec.learning_rate, steps=spec.train_steps)
+        recipe["init_seed"] = spec.seed if spec.shared_init else seed
+        out.append(recipe)
+    return out
 
 
 def default_pool_dir(name: str) -> Path:
@@ -72,17 +121,24 @@ def teacher_paths(pool_dir: str | Path) -> list[Path]:
     manifest = pool_dir / MANIFEST
     if manifest.exists():
         return [pool_dir / name for name in json.loads(manifest.read_text())["teachers"]]
-    return sorted(p for p in pool_dir.iterdir() if (p / "config.json").exists()) if pool_dir.is_dir() else []
+    if not pool_dir.is_dir():
+        return []
+    return sorted(p for p in pool_dir.iterdir() if (p / "config.json").exists() and p.name != "base")
 
 
-def new_teacher(spec: PoolSpec, label_names: Sequence[str]) -> nn.Module:
+def new_teacher(spec: PoolSpec, label_names: Sequence[str], seed: int | None = None) -> nn.Module:
     """An untrained teacher of the spec's architecture: `{"timm": name, **kwargs}` or
-    `{"model_type": ..., **config}` (the reference MLP/CNN or any transformers image classifier)."""
+    `{"model_type": ..., **config}` (the reference MLP/CNN or any transformers image classifier). `seed`,
+    when given, fixes the initialisation."""
+    if seed is not None:
+        torch.manual_seed(seed)
     kwargs = dict(spec.model)
     if "timm" in kwargs:
         import timm
 
-        return timm.create_model(kwargs.pop("timm"), num_classes=len(label_names), **kwargs)
+        model = timm.create_model(kwargs.pop("timm"), num_classes=len(label_names), **kwargs)
+        model.pretrained_cfg = {**model.pretrained_cfg, "label_names": list(label_names)}
+        return model
     config = AutoConfig.for_model(
         kwargs.pop("model_type"),
         **kwargs,
@@ -95,38 +151,6 @@ def new_teacher(spec: PoolSpec, label_names: Sequence[str]) -> nn.Module:
         return AutoModel.from_config(config)
 
 
-def train_teacher(
-    model: nn.Module,
-    inputs: torch.Tensor,
-    labels: torch.Tensor,
-    spec: PoolSpec,
-    data_seed: int,
-    progress: tqdm | None = None,
-) -> nn.Module:
-    """Train `model` with the spec's recipe on in-memory tensors; `data_seed` fixes the data order."""
-    model.train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=spec.learning_rate, weight_decay=spec.weight_decay)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(
-        optimizer, max_lr=spec.learning_rate, total_steps=spec.train_steps
-    )
-    order = torch.Generator().manual_seed(data_seed)
-    batches = iter(())
-    for _ in range(spec.train_steps):
-        idx = next(batches, None)
-        if idx is None:  # a new epoch: a fresh permutation, dropping the ragged last batch
-            perm = torch.randperm(len(labels), generator=order)
-            batches = iter(perm[: len(perm) // spec.batch_size * spec.batch_size].view(-1, spec.batch_size))
-            idx = next(batches)
-        loss = F.cross_entropy(model(inputs[idx]).logits, labels[idx])
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        schedule.step()
-        if progress is not None:
-            progress.update(1)
-    return model.eval()
-
-
 def make_image_processor(description: dict):
     """An image processor from `{"image_processor_type": "ViTImageProcessor", **kwargs}`."""
     import transformers
@@ -137,30 +161,62 @@ def make_image_processor(description: dict):
 
 @torch.no_grad()
 def teacher_accuracy(model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor) -> float:
-    preds = torch.cat([model(inputs[i : i + 4096]).logits.argmax(-1) for i in range(0, len(inputs), 4096)])
+    model.eval()
+    preds = torch.cat([logits_of(model(inputs[i : i + 4096])).argmax(-1) for i in range(0, len(inputs), 4096)])
     return (preds == labels).float().mean().item()
 
 
-def write_model_card(
-    folder: Path, name: str, spec: PoolSpec, dataset: str, accuracy: float, seed: int
-) -> None:
+def _architecture_name(spec: PoolSpec) -> str:
+    return spec.model.get("timm") or spec.model["model_type"]
+
+
+def write_model_card(folder: Path, name: str, spec: PoolSpec, dataset: str, record: dict) -> None:
     """A README.md with front matter (license, library, tags) and the training recipe."""
     from huggingface_hub import ModelCard, ModelCardData
 
     data = ModelCardData(
         license=spec.license,
-        library_name="transformers",
-        pipeline_tag="image-classification" if "image" in dataset else None,
+        library_name="timm" if "timm" in spec.model else "transformers",
+        pipeline_tag="image-classification" if "image" in dataset or "mnist5k" in dataset else None,
         tags=["weightformer", "weightformer-teacher", dataset],
     )
+    if spec.regime == "finetune":
+        origin = f"fine-tuned from the pool's `base/` (pretrained {spec.base_steps} steps on a shifted {dataset})"
+    else:
+        origin = f"trained from seed {record['init_seed']}" + (" (shared initialisation)" if spec.shared_init else "")
     body = (
-        f"# {name}\n\nA teacher of a WeightFormer pool: `{spec.model['model_type']}` trained on {dataset} "
-        f"from seed {seed}{' (shared initialisation)' if spec.shared_init else ''}.\n\n"
-        f"- recipe: AdamW lr {spec.learning_rate}, weight decay {spec.weight_decay}, one-cycle, "
-        f"{spec.train_steps} steps of batch {spec.batch_size}\n- test accuracy: {accuracy:.4f}\n"
-        f"- architecture: `{json.dumps(spec.model)}`\n"
+        f"# {name}\n\nA teacher of a WeightFormer pool: `{_architecture_name(spec)}` on {dataset}, {origin}.\n\n"
+        f"- recipe: AdamW peak lr {record['learning_rate']:.3g}, weight decay {spec.weight_decay}, one-cycle, "
+        f"{record['steps']} steps of batch {spec.batch_size}, data order seed {record['data_seed']}\n"
+        f"- test accuracy: {record['test_accuracy']:.4f}\n- architecture: `{json.dumps(spec.model)}`\n"
     )
     ModelCard(f"---\n{data.to_yaml()}\n---\n\n{body}").save(folder / "README.md")
+
+
+def save_teacher(model: nn.Module, folder: Path, spec: PoolSpec, timm_data_config: dict | None = None) -> None:
+    """Write one model as a Hub-format repo folder: timm `save_for_hf` or transformers `save_pretrained`."""
+    folder.mkdir(parents=True, exist_ok=True)
+    if "timm" in spec.model:
+        import timm
+
+        label_names = model.pretrained_cfg.get("label_names")
+        timm.models.save_for_hf(
+            model, str(folder), model_config={"label_names": label_names}, data_config=timm_data_config,
+            safe_serialization=True,
+        )  # fmt: skip
+    else:
+        model.save_pretrained(folder)
+    if spec.image_processor:
+        make_image_processor(spec.image_processor).save_pretrained(folder)
+
+
+def _write_atomic(folder: Path, write) -> None:
+    """`write(tmp)` into a folder beside `folder`, then rename: a kill never leaves half a teacher."""
+    tmp = folder.with_name(f".{folder.name}.tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    write(tmp)
+    shutil.rmtree(folder, ignore_errors=True)
+    os.replace(tmp, folder)
 
 
 def expand_sources(specs: Sequence[str | Path]) -> list[str]:
@@ -172,9 +228,7 @@ def expand_sources(specs: Sequence[str | Path]) -> list[str]:
         if path.is_dir() and not (path / "config.json").exists():
             found = teacher_paths(path)
             if not found:
-                raise TeacherSourceError(
-                    f"the pool is empty: {str(path)!r} holds no teacher folder (config.json)"
-                )
+                raise TeacherSourceError(f"the pool is empty: {str(path)!r} holds no teacher folder (config.json)")
             sources += [str(p) for p in found]
         else:
             sources.append(str(spec))
@@ -191,42 +245,114 @@ def build_pool(
     pool_dir: str | Path,
     dataset: str = "mnist1d",
     show_progress: bool = True,
+    source: tuple[torch.Tensor, torch.Tensor] | None = None,
+    timm_data_config: dict | None = None,
 ) -> list[Path]:
-    """Train `spec.num_teachers` teachers and save each as a Hub-format repo under `pool_dir`."""
+    """Train the spec's teachers (and, for fine-tune pools, the base on `source`) and save each as a Hub-format
+    repo under `pool_dir`. Teachers already saved by an interrupted build of the same spec are kept."""
     pool_dir = Path(pool_dir)
     pool_dir.mkdir(parents=True, exist_ok=True)
     (pool_dir / MANIFEST).unlink(missing_ok=True)
-    names, accuracies = [], []
+    progress_file = pool_dir / PROGRESS
+    wanted = {"spec": spec.to_dict(), "dataset": dataset}
+    if not progress_file.exists() or json.loads(progress_file.read_text()) != wanted:
+        for old in pool_dir.iterdir():  # another spec's teachers: not reusable
+            shutil.rmtree(old) if old.is_dir() else old.unlink()
+        progress_file.write_text(json.dumps(wanted, indent=2))
+    recipes = teacher_recipes(spec)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # see the module docstring
-    bar = tqdm(
-        total=spec.num_teachers * spec.train_steps, desc="building teacher pool", disable=not show_progress
-    )
-    for i in range(spec.num_teachers):
-        seed = spec.seed + i
-        torch.manual_seed(spec.seed if spec.shared_init else seed)
-        model = train_teacher(
-            new_teacher(spec, label_names), *train, spec, data_seed=10_000 + seed, progress=bar
+    try:
+        base = _base_model(spec, label_names, pool_dir, source, timm_data_config, show_progress)
+        todo = [r for r in recipes if not (pool_dir / r["name"] / RECORD).exists()]
+        chunks = []
+        for steps in sorted({r["steps"] for r in todo}):
+            same = [r for r in todo if r["steps"] == steps]
+            chunks += [same[i : i + spec.chunk_size] for i in range(0, len(same), spec.chunk_size)]
+        looped = has_batchnorm(new_teacher(spec, label_names))  # trained one by one (see teacher_training)
+        bar = tqdm(
+            total=sum(c[0]["steps"] * (len(c) if looped or len(c) == 1 else 1) for c in chunks),
+            desc=f"training {len(todo)} of {len(recipes)} teachers ({len(chunks)} chunks)",
+            disable=not show_progress or not todo,
+            unit="step",
         )
-        acc = teacher_accuracy(model, *test)
-        name = f"teacher-{i:02d}"
-        folder = pool_dir / name
-        if folder.exists():
-            shutil.rmtree(folder)
-        model.save_pretrained(folder)
-        if spec.image_processor:
-            make_image_processor(spec.image_processor).save_pretrained(folder)
-        write_model_card(folder, name, spec, dataset, acc, seed)
-        names.append(name)
-        accuracies.append(acc)
-        bar.set_postfix(last_acc=f"{acc:.3f}")
-    bar.close()
-    torch.set_num_threads(threads)
-    manifest = {"spec": asdict(spec), "dataset": dataset, "teachers": names, "test_accuracy": accuracies}
+        for chunk in chunks:
+            _train_chunk(spec, chunk, base, train, test, label_names, pool_dir, dataset, timm_data_config, bar)
+        bar.close()
+    finally:
+        torch.set_num_threads(threads)
+    records = [json.loads((pool_dir / r["name"] / RECORD).read_text()) for r in recipes]
+    manifest = {
+        "spec": spec.to_dict(),
+        "dataset": dataset,
+        "teachers": [r["name"] for r in recipes],
+        "test_accuracy": [r["test_accuracy"] for r in records],
+        "recipes": records,
+        "base": "base" if base is not None else None,
+        "build_seconds": sum(r["seconds"] for r in records) + (_base_record(pool_dir) or {}).get("seconds", 0.0),
+    }
     tmp = pool_dir / f"{MANIFEST}.tmp{os.getpid()}"
     tmp.write_text(json.dumps(manifest, indent=2))
     os.replace(tmp, pool_dir / MANIFEST)
-    return [pool_dir / n for n in names]
+    return [pool_dir / r["name"] for r in recipes]
+
+
+def _base_record(pool_dir: Path) -> dict | None:
+    path = pool_dir / "base" / RECORD
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def _base_model(spec, label_names, pool_dir, source, timm_data_config, show_progress) -> nn.Module | None:
+    """The fine-tune regime's pretrained base: loaded when an earlier build saved it, else trained on `source`."""
+    if spec.regime != "finetune":
+        return None
+    folder = pool_dir / "base"
+    model = new_teacher(spec, label_names, seed=spec.seed + 999_999)
+    if _base_record(pool_dir) is not None:
+        from safetensors.torch import load_file
+
+        model.load_state_dict(load_file(str(folder / "model.safetensors")))
+        return model.eval()
+    if source is None:
+        raise WeightFormerError("a fine-tune pool needs source data to pretrain its base on")
+    start = time.perf_counter()
+    bar = tqdm(total=spec.base_steps, desc="pretraining the base", disable=not show_progress, unit="step")
+    train_models([model], *source, spec.base_steps, batch_size=spec.batch_size, lr=spec.learning_rate,
+                 weight_decay=spec.weight_decay, data_seeds=[spec.seed + 999_999], progress=bar)  # fmt: skip
+    bar.close()
+    record = {"steps": spec.base_steps, "learning_rate": spec.learning_rate, "source": spec.base_data,
+              "seconds": time.perf_counter() - start}  # fmt: skip
+
+    def write(tmp: Path) -> None:
+        with no_progress_bars():
+            save_teacher(model, tmp, spec, timm_data_config)
+        (tmp / RECORD).write_text(json.dumps(record, indent=2))
+
+    _write_atomic(folder, write)
+    return model
+
+
+def _train_chunk(spec, recipes, base, train, test, label_names, pool_dir, dataset, timm_data_config, bar):
+    """Train `recipes` (same length) together and save each teacher as soon as the chunk is done."""
+    steps = recipes[0]["steps"]
+    models = [copy.deepcopy(base) if base is not None else new_teacher(spec, label_names, seed=r["init_seed"])
+              for r in recipes]  # fmt: skip
+    start = time.perf_counter()
+    train_models(models, *train, steps, batch_size=spec.batch_size, lr=[r["learning_rate"] for r in recipes],
+                 weight_decay=spec.weight_decay, data_seeds=[r["data_seed"] for r in recipes],
+                 progress=bar)  # fmt: skip
+    seconds = (time.perf_counter() - start) / len(models)
+    for model, recipe in zip(models, recipes):
+        record = {**recipe, "test_accuracy": teacher_accuracy(model, *test), "seconds": seconds}
+
+        def write(tmp: Path, model=model, record=record) -> None:
+            with no_progress_bars():  # one bar for the build, not one per saved file
+                save_teacher(model, tmp, spec, timm_data_config)
+            write_model_card(tmp, record["name"], spec, dataset, record)
+            (tmp / RECORD).write_text(json.dumps(record, indent=2))
+
+        _write_atomic(pool_dir / recipe["name"], write)
+        bar.set_postfix(last_acc=f"{record['test_accuracy']:.3f}")
 
 
 def pool_is_built(spec: PoolSpec, pool_dir: str | Path, dataset: str) -> bool:
@@ -234,7 +360,7 @@ def pool_is_built(spec: PoolSpec, pool_dir: str | Path, dataset: str) -> bool:
     if not manifest.exists():
         return False
     saved = json.loads(manifest.read_text())
-    return saved.get("spec") == asdict(spec) and saved.get("dataset") == dataset
+    return saved.get("spec") == spec.to_dict() and saved.get("dataset") == dataset
 
 
 def load_pool(sources: Sequence[str | Path]) -> TeacherSet:
@@ -266,6 +392,11 @@ def resolve_pool(
         else:
             transform = signal_transform()
         task = task_splits(raw, transform)
+        source = None
+        if spec.regime == "finetune":
+            if dataset != "mnist1d":
+                raise TeacherSourceError("fine-tune pools are built on mnist1d only (their base's source task)")
+            source = mnist1d_tensors(**spec.base_data)
         build_pool(
             spec,
             tensors(task["train"]),
@@ -273,5 +404,6 @@ def resolve_pool(
             label_names_of(raw["train"]),
             pool_dir,
             dataset,
+            source=source,
         )
     return load_pool(teacher_paths(pool_dir))
