@@ -13,7 +13,6 @@ import argparse
 import math
 import os
 import shutil
-import signal
 import sys
 from pathlib import Path
 
@@ -21,14 +20,13 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
 from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
-from transformers import get_scheduler
 from weightformer_hf.hub_configs import load_preset
 
 from weightformer_hf import WeightFormerError, WeightFormerModel
 from weightformer_hf import data as wf_data
 from weightformer_hf import pool as wf_pool
 from weightformer_hf import training as wf
+from weightformer_hf.baselines import kd_anchor
 
 # Flag → argparse options. Preset values become the defaults; flags given on the command line win.
 FLAGS = {
@@ -40,6 +38,8 @@ FLAGS = {
     "alpha": dict(type=float), "temperature": dict(type=float),
     "num_eval_teachers": dict(type=int), "eval_k": dict(type=int), "num_heldout_sets": dict(type=int),
     "finetune_steps": dict(type=int, default=0), "finetune_learning_rate": dict(type=float, default=3e-4),
+    "kd_baseline_steps": dict(type=int, default=1000,
+                              help="score the anchor after this many KD steps next to each student (0: off)"),
     "recompute_bn_stats": dict(action="store_true", default=None),
     "online_augmentation": dict(action="store_true", help="augment batches; the K teachers then run live"),
     # Data (names of the Hugging Face image-classification example).
@@ -107,19 +107,16 @@ def main(args):
 
     generator = WeightFormerModel.for_teachers(train_teachers, **args.preset.get("generator", {}))
     generator.config.training_pool = [i.identity for i in train_teachers.infos]
-    optimizer = torch.optim.AdamW(generator.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
     train_dl = DataLoader(splits["meta"], batch_size=args.per_device_train_batch_size, shuffle=True, drop_last=True,
                           collate_fn=wf_data.collate)  # fmt: skip
     test_dl = DataLoader(splits["test"], batch_size=args.per_device_eval_batch_size, collate_fn=wf_data.collate)
     updates_per_epoch = math.ceil(len(train_dl) / accelerator.num_processes / args.gradient_accumulation_steps)
     if args.num_train_epochs and not args.max_train_steps:
         args.max_train_steps = args.num_train_epochs * updates_per_epoch
-    scheduler = get_scheduler(
-        args.lr_scheduler_type,
-        optimizer,
-        args.num_warmup_steps * accelerator.num_processes,
-        args.max_train_steps * accelerator.num_processes,
-    )
+    optimizer, scheduler = wf.optimizer_and_scheduler(
+        generator, args.learning_rate, args.weight_decay, args.lr_scheduler_type, args.num_warmup_steps,
+        args.max_train_steps, accelerator.num_processes,
+    )  # fmt: skip
     generator, optimizer, train_dl, test_dl, scheduler = accelerator.prepare(
         generator, optimizer, train_dl, test_dl, scheduler
     )
@@ -146,61 +143,20 @@ def main(args):
             os.replace(tmp, final)
             wf.prune_checkpoints(checkpoints, keep=3)
 
-    stop = {}
-    previous = {  # every rank saves at the same step (set/check_trigger)
-        sig: signal.signal(sig, lambda s, _f: (stop.setdefault("signal", s), accelerator.set_trigger()))
-        for sig in (signal.SIGTERM, signal.SIGINT)
-    }
+    def log(step, loss):
+        accelerator.print(f"step {step}: loss {loss:.6f} (mean over {accelerator.num_processes} process(es))")
+        accelerator.log({"train/loss": loss, "lr": scheduler.get_last_lr()[0]}, step=step)
 
     accelerator.print(
         f"***** Running training: {len(train_idx)} training / {len(eval_idx)} held-out teachers, "
         f"{args.max_train_steps} steps, {accelerator.num_processes} process(es) *****"
     )
-    bar = tqdm(total=args.max_train_steps, initial=progress.step, disable=not accelerator.is_main_process)
-    micro, window, local = progress.step * args.gradient_accumulation_steps, [], []
-    while progress.step < args.max_train_steps:
-        train_dl.set_epoch(micro // len(train_dl))
-        skip = micro % len(train_dl)
-        for batch in accelerator.skip_first_batches(train_dl, skip) if skip else train_dl:
-            with accelerator.accumulate(generator):
-                rng = wf.episode_rng(args.seed, micro, accelerator.process_index)
-                members, anchor = wf.sample_episode(rng, len(train_teachers), args.k_min, args.k_max)
-                inputs, teacher_logits = targets(members, batch)
-                with accelerator.autocast():
-                    loss = wf.episode_loss(generator, train_teachers, (members, anchor), inputs, batch["labels"],
-                                           teacher_logits, args.alpha, args.temperature)  # fmt: skip
-                accelerator.backward(loss)
-                if accelerator.sync_gradients:
-                    accelerator.clip_grad_norm_(generator.parameters(), args.max_grad_norm)
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad()
-            micro += 1
-            local.append(loss.item())
-            window.append(accelerator.reduce(loss.detach(), "mean").item())  # the loss averaged over ranks
-            if accelerator.sync_gradients:
-                progress.step += 1
-                bar.update(1)
-                if progress.step % args.logging_steps == 0 or progress.step == args.max_train_steps:
-                    mean = sum(window) / len(window)
-                    accelerator.print(f"step {progress.step}: loss {mean:.6f} (mean over {accelerator.num_processes} "
-                                      "process(es))")  # fmt: skip
-                    accelerator.log({"train/loss": mean, "lr": scheduler.get_last_lr()[0]}, step=progress.step)
-                    window = []
-                if args.checkpointing_steps and progress.step % args.checkpointing_steps == 0:
-                    save_checkpoint()
-            if accelerator.check_trigger():
-                save_checkpoint()
-                accelerator.print(
-                    f"caught signal {stop.get('signal', '')}: checkpoint saved at step {progress.step}; "
-                    "resume with --resume_from_checkpoint latest"
-                )
-                sys.exit(128 + int(stop.get("signal", signal.SIGTERM)))
-            if progress.step >= args.max_train_steps:
-                break
-    bar.close()
-    for sig, handler in previous.items():  # past the loop nobody checks the trigger: signals act at once
-        signal.signal(sig, handler)
+    episodes = wf.EpisodeConfig(args.k_min, args.k_max, args.alpha, args.temperature, args.seed)
+    local = wf.train_generator(
+        accelerator, generator, optimizer, scheduler, train_dl, train_teachers, targets, episodes,
+        args.max_train_steps, progress, args.max_grad_norm, args.logging_steps, args.checkpointing_steps,
+        save_checkpoint, log,
+    )  # fmt: skip
     print(f"[rank {accelerator.process_index}/{accelerator.num_processes}] {len(local)} episodes, "
           f"mean local loss {sum(local) / max(len(local), 1):.6f}", flush=True)  # fmt: skip
 
@@ -215,11 +171,20 @@ def main(args):
     def recompute_bn(student):
         return wf.recompute_bn_stats(student, meta_dl, num_batches=20)
 
+    meta_x, meta_y = wf_data.tensors(splits["meta"])
+
+    def kd_anchor_baseline(members, anchor):  # what a user would do instead: distil the anchor on the ensemble
+        model = teachers.model(members[anchor]).to(accelerator.device)
+        return kd_anchor(model, meta_x.to(accelerator.device), meta_y.to(accelerator.device),
+                         logits["meta"][members].to(accelerator.device), steps=args.kd_baseline_steps,
+                         temperature=args.temperature, alpha=args.alpha, seed=args.seed)  # fmt: skip
+
     sets = wf.heldout_sets(eval_idx, args.eval_k, args.num_heldout_sets, args.seed)
     results = wf.evaluate_heldout(
         unwrapped, teachers, sets, logits["test"], wf_data.tensors(splits["test"])[1], test_dl,
         gather=accelerator.gather_for_metrics, finetune=finetune if args.finetune_steps else None,
         prepare_student=recompute_bn if args.recompute_bn_stats else None, device=accelerator.device,
+        baselines={f"kd_anchor_{args.kd_baseline_steps}": kd_anchor_baseline} if args.kd_baseline_steps else None,
     )
     results.update(train_teachers=train_teachers.names, finetune_steps=args.finetune_steps, train_steps=progress.step)
     accelerator.log(wf.tracker_metrics(results), step=progress.step)

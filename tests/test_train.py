@@ -106,7 +106,8 @@ def test_launch_writes_generator_and_eval_results(tiny, tmp_path):
         assert len(entry["teachers"]) == 2 and entry["anchor"] in entry["teachers"]
         assert "finetuned_gain_recovered" in entry
     assert "mean_gain_recovered" in results and "mean_finetuned_gain_recovered" in results
-    assert "| set | anchor |" in proc.stdout and "mean G =" in proc.stdout
+    assert "| set | anchor |" in proc.stdout and "mean G over 2 distinct held-out sets =" in proc.stdout
+    assert "kd_anchor_1000 G" in proc.stdout and "mean_kd_anchor_1000_gain_recovered" in results
     assert list(out.glob("**/events.out.tfevents.*"))  # the tracker received the figures
 
     from transformers import AutoModel

@@ -13,15 +13,9 @@ from pathlib import Path
 
 from torch import nn
 
+from .hub import hub_api
+
 logger = logging.getLogger(__name__)
-
-
-def _api(token: str | bool | None):
-    from huggingface_hub import HfApi
-
-    from . import __version__
-
-    return HfApi(token=token, library_name="weightformer", library_version=__version__)
 
 
 def upload_folder_once(
@@ -39,7 +33,7 @@ def upload_folder_once(
     A `revision` that is not a branch yet is created from the default branch first (a ref, not a commit),
     unless `create_pr` is set: then the commit opens a pull request against `revision`.
     """
-    api = _api(token)
+    api = hub_api(token)
     url = api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
     repo_id = getattr(url, "repo_id", None) or repo_id  # resolves a namespace-less id
     if revision and not create_pr and revision != "main":

@@ -20,6 +20,7 @@ import math
 import os
 import random
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -29,7 +30,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .errors import WeightFormerError
-from .evaluation import ece, ensemble_probs, gain_recovered, nll
+from .evaluation import ece, ensemble_probs, gain_recovered, logits_of, nll
 from .teachers import TeacherSet
 
 
@@ -81,24 +82,48 @@ def episode_rng(seed: int, step: int, rank: int) -> random.Random:
     return random.Random(f"episode-{seed}-{step}-{rank}")
 
 
-def heldout_sets(
-    eval_indices: Sequence[int], k: int, num_sets: int, seed: int = 0
-) -> list[tuple[list[int], int]]:
-    """`num_sets` distinct sets of `k` evaluation teachers, each with an anchor position."""
+def heldout_sets(eval_indices: Sequence[int], k: int, num_sets: int, seed: int = 0) -> list[tuple[list[int], int]]:
+    """Up to `num_sets` distinct sets of `k` evaluation teachers, each with an anchor position.
+
+    Disjoint sets come first (independent evidence); when the teachers run out, overlapping but distinct sets
+    follow; never more than the `comb(len(eval_indices), k)` sets that exist, so a table never repeats a set.
+    """
     rng = random.Random(f"heldout-{seed}")
-    possible = math.comb(len(eval_indices), k)
-    sets: list[tuple[list[int], int]] = []
-    seen: set[tuple[int, ...]] = set()
-    while len(sets) < num_sets:
-        members = sorted(rng.sample(list(eval_indices), k))
-        if tuple(members) in seen and len(seen) < possible:
-            continue
-        seen.add(tuple(members))
-        sets.append((members, rng.randrange(k)))
-    return sets
+    wanted = min(num_sets, math.comb(len(eval_indices), k))
+    order = list(eval_indices)
+    rng.shuffle(order)
+    members = [sorted(order[i * k : (i + 1) * k]) for i in range(min(wanted, len(order) // k))]
+    seen = {tuple(m) for m in members}
+    while len(members) < wanted:
+        candidate = sorted(rng.sample(list(eval_indices), k))
+        if tuple(candidate) not in seen:
+            seen.add(tuple(candidate))
+            members.append(candidate)
+    return [(m, rng.randrange(k)) for m in members]
 
 
 # ----------------------------------------------------------------------------------- the objective
+def ensemble_targets(teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """The ensemble's tempered probabilities, the mean over K of softmax(logits / T): `(K, B, C)` → `(B, C)`."""
+    return F.softmax(teacher_logits.float() / temperature, dim=-1).mean(0)
+
+
+def distillation_loss(
+    student_logits: torch.Tensor, targets: torch.Tensor, labels: torch.Tensor, alpha: float, temperature: float
+) -> torch.Tensor:
+    """`alpha·T²·KL(targets ‖ student_T) + (1−alpha)·CE`, with `targets` from `ensemble_targets`.
+
+    Computed in fp32 whatever the autocast dtype: the KL of nearly equal distributions is a small
+    difference of large terms.
+    """
+    student = student_logits.float()
+    kl = F.kl_div(F.log_softmax(student / temperature, dim=-1), targets.float(), reduction="batchmean")
+    loss = alpha * temperature**2 * kl
+    if alpha < 1:
+        loss = loss + (1 - alpha) * F.cross_entropy(student, labels)
+    return loss
+
+
 def kd_loss(
     student_logits: torch.Tensor,
     teacher_logits: torch.Tensor,
@@ -106,23 +131,8 @@ def kd_loss(
     alpha: float,
     temperature: float,
 ) -> torch.Tensor:
-    """`alpha·T²·KL(ensemble_T ‖ student_T) + (1−alpha)·CE`; `teacher_logits` is `(K, B, C)`.
-
-    Computed in fp32 whatever the autocast dtype: the KL of nearly equal distributions is a small
-    difference of large terms.
-    """
-    student = student_logits.float()
-    target = F.softmax(teacher_logits.float() / temperature, dim=-1).mean(0)
-    kl = F.kl_div(F.log_softmax(student / temperature, dim=-1), target, reduction="batchmean")
-    loss = alpha * temperature**2 * kl
-    if alpha < 1:
-        loss = loss + (1 - alpha) * F.cross_entropy(student, labels)
-    return loss
-
-
-def logits_of(output) -> torch.Tensor:
-    """Logits from a timm (tensor) or transformers (`.logits`) forward."""
-    return output if isinstance(output, torch.Tensor) else output.logits
+    """`distillation_loss` against the ensemble of `teacher_logits` `(K, B, C)`."""
+    return distillation_loss(student_logits, ensemble_targets(teacher_logits, temperature), labels, alpha, temperature)
 
 
 def episode_loss(
@@ -187,6 +197,125 @@ def augment_batch(inputs: torch.Tensor) -> torch.Tensor:
     return torch.roll(out, shifts=(dy, dx), dims=(-2, -1))
 
 
+# -------------------------------------------------------------------------------- the training loop
+@dataclass
+class EpisodeConfig:
+    """How episodes are drawn and scored; `examples/train.py` and the benchmark train with the same one."""
+
+    k_min: int = 2
+    k_max: int = 6
+    alpha: float = 0.9
+    temperature: float = 4.0
+    seed: int = 0
+
+
+def optimizer_and_scheduler(
+    generator: nn.Module,
+    learning_rate: float,
+    weight_decay: float,
+    lr_scheduler_type: str,
+    num_warmup_steps: int,
+    max_train_steps: int,
+    num_processes: int = 1,
+):
+    """AdamW and a transformers `get_scheduler` schedule. Accelerate steps a prepared scheduler once per
+    process per optimizer step, hence the step counts times `num_processes`."""
+    from transformers import get_scheduler
+
+    optimizer = torch.optim.AdamW(generator.parameters(), lr=learning_rate, weight_decay=weight_decay)
+    scheduler = get_scheduler(
+        lr_scheduler_type, optimizer, num_warmup_steps * num_processes, max_train_steps * num_processes
+    )
+    return optimizer, scheduler
+
+
+def train_generator(
+    accelerator,
+    generator: nn.Module,
+    optimizer,
+    scheduler,
+    train_dataloader,
+    teachers: TeacherSet,
+    targets: TeacherTargets,
+    episodes: EpisodeConfig,
+    max_train_steps: int,
+    progress: TrainingProgress,
+    max_grad_norm: float = 1.0,
+    logging_steps: int = 50,
+    checkpointing_steps: int | None = None,
+    save_checkpoint: Callable[[], None] | None = None,
+    on_log: Callable[[int, float], None] | None = None,
+    show_progress: bool = True,
+) -> list[float]:
+    """Episodic training of `generator` (objects already `accelerator.prepare`d) until `max_train_steps`.
+
+    Each micro-step draws an episode (K ∈ [k_min, k_max] teachers of `teachers` and an anchor, derived from
+    the seed, step and rank, so a resumed run draws the same ones), generates the student, and back-propagates
+    `episode_loss` on one batch of `train_dataloader`. A resumed `progress` skips the batches already seen.
+    SIGTERM/SIGINT set accelerate's trigger, so every rank stops at the same step: the checkpoint is saved
+    (`save_checkpoint`) and `SystemExit(128 + signal)` is raised. `on_log(step, loss)` receives the loss
+    averaged over ranks every `logging_steps`. Returns this rank's episode losses.
+    """
+    import signal
+
+    accumulation = accelerator.gradient_accumulation_steps
+    stop: dict = {}
+    previous = {  # every rank saves at the same step (set/check_trigger)
+        sig: signal.signal(sig, lambda s, _f: (stop.setdefault("signal", s), accelerator.set_trigger()))
+        for sig in (signal.SIGTERM, signal.SIGINT)
+    }
+    bar = tqdm(
+        total=max_train_steps, initial=progress.step, disable=not (show_progress and accelerator.is_main_process)
+    )
+    micro, window, local = progress.step * accumulation, [], []
+    try:
+        while progress.step < max_train_steps:
+            if hasattr(train_dataloader, "set_epoch"):
+                train_dataloader.set_epoch(micro // len(train_dataloader))
+            skip = micro % len(train_dataloader)
+            for batch in accelerator.skip_first_batches(train_dataloader, skip) if skip else train_dataloader:
+                with accelerator.accumulate(generator):
+                    rng = episode_rng(episodes.seed, micro, accelerator.process_index)
+                    members, anchor = sample_episode(rng, len(teachers), episodes.k_min, episodes.k_max)
+                    inputs, teacher_logits = targets(members, batch)
+                    with accelerator.autocast():
+                        loss = episode_loss(generator, teachers, (members, anchor), inputs, batch["labels"],
+                                            teacher_logits, episodes.alpha, episodes.temperature)  # fmt: skip
+                    accelerator.backward(loss)
+                    if accelerator.sync_gradients:
+                        accelerator.clip_grad_norm_(generator.parameters(), max_grad_norm)
+                    optimizer.step()
+                    scheduler.step()
+                    optimizer.zero_grad()
+                micro += 1
+                local.append(loss.item())
+                window.append(accelerator.reduce(loss.detach(), "mean").item())  # the loss averaged over ranks
+                if accelerator.sync_gradients:
+                    progress.step += 1
+                    bar.update(1)
+                    if progress.step % logging_steps == 0 or progress.step == max_train_steps:
+                        if on_log is not None:
+                            on_log(progress.step, sum(window) / len(window))
+                        window = []
+                    if checkpointing_steps and progress.step % checkpointing_steps == 0 and save_checkpoint:
+                        save_checkpoint()
+                if accelerator.check_trigger():
+                    if save_checkpoint is not None:
+                        save_checkpoint()
+                        accelerator.print(
+                            f"caught signal {stop.get('signal', '')}: checkpoint saved at step {progress.step}; "
+                            "resume with --resume_from_checkpoint latest"
+                        )
+                    raise SystemExit(128 + int(stop.get("signal", signal.SIGTERM)))
+                if progress.step >= max_train_steps:
+                    break
+    finally:
+        bar.close()
+        for sig, handler in previous.items():  # past the loop nobody checks the trigger: signals act at once
+            signal.signal(sig, handler)
+    return local
+
+
 # --------------------------------------------------------------------------------- teacher logits
 class TeacherLogitsCache:
     """Teacher logits on fixed data, one safetensors file per (teacher identity, data fingerprint).
@@ -223,9 +352,7 @@ class TeacherLogitsCache:
             logits = batch_logits(lambda x, m=model: logits_of(m(x)), split, batch_size, device)
             self.root.mkdir(parents=True, exist_ok=True)
             tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
-            save_file(
-                {"logits": logits.contiguous()}, tmp, metadata={"teacher": info.identity, "data": fingerprint}
-            )
+            save_file({"logits": logits.contiguous()}, tmp, metadata={"teacher": info.identity, "data": fingerprint})
             os.replace(tmp, path)  # atomic: readers never see a half-written file
             out.append(logits)
         return torch.stack(out)
@@ -313,13 +440,15 @@ def evaluate_heldout(
     finetune: Callable[[nn.Module, list[int]], nn.Module] | None = None,
     prepare_student: Callable[[nn.Module], nn.Module] | None = None,
     device: torch.device | str = "cpu",
+    baselines: dict[str, Callable[[list[int], int], nn.Module]] | None = None,
 ) -> dict:
     """Generate a student for each held-out set and score it: the `eval_results.json` dict.
 
     `teachers` is the whole pool; `sets` hold pool indices and the anchor's position; `test_logits` are
     the pool's cached test logits `(pool, N, C)`. `finetune(student, members)`, when given, returns the
     student briefly distilled on the set's ensemble; G before and after are both reported.
-    `prepare_student(student)` runs right after generation (e.g. `recompute_bn_stats`).
+    `prepare_student(student)` runs right after generation (e.g. `recompute_bn_stats`). `baselines` maps a
+    name to `fn(members, anchor) -> model` (e.g. KD of the anchor); each is scored next to the student.
     """
     metric = load_accuracy_metric()
     results = []
@@ -339,12 +468,16 @@ def evaluate_heldout(
         entry["anchor_gain_recovered"] = gain_recovered(
             anchor_acc, entry["single_mean_accuracy"], entry["ensemble_accuracy"]
         )
+        for name, make in (baselines or {}).items():
+            base_logits, _ = predict(make(members, anchor).to(device), test_loader, gather)
+            scored = score_set(metric, base_logits, test_logits[members], test_labels)
+            entry.update(
+                {f"{name}_accuracy": scored["student_accuracy"], f"{name}_gain_recovered": scored["gain_recovered"]}
+            )
         if finetune is not None:
             tuned_logits, _ = predict(finetune(student, members), test_loader, gather)
             tuned = score_set(metric, tuned_logits, test_logits[members], test_labels)
-            entry.update(
-                {f"finetuned_{k}": tuned[k] for k in ("student_accuracy", "gain_recovered", "student_nll")}
-            )
+            entry.update({f"finetuned_{k}": tuned[k] for k in ("student_accuracy", "gain_recovered", "student_nll")})
         results.append(entry)
     summary = {
         "k": len(sets[0][0]) if sets else 0,
@@ -354,6 +487,10 @@ def evaluate_heldout(
     }
     if finetune is not None:
         summary["mean_finetuned_gain_recovered"] = _mean(r["finetuned_gain_recovered"] for r in results)
+    for name in baselines or {}:
+        summary[f"mean_{name}_gain_recovered"] = _mean(r[f"{name}_gain_recovered"] for r in results)
+    summary["distinct_sets"] = len({tuple(sorted(r["teachers"])) for r in results})
+    summary["baselines"] = list(baselines or {})
     return summary
 
 
@@ -363,10 +500,12 @@ def _mean(values: Iterable[float]) -> float:
 
 
 def eval_table(results: dict) -> str:
-    """The held-out results as a Markdown table (one row per set, then the mean)."""
+    """The held-out results as a Markdown table (one row per set, then the means, with the anchor and each
+    baseline next to the student)."""
     tuned = "mean_finetuned_gain_recovered" in results
-    head = ["set", "anchor", "single", "ensemble", "student", "G", "anchor G", "NLL", "ECE"]
-    head += ["tuned acc", "tuned G"] if tuned else []
+    names = results.get("baselines", [])
+    head = ["set", "anchor", "single", "ensemble", "student", "G", "anchor G"] + [f"{n} G" for n in names]
+    head += ["NLL", "ECE"] + (["tuned acc", "tuned G"] if tuned else [])
     rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for i, r in enumerate(results["heldout_sets"]):
         cells = [
@@ -377,14 +516,18 @@ def eval_table(results: dict) -> str:
             f"{r['student_accuracy']:.4f}",
             f"{r['gain_recovered']:.3f}",
             f"{r['anchor_gain_recovered']:.3f}",
+            *(f"{r[f'{n}_gain_recovered']:.3f}" for n in names),
             f"{r['student_nll']:.4f}",
             f"{r['student_ece']:.4f}",
         ]
         if tuned:
             cells += [f"{r['finetuned_student_accuracy']:.4f}", f"{r['finetuned_gain_recovered']:.3f}"]
         rows.append("| " + " | ".join(cells) + " |")
-    mean = f"mean G = {results['mean_gain_recovered']:.3f}"
-    mean += f" (anchor alone {results['mean_anchor_gain_recovered']:.3f})"
+    sets = len(results["heldout_sets"])
+    distinct = results.get("distinct_sets", sets)
+    mean = f"mean G over {distinct} distinct held-out set{'s' if distinct != 1 else ''} = "
+    mean += f"{results['mean_gain_recovered']:.3f} (anchor alone {results['mean_anchor_gain_recovered']:.3f}"
+    mean += "".join(f", {n} {results[f'mean_{n}_gain_recovered']:.3f}" for n in names) + ")"
     if tuned:
         mean += f"; after fine-tuning {results['mean_finetuned_gain_recovered']:.3f}"
     return "\n".join(rows) + "\n" + mean
@@ -424,9 +567,7 @@ def finetune_student(
         for batch in dataloader:
             inputs = batch["inputs"].to(device)
             targets = teacher_logits[:, batch["index"]].to(device)
-            loss = kd_loss(
-                logits_of(student(inputs)), targets, batch["labels"].to(device), alpha, temperature
-            )
+            loss = kd_loss(logits_of(student(inputs)), targets, batch["labels"].to(device), alpha, temperature)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -436,30 +577,23 @@ def finetune_student(
     return student.eval()
 
 
-@torch.no_grad()
 def recompute_bn_stats(
-    student: nn.Module, dataloader: Iterable[dict], num_batches: int | None = None
+    student: nn.Module, batches: Iterable[dict | torch.Tensor], num_batches: int | None = None
 ) -> nn.Module:
-    """Re-estimate every BatchNorm's running statistics on data (a cumulative average over the batches).
+    """Re-estimate every BatchNorm's running statistics on data (`torch.optim.swa_utils.update_bn`: a
+    cumulative average over the batches); `batches` yield input tensors or dicts with `inputs`.
 
-    Generated weights change what each BatchNorm sees, so stats copied or averaged from the teachers can
-    be off; one pass over a few batches fixes them. Nothing else changes.
+    Generated or merged weights change what each BatchNorm sees, so statistics copied or averaged from the
+    teachers can be off; one pass over a few batches fixes them (the cheap part of REPAIR). Nothing else
+    changes. Returns the model in eval mode.
     """
-    norms = [m for m in student.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    if not norms:
-        return student
+    from itertools import islice
+
+    from torch.optim.swa_utils import update_bn
+
+    inputs = (b["inputs"] if isinstance(b, dict) else b for b in batches)
     device = next(student.parameters()).device
-    momenta = [m.momentum for m in norms]
-    for m in norms:
-        m.reset_running_stats()
-        m.momentum = None  # cumulative moving average: every batch weighs the same
-    student.train()
-    for i, batch in enumerate(dataloader):
-        if num_batches is not None and i >= num_batches:
-            break
-        student(batch["inputs"].to(device))
-    for m, momentum in zip(norms, momenta):
-        m.momentum = momentum
+    update_bn(islice(inputs, num_batches), student, device=device)
     return student.eval()
 
 
