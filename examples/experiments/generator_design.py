@@ -1,0 +1,91 @@
+"""Generator design experiments on a *validation* split of a benchmark pool's training teachers.
+
+The benchmark pool's last `--num_val_teachers` training teachers form disjoint validation sets; the generator
+trains on (up to `--num_train_teachers` of) the rest with the library's loop (`training.train_generator`, as
+`examples/train.py`). The benchmark's own held-out teachers are never loaded as sets here, so design choices
+made on these runs stay out of the benchmark's test numbers. Every run appends one JSON line to
+`docs/experiments/runs.jsonl` and prints its held-out curve.
+
+    OMP_NUM_THREADS=1 python examples/experiments/generator_design.py --pool mlp_scratch --gen_steps 1500 --tag x
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarking import methods, plans, report  # noqa: E402
+
+from weightformer_hf.hub import no_progress_bars  # noqa: E402
+from weightformer_hf.training import EpisodeConfig  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--pool", default="mlp_scratch", choices=["mlp_scratch", "mlp_finetune"])
+    p.add_argument("--num_val_teachers", type=int, default=24)
+    p.add_argument("--num_train_teachers", type=int, help="default: every training teacher left")
+    p.add_argument("--k", type=int, default=4)
+    p.add_argument("--gen_steps", type=int, default=1500)
+    p.add_argument("--eval_every", type=int, default=500)
+    p.add_argument("--generator_config", default="{}", help="JSON: WeightFormerConfig kwargs over the default")
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--k_min", type=int, default=2)
+    p.add_argument("--k_max", type=int, default=6)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--tag", required=True)
+    p.add_argument("--no_record", action="store_true")
+    args = p.parse_args(argv)
+    torch.set_num_threads(1)
+    t0 = time.perf_counter()
+    plan = next(x for x in plans.full_plans() if x.name == args.pool)
+    with no_progress_bars():
+        teachers, data, manifest, base = plans.load(plan)
+    bench = argparse.Namespace(temperature=4.0, alpha=0.9, seed=args.seed)
+    run = methods.PoolRun(plan, teachers, data, base, bench)
+    val = list(range(plan.num_train - args.num_val_teachers, plan.num_train))
+    train_ids = list(range(plan.num_train - args.num_val_teachers))[: args.num_train_teachers]
+    sets = [val[i * args.k : (i + 1) * args.k] for i in range(len(val) // args.k)]
+    recipe = methods.GeneratorRecipe(max_train_steps=args.gen_steps, learning_rate=args.lr,
+                                     num_warmup_steps=max(1, args.gen_steps // 20),
+                                     episodes=EpisodeConfig(args.k_min, args.k_max, 0.9, 4.0, args.seed))  # fmt: skip
+    recipe.config.update(json.loads(args.generator_config))
+    anchors = [run.row(args.k, i, "anchor", run.test_probs[m[0]], m, 0.0)["gain_recovered"] for i, m in
+               enumerate(sets)]  # fmt: skip
+    curve = []
+
+    def evaluate(generator, step):
+        g = []
+        for i, members in enumerate(sets):
+            student = run.prepare(generator.generate_student(teachers.subset(members), anchor=0))
+            g.append(run.row(args.k, i, "weightformer", run.test_probs_of(student), members, 0.0)["gain_recovered"])
+        paired = report.mean_ci([a - b for a, b in zip(g, anchors)])
+        curve.append({"step": step, "G": report.mean_ci(g), "paired_gain": paired, "per_set": g})
+        print(f"[{time.perf_counter() - t0:6.0f}s] step {step}: val G {curve[-1]['G'][0]:.3f} ± {curve[-1]['G'][1]:.3f}"
+              f", paired gain {paired[0]:+.3f} ± {paired[1]:.3f}", flush=True)  # fmt: skip
+
+    generator, stats = methods.train(plan, teachers, train_ids, data, run.meta_logits, recipe,
+                                     on_eval=(args.eval_every, evaluate))  # fmt: skip
+    if not curve or curve[-1]["step"] != args.gen_steps:
+        evaluate(generator, args.gen_steps)
+    record = {
+        "tag": args.tag, "pool": args.pool, "num_train_teachers": len(train_ids), "val_sets": sets, "k": args.k,
+        "steps": args.gen_steps, "lr": args.lr, "config": recipe.config, "anchor_G": report.mean_ci(anchors),
+        "final": curve[-1], "curve": curve, "wall_seconds": time.perf_counter() - t0,
+    }  # fmt: skip
+    print(json.dumps({k: record[k] for k in ("tag", "num_train_teachers", "anchor_G", "final", "wall_seconds")}))
+    if not args.no_record:
+        with open(REPO / "docs" / "experiments" / "runs.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+if __name__ == "__main__":
+    main()
