@@ -20,8 +20,9 @@ Data path, top to bottom:
 
 from __future__ import annotations
 
+import copy
 import math
-import types
+import weakref
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -388,30 +389,57 @@ class WeightFormerModel(WeightFormerPreTrainedModel):
 def run_student(teachers: TeacherSet, student_state: Mapping[str, torch.Tensor], inputs: torch.Tensor) -> torch.Tensor:
     """Logits of the architecture of `teachers` with weights `student_state`, via `functional_call`.
 
-    Every generated tensor, BatchNorm statistics included, receives a gradient.
+    Every generated tensor, BatchNorm statistics included, receives a gradient. `teachers.template` is left
+    untouched (mode, device, modules): the student runs on a private copy of it (see `_functional_student`).
     """
-    template = teachers.template
-    if next(iter(template.parameters())).device != inputs.device:
-        template.to(inputs.device)
-    template.eval()
-    _make_batch_norm_differentiable(template)
-    out = torch.func.functional_call(template, dict(student_state), (inputs,), strict=True)
+    module = _functional_student(teachers.template, inputs.device)
+    out = torch.func.functional_call(module, dict(student_state), (inputs,), strict=True)
     return out if isinstance(out, torch.Tensor) else out.logits
 
 
-def _batch_norm_eval(self: nn.modules.batchnorm._BatchNorm, x: torch.Tensor) -> torch.Tensor:
+# template -> {device: private eval-mode copy whose BatchNorms run in plain ops}; weak, so a template that is
+# no longer used frees its copies (a copy holds no reference to its template).
+_FUNCTIONAL_STUDENTS: weakref.WeakKeyDictionary[nn.Module, dict[torch.device, nn.Module]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _functional_student(template: nn.Module, device: torch.device) -> nn.Module:
+    """A private copy of `template` on `device`, in eval mode, BatchNorms swapped for `_DifferentiableBatchNorm`.
+
+    Built once per template and device, so `run_student` never moves, re-moves or patches the template.
+    """
+    per_device = _FUNCTIONAL_STUDENTS.setdefault(template, {})
+    module = per_device.get(device)
+    if module is None:
+        module = copy.deepcopy(template).to(device).eval()
+        for sub in module.modules():
+            if type(sub).forward is nn.modules.batchnorm._BatchNorm.forward and sub.track_running_stats:
+                sub.__class__ = _differentiable_batch_norm_class(type(sub))
+        per_device[device] = module
+    return module
+
+
+class _DifferentiableBatchNorm(nn.modules.batchnorm._BatchNorm):
     """Eval-mode BatchNorm in plain ops: `native_batch_norm` refuses running statistics that require grad."""
-    if self.training:
-        return type(self).forward(self, x)
-    shape = (1, -1) + (1,) * (x.dim() - 2)
-    y = (x - self.running_mean.view(shape)) * torch.rsqrt(self.running_var + self.eps).view(shape)
-    return y * self.weight.view(shape) + self.bias.view(shape) if self.affine else y
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training:
+            return super().forward(x)
+        shape = (1, -1) + (1,) * (x.dim() - 2)
+        y = (x - self.running_mean.view(shape)) * torch.rsqrt(self.running_var + self.eps).view(shape)
+        return y * self.weight.view(shape) + self.bias.view(shape) if self.affine else y
 
 
-def _make_batch_norm_differentiable(model: nn.Module) -> None:
-    for module in model.modules():
-        if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.track_running_stats:
-            module.forward = types.MethodType(_batch_norm_eval, module)
+_BATCH_NORM_CLASSES: dict[type, type] = {}
+
+
+def _differentiable_batch_norm_class(cls: type) -> type:
+    """`cls` (BatchNorm1d/2d/3d, whose `forward` is the stock one) with `_DifferentiableBatchNorm`'s forward,
+    keeping `cls`'s input checks (`_check_input_dim`) and `isinstance` relations."""
+    if cls not in _BATCH_NORM_CLASSES:
+        _BATCH_NORM_CLASSES[cls] = type(f"Differentiable{cls.__name__}", (_DifferentiableBatchNorm, cls), {})
+    return _BATCH_NORM_CLASSES[cls]
 
 
 def as_teacher_set(teachers: TeacherSet | Sequence[nn.Module]) -> TeacherSet:

@@ -1,0 +1,68 @@
+"""Paths of the generator that the contract tests in test_core.py do not reach: `run_student`'s isolation,
+forward's signature, removed options, multi-chunk tokens, gradient checkpointing, the ablation switches and
+the cached token path. Each test compares against values computed by hand, not only shapes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from families import make_inputs, make_model
+
+import weightformer_hf as wf
+
+SMALL = {
+    "hidden_size": 32,
+    "num_attention_heads": 2,
+    "intermediate_size": 64,
+    "num_hidden_layers": 1,
+    "align_max_iter": 2,
+}
+
+
+def bits(t: torch.Tensor) -> torch.Tensor:
+    return t.view(torch.uint8) if t.is_floating_point() else t
+
+
+def perturb(model: torch.nn.Module, seed: int = 0, std: float = 0.05) -> None:
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * std)
+
+
+# ------------------------------------------------------------------------------------------- run_student
+@pytest.mark.parametrize("family", ["hf_resnet", "timm_resnet", "mlp"])
+@pytest.mark.parametrize("template_mode", [True, False])
+def test_run_student_leaves_the_template_untouched(family, template_mode):
+    teachers = wf.TeacherSet.from_models([make_model(family, seed) for seed in range(2)])
+    template = teachers.template.train(template_mode)
+    before = {name: (m.training, type(m), dict(vars(m)).get("forward")) for name, m in template.named_modules()}
+    devices = {t.device for t in template.state_dict().values()}
+    snapshot = {k: v.clone() for k, v in template.state_dict().items()}
+    generator = wf.WeightFormerModel.for_teachers(teachers, **SMALL)
+    perturb(generator)
+    state = generator(teachers, anchor=0).student_state
+    inputs = make_inputs(family)
+    logits = wf.run_student(teachers, state, inputs)
+    logits.sum().backward()
+    after = {name: (m.training, type(m), dict(vars(m)).get("forward")) for name, m in template.named_modules()}
+    assert after == before
+    assert all(f is None for _, _, f in after.values()), "a module's forward was patched"
+    assert {t.device for t in template.state_dict().values()} == devices
+    for name, tensor in template.state_dict().items():
+        assert torch.equal(bits(tensor), bits(snapshot[name])), name
+    # the student still runs in eval mode, whatever the template's mode
+    student = generator.generate_student(teachers)
+    torch.testing.assert_close(logits.detach(), teachers.family.logits(student, inputs), rtol=1e-4, atol=1e-5)
+
+
+def test_run_student_on_another_device_moves_a_private_copy_not_the_template():
+    teachers = wf.TeacherSet.from_models([make_model("mlp", 0)])
+    template = teachers.template
+    state = {k: v.to("meta") for k, v in teachers.state_dicts[0].items()}
+    logits = wf.run_student(teachers, state, make_inputs("mlp").to("meta"))
+    assert logits.device.type == "meta" and logits.shape == (3, 10)
+    assert {t.device.type for t in template.state_dict().values()} == {"cpu"}
+    # and back on the CPU, the private CPU copy gives the teacher's logits
+    x = make_inputs("mlp")
+    torch.testing.assert_close(wf.run_student(teachers, teachers.state_dicts[0], x), teachers.model(0)(x).logits)
