@@ -82,16 +82,12 @@ class WeightFormerAttention(nn.Module):
         self.o_proj = nn.Linear(config.hidden_size, config.hidden_size)
         self.dropout = config.dropout
 
-    def forward(
-        self, queries: torch.Tensor, keys: torch.Tensor, bias: torch.Tensor | None = None
-    ) -> torch.Tensor:
+    def forward(self, queries: torch.Tensor, keys: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         batch, n_q, dim = queries.shape
         heads, head_dim = self.num_heads, dim // self.num_heads
         q = self.q_proj(queries).view(batch, n_q, heads, head_dim).transpose(1, 2)
         k, v = self.kv_proj(keys).view(batch, keys.shape[1], 2, heads, head_dim).permute(2, 0, 3, 1, 4)
-        out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=bias, dropout_p=self.dropout if self.training else 0.0
-        )
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=self.dropout if self.training else 0.0)
         return self.o_proj(out.transpose(1, 2).reshape(batch, n_q, dim))
 
 
@@ -174,9 +170,7 @@ class WeightFormerModel(WeightFormerPreTrainedModel):
 
     # -------------------------------------------------------------------------------------- construction
     @classmethod
-    def for_teachers(
-        cls, teachers: TeacherSet | Sequence[nn.Module], **generator_kwargs
-    ) -> WeightFormerModel:
+    def for_teachers(cls, teachers: TeacherSet | Sequence[nn.Module], **generator_kwargs) -> WeightFormerModel:
         """An untrained generator whose config describes the architecture and labels of `teachers`."""
         teachers = as_teacher_set(teachers)
         config = WeightFormerConfig(
@@ -190,9 +184,7 @@ class WeightFormerModel(WeightFormerPreTrainedModel):
         expected = [(x["name"], x["channels"], x["width"]) for x in self.config.student_layers]
         got = [(x["name"], x["channels"], x["width"]) for x in describe_layers(teachers)]
         if expected != got:
-            first = (
-                next((e, g) for e, g in zip(expected, got) if e != g) if len(expected) == len(got) else None
-            )
+            first = next((e, g) for e, g in zip(expected, got) if e != g) if len(expected) == len(got) else None
             raise TeacherMismatchError(
                 f"this WeightFormer was built for layers {first[0] if first else len(expected)} but the teachers "
                 f"have {first[1] if first else len(got)}"
@@ -235,9 +227,7 @@ class WeightFormerModel(WeightFormerPreTrainedModel):
             mask_sparsity=torch.stack(gates).mean() if gates else None,
         )
 
-    def auxiliary_loss(
-        self, teachers: TeacherSet, anchor: int, output: WeightFormerOutput
-    ) -> torch.Tensor | None:
+    def auxiliary_loss(self, teachers: TeacherSet, anchor: int, output: WeightFormerOutput) -> torch.Tensor | None:
         """The paper's optional auxiliary losses, weighted by the config (None when both are off).
 
         - mask sparsity: mean of the soft gate over memory tokens (`mask_sparsity_weight`);
@@ -399,9 +389,7 @@ def run_student(teachers: TeacherSet, student_state: Mapping[str, torch.Tensor],
 
 # template -> {device: private eval-mode copy whose BatchNorms run in plain ops}; weak, so a template that is
 # no longer used frees its copies (a copy holds no reference to its template).
-_FUNCTIONAL_STUDENTS: weakref.WeakKeyDictionary[nn.Module, dict[torch.device, nn.Module]] = (
-    weakref.WeakKeyDictionary()
-)
+_FUNCTIONAL_STUDENTS: weakref.WeakKeyDictionary[nn.Module, dict[torch.device, nn.Module]] = weakref.WeakKeyDictionary()
 
 
 def _functional_student(template: nn.Module, device: torch.device) -> nn.Module:
@@ -446,9 +434,7 @@ def as_teacher_set(teachers: TeacherSet | Sequence[nn.Module]) -> TeacherSet:
     return teachers if isinstance(teachers, TeacherSet) else TeacherSet.from_models(list(teachers))
 
 
-def _layer_content(
-    layer: LayerSpec, tensors: list[dict[str, torch.Tensor]]
-) -> tuple[torch.Tensor, torch.Tensor]:
+def _layer_content(layer: LayerSpec, tensors: list[dict[str, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
     """Per teacher, the layer's channel tokens `(K, C, W)`, normalised, and the per-column scales `(W,)`.
 
     Each tensor is divided by its RMS over all teachers (a symmetric function of the set, so the order of
