@@ -191,12 +191,15 @@ class WeightFormerModel(WeightFormerPreTrainedModel):
             )
 
     # ------------------------------------------------------------------------------------------- forward
-    def forward(self, teachers: TeacherSet, anchor: int = 0, **kwargs) -> WeightFormerOutput:
+    def forward(self, teachers: TeacherSet, anchor: int = 0) -> WeightFormerOutput:
         """Generate the student's state dict from `teachers`, keeping gradients.
 
         Args:
             teachers: K ≥ 1 teachers of the architecture this generator serves.
             anchor: index of the teacher whose channel order (and values, at initialisation) the student keeps.
+
+        There are no other arguments: transformers' machinery passes none to this forward (gradient
+        checkpointing wraps the blocks, not the model), and an unknown keyword raises `TypeError`.
         """
         if not 0 <= anchor < len(teachers):
             raise IndexError(f"anchor {anchor} is out of range for {len(teachers)} teachers")

@@ -66,3 +66,15 @@ def test_run_student_on_another_device_moves_a_private_copy_not_the_template():
     # and back on the CPU, the private CPU copy gives the teacher's logits
     x = make_inputs("mlp")
     torch.testing.assert_close(wf.run_student(teachers, teachers.state_dicts[0], x), teachers.model(0)(x).logits)
+
+
+# --------------------------------------------------------------------------------------------- forward
+def test_forward_refuses_unknown_keywords():
+    models = [make_model("mlp", seed) for seed in range(2)]
+    generator = wf.WeightFormerModel.for_teachers(models, **SMALL)
+    teachers = wf.TeacherSet.from_models(models)
+    with pytest.raises(TypeError, match="return_dict"):
+        generator(teachers, anchor=0, return_dict=True)
+    with pytest.raises(TypeError, match="anchr"):
+        generator(teachers, anchr=1)
+    assert generator(teachers, anchor=1).student_state is not None
