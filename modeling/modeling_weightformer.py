@@ -48,12 +48,10 @@ class WeightFormerOutput(ModelOutput):
     Args:
         student_state: the student's full state dict (floating tensors carry gradients to the generator).
         cross_states: the `[cross]` state after each student layer, shape `(num_layers, hidden_size)`.
-        mask_sparsity: mean of the soft memory gate (only when `mask_sparsity_weight > 0`).
     """
 
     student_state: dict[str, torch.Tensor] | None = None
     cross_states: torch.Tensor | None = None
-    mask_sparsity: torch.Tensor | None = None
 
 
 def chunk_layout(width: int, chunk_size: int) -> tuple[int, int]:
@@ -82,12 +80,12 @@ class WeightFormerAttention(nn.Module):
         self.o_proj = nn.Linear(config.hidden_size, config.hidden_size)
         self.dropout = config.dropout
 
-    def forward(self, queries: torch.Tensor, keys: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, queries: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
         batch, n_q, dim = queries.shape
         heads, head_dim = self.num_heads, dim // self.num_heads
         q = self.q_proj(queries).view(batch, n_q, heads, head_dim).transpose(1, 2)
         k, v = self.kv_proj(keys).view(batch, keys.shape[1], 2, heads, head_dim).permute(2, 0, 3, 1, 4)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=self.dropout if self.training else 0.0)
+        out = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0)
         return self.o_proj(out.transpose(1, 2).reshape(batch, n_q, dim))
 
 
@@ -111,10 +109,10 @@ class WeightFormerBlock(GradientCheckpointingLayer):
             nn.Dropout(config.dropout),
         )
 
-    def forward(self, queries: torch.Tensor, memory: torch.Tensor, memory_bias: torch.Tensor | None = None):
+    def forward(self, queries: torch.Tensor, memory: torch.Tensor) -> torch.Tensor:
         x = self.self_norm(queries)
         queries = queries + self.self_attn(x, x)
-        queries = queries + self.cross_attn(self.cross_norm(queries), self.memory_norm(memory), memory_bias)
+        queries = queries + self.cross_attn(self.cross_norm(queries), self.memory_norm(memory))
         return queries + self.mlp(self.mlp_norm(queries))
 
 
@@ -133,9 +131,6 @@ class WeightFormerPreTrainedModel(PreTrainedModel):
             for decoder in module.decoders:
                 init.zeros_(decoder.weight)
                 init.zeros_(decoder.bias)
-            if module.config.copy_path:
-                init.zeros_(module.copy_gate.weight)
-                init.zeros_(module.copy_gate.bias)
 
 
 class WeightFormerModel(WeightFormerPreTrainedModel):
@@ -158,11 +153,6 @@ class WeightFormerModel(WeightFormerPreTrainedModel):
         self.role_embed = nn.Embedding(2, d)  # 0: another teacher, 1: the anchor
         self.pool_proj = nn.Linear(d, d)
         self.cross_init = nn.Parameter(torch.zeros(d))
-        self.memory_gate = nn.Linear(d, 1) if config.mask_sparsity_weight > 0 else None
-        if config.copy_path:
-            self.copy_query = nn.Linear(d, d)
-            self.copy_key = nn.Linear(d, d)
-            self.copy_gate = nn.Linear(d, 1)
         self.blocks = nn.ModuleList(WeightFormerBlock(config) for _ in range(config.num_hidden_layers))
         self.final_norm = nn.LayerNorm(d, eps=config.layer_norm_eps)
         self.gradient_checkpointing = False
@@ -210,38 +200,29 @@ class WeightFormerModel(WeightFormerPreTrainedModel):
         spec = teachers.family.permutation_spec(teachers.template) if perms else {}
         cross = self.cross_init
         student: dict[str, torch.Tensor] = {}
-        cross_states, gates = [], []
+        cross_states = []
         for index, layer in enumerate(layers):
             tensors = [
                 {t.name: permute_tensor(t.name, sd[t.name], spec, perms[k]) for t in layer.tensors}
                 for k, sd in enumerate(teachers.state_dicts)
             ]
             tensors = [{n: v.to(device=device, dtype=torch.float32) for n, v in td.items()} for td in tensors]
-            decrements, cross, gate = self._generate_layer(index, layer, tensors, anchor, cross)
+            decrements, cross = self._generate_layer(index, layer, tensors, anchor, cross)
             cross_states.append(cross)
-            if gate is not None:
-                gates.append(gate)
             student.update(_apply_changes(layer, tensors[anchor], decrements, teachers.state_dicts[anchor]))
         for name in non_float:  # integer counters such as num_batches_tracked carry no learned weights
             student[name] = teachers.state_dicts[anchor][name].to(device)
-        return WeightFormerOutput(
-            student_state=student,
-            cross_states=torch.stack(cross_states),
-            mask_sparsity=torch.stack(gates).mean() if gates else None,
-        )
+        return WeightFormerOutput(student_state=student, cross_states=torch.stack(cross_states))
 
     def auxiliary_loss(self, teachers: TeacherSet, anchor: int, output: WeightFormerOutput) -> torch.Tensor | None:
-        """The paper's optional auxiliary losses, weighted by the config (None when both are off).
+        """The paper's shift-consistency loss, weighted by `shift_consistency_weight`; None when the weight is
+        0 or there are fewer than 3 teachers.
 
-        - mask sparsity: mean of the soft gate over memory tokens (`mask_sparsity_weight`);
-        - shift consistency (`shift_consistency_weight`): the paper shifts the teacher sequence, cutting one
-          end. Order cannot change this generator's output, so the shift that remains is the cut: the
-          student regenerated without the last non-anchor teacher should stay close (relative squared
-          distance, averaged over tensors).
+        The paper shifts the teacher sequence, cutting one end. Order cannot change this generator's output,
+        so the shift that remains is the cut: the student regenerated without the last non-anchor teacher
+        should stay close (relative squared distance, averaged over tensors). (The paper's other auxiliary
+        loss, mask sparsity, went with the memory gate it regularised: it measured no gain.)
         """
-        loss = None
-        if self.config.mask_sparsity_weight > 0 and output.mask_sparsity is not None:
-            loss = self.config.mask_sparsity_weight * output.mask_sparsity
         if self.config.shift_consistency_weight > 0 and len(teachers) > 2:
             cut = max(i for i in range(len(teachers)) if i != anchor)
             keep = [i for i in range(len(teachers)) if i != cut]
@@ -252,9 +233,8 @@ class WeightFormerModel(WeightFormerPreTrainedModel):
                 for n in shifted
                 if shifted[n].is_floating_point()
             ]
-            consistency = self.config.shift_consistency_weight * torch.stack(terms).mean()
-            loss = consistency if loss is None else loss + consistency
-        return loss
+            return self.config.shift_consistency_weight * torch.stack(terms).mean()
+        return None
 
     def _alignments(self, teachers: TeacherSet, anchor: int) -> list[dict[str, torch.Tensor]]:
         """Per teacher, the permutations that align it to the anchor (empty for the anchor itself)."""
@@ -283,9 +263,9 @@ class WeightFormerModel(WeightFormerPreTrainedModel):
         tensors: list[dict[str, torch.Tensor]],
         anchor: int,
         cross: torch.Tensor,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """One layer's decrements `(channels, width)` (negated changes, in tensor units), the next [cross]
-        state and the memory gate's mean."""
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One layer's decrements `(channels, width)` (negated changes, in tensor units) and the next [cross]
+        state."""
         n_teachers, channels = len(tensors), layer.channels
         content, scales = _layer_content(layer, tensors)  # (K, C, W), (W,)
         width = content.shape[-1]
@@ -307,38 +287,14 @@ class WeightFormerModel(WeightFormerPreTrainedModel):
         if self.config.use_cross_token:
             cross_in = cross.expand(n_chunks, 1, -1)
             queries = torch.cat([cross_in, queries], dim=1)
-        bias, gate_mean = None, None
-        if self.memory_gate is not None:
-            log_gate = F.logsigmoid(self.memory_gate(memory).squeeze(-1) + 4.0)  # starts near fully open
-            bias = log_gate[:, None, None, :]
-            gate_mean = log_gate.exp().mean()
         for block in self.blocks:
-            queries = block(queries, memory, bias)
+            queries = block(queries, memory)
         queries = self.final_norm(queries)
         if self.config.use_cross_token:
             cross, queries = queries[:, 0].mean(0), queries[:, 1:]
         decrements = self.decoders[index](queries)  # (n, C, chunk), normalised units
-        if self.config.copy_path:
-            decrements = decrements + self._copy_decrement(queries, tokens, content, anchor)
         decrements = decrements.transpose(0, 1).reshape(channels, n_chunks * chunk)[:, :width]
-        return decrements * scales, cross, gate_mean
-
-    def _copy_decrement(
-        self, queries: torch.Tensor, tokens: torch.Tensor, content: torch.Tensor, anchor: int
-    ) -> torch.Tensor:
-        """Gated pull of each channel towards a learned mix of the teachers' aligned values of that channel.
-
-        The mix is a softmax over the K teachers (anchor included) of the same channel, so the generator can
-        copy exact values at full precision rather than through the d-wide decoder. The gate starts at
-        zero, which keeps the untrained student equal to the anchor (a ±0 product added to the decoder's
-        +0.0 gives +0.0).
-        """
-        q = self.copy_query(queries)  # (n, C, d)
-        keys = self.copy_key(tokens).permute(2, 1, 0, 3)  # (n, C, K, d)
-        weights = torch.einsum("ncd,nckd->nck", q, keys).div(math.sqrt(q.shape[-1])).softmax(-1)
-        values = content.permute(2, 1, 0, 3)  # (n, C, K, chunk)
-        mix = torch.einsum("nck,nckw->ncw", weights, values)
-        return self.copy_gate(queries) * (values[:, :, anchor] - mix)
+        return decrements * scales, cross
 
     # ---------------------------------------------------------------------------------------- generation
     @torch.no_grad()

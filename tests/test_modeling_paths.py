@@ -4,6 +4,8 @@ the cached token path. Each test compares against values computed by hand, not o
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from families import make_inputs, make_model
@@ -78,3 +80,33 @@ def test_forward_refuses_unknown_keywords():
     with pytest.raises(TypeError, match="anchr"):
         generator(teachers, anchr=1)
     assert generator(teachers, anchor=1).student_state is not None
+
+
+# ------------------------------------------------------------------------------------- removed options
+@pytest.mark.parametrize("old", [{"copy_path": False, "mask_sparsity_weight": 0.0}, {"copy_path": False}])
+def test_configs_saved_with_the_removed_options_switched_off_still_load(tmp_path, old):
+    teachers = wf.TeacherSet.from_models([make_model("mlp", seed) for seed in range(2)])
+    generator = wf.WeightFormerModel.for_teachers(teachers, **SMALL)
+    perturb(generator)
+    generator.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert "copy_path" not in config and "mask_sparsity_weight" not in config
+    (tmp_path / "config.json").write_text(json.dumps({**config, **old}))
+    reloaded = wf.WeightFormerModel.from_pretrained(tmp_path)
+    assert not hasattr(reloaded.config, "copy_path") and not hasattr(reloaded.config, "mask_sparsity_weight")
+    expected = generator(teachers, anchor=1).student_state
+    for name, tensor in reloaded(teachers, anchor=1).student_state.items():
+        assert torch.equal(tensor, expected[name]), name
+
+
+@pytest.mark.parametrize("old", [{"copy_path": True}, {"mask_sparsity_weight": 0.1}])
+def test_configs_that_switch_a_removed_option_on_are_refused(tmp_path, old):
+    generator = wf.WeightFormerModel.for_teachers([make_model("mlp", 0)], **SMALL)
+    generator.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**config, **old}))
+    name = next(iter(old))
+    with pytest.raises(ValueError, match=f"{name}.*removed"):
+        wf.WeightFormerModel.from_pretrained(tmp_path)
+    with pytest.raises(ValueError, match=f"{name}.*removed"):
+        wf.WeightFormerConfig(**old)
