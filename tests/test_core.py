@@ -108,6 +108,27 @@ def test_any_number_of_teachers(k):
     perturb(generator)
     student = generator.generate_student(models, anchor=k - 1)
     assert torch.isfinite(student(make_inputs("mlp")).logits).all()
+    # With the decoders' weights zeroed the change is each decoder's bias, in units of the tensor's RMS over
+    # all k teachers (a symmetric function of the set, so alignment does not enter): computed here by hand.
+    with torch.no_grad():
+        for decoder in generator.decoders:
+            decoder.weight.zero_()
+    teachers = wf.TeacherSet.from_models(models)
+    got = generator.generate_student(teachers, anchor=k - 1).state_dict()
+    anchor = models[k - 1].state_dict()
+    layers, _ = teachers.layers
+    for index, layer in enumerate(layers):
+        bias, start = generator.decoders[index].bias.detach(), 0
+        for t in layer.tensors:
+            stack = torch.stack([m.state_dict()[t.name] for m in models])
+            rms = stack.pow(2).mean().sqrt().clamp_min(1e-6)
+            moved = anchor[t.name].movedim(t.channel_axis, 0)
+            width = moved[0].numel()
+            change = bias[start : start + width].reshape(moved.shape[1:]) * rms
+            start += width
+            expected = (moved - change).movedim(0, t.channel_axis)
+            torch.testing.assert_close(got[t.name], expected, rtol=1e-6, atol=1e-7, msg=t.name)
+            assert not torch.equal(got[t.name], anchor[t.name]), t.name
 
 
 def test_gradient_reaches_every_generator_parameter():

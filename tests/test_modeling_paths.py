@@ -9,6 +9,7 @@ import json
 import pytest
 import torch
 from families import make_inputs, make_model
+from weightformer_hf.modeling.modeling_weightformer import chunk_layout, describe_layers
 
 import weightformer_hf as wf
 
@@ -110,3 +111,210 @@ def test_configs_that_switch_a_removed_option_on_are_refused(tmp_path, old):
         wf.WeightFormerModel.from_pretrained(tmp_path)
     with pytest.raises(ValueError, match=f"{name}.*removed"):
         wf.WeightFormerConfig(**old)
+
+
+# ---------------------------------------------------------------------------------- multi-chunk tokens
+def _reference_student(generator, teachers, anchor):
+    """The generator's maths written out with explicit loops over channels and chunks (no alignment:
+    use `align_teachers=False`), as an independent statement of padding, chunk order and attention sets."""
+    config, (layers, _) = generator.config, teachers.layers
+    n_teachers = len(teachers)
+    cross, student = generator.cross_init, {}
+    for index, layer in enumerate(layers):
+        columns, scales = [], []  # per teacher: (C, W) normalised tokens
+        for t in layer.tensors:
+            stack = torch.stack([sd[t.name].float() for sd in teachers.state_dicts])
+            stack = stack.movedim(t.channel_axis + 1, 1).reshape(n_teachers, layer.channels, -1)
+            scale = torch.ones(()) if t.positive else stack.pow(2).mean().sqrt().clamp_min(1e-6)
+            columns.append((stack.clamp_min(1e-12).log() if t.positive else stack) / scale)
+            scales += [scale] * stack.shape[-1]
+        content = torch.cat(columns, dim=-1)
+        width = content.shape[-1]
+        n_chunks = -(-width // config.chunk_size)
+        chunk = -(-width // n_chunks)
+        decrements = torch.zeros(layer.channels, width)
+        cross_outs = []
+        for c in range(n_chunks):
+
+            def token(k, i, c=c, index=index, content=content, chunk=chunk):
+                piece = content[k, i, c * chunk : (c + 1) * chunk]
+                piece = torch.cat([piece, piece.new_zeros(chunk - piece.numel())])  # the last chunk is padded
+                return (
+                    generator.embedders[index](piece)
+                    + generator.chunk_embed.weight[generator.chunk_offsets[index] + c]
+                    + generator.layer_embed.weight[index]
+                    + generator.role_embed.weight[int(k == anchor)]
+                )
+
+            queries = []
+            for i in range(layer.channels):
+                q = token(anchor, i)
+                others = [token(k, i) for k in range(n_teachers) if k != anchor]
+                if config.pool_aligned and others:
+                    q = q + generator.pool_proj(torch.stack(others).mean(0))
+                queries.append(q)
+            memory = torch.stack([token(k, i) for k in range(n_teachers) for i in range(layer.channels)])
+            queries = torch.stack(([cross] if config.use_cross_token else []) + queries)
+            for block in generator.blocks:
+                queries = block(queries[None], memory[None])[0]
+            queries = generator.final_norm(queries)
+            if config.use_cross_token:
+                cross_outs.append(queries[0])
+                queries = queries[1:]
+            out = generator.decoders[index](queries)  # (C, chunk)
+            for j in range(chunk):
+                if c * chunk + j < width:
+                    decrements[:, c * chunk + j] = out[:, j]
+        if config.use_cross_token:
+            cross = torch.stack(cross_outs).mean(0)
+        decrements = decrements * torch.stack(scales)
+        start = 0
+        for t in layer.tensors:
+            value = teachers.state_dicts[anchor][t.name].float().movedim(t.channel_axis, 0)
+            w = value[0].numel()
+            dec = decrements[:, start : start + w].reshape(value.shape)
+            start += w
+            new = value * torch.exp(-dec) if t.positive else value - dec
+            student[t.name] = new.movedim(0, t.channel_axis)
+    return student
+
+
+@pytest.mark.parametrize("family,chunk_size", [("mlp", 16), ("cnn1d", 6)])
+def test_multi_chunk_tokens_match_a_loop_over_chunks(family, chunk_size):
+    models = [make_model(family, seed) for seed in range(3)]
+    teachers = wf.TeacherSet.from_models(models)
+    # exact anchor at initialisation, alignment on
+    generator = wf.WeightFormerModel.for_teachers(teachers, **SMALL, chunk_size=chunk_size)
+    widths = [x["width"] for x in describe_layers(teachers)]
+    layouts = [chunk_layout(w, chunk_size) for w in widths]
+    assert sum(n >= 2 for n, _ in layouts) >= 2, layouts  # several multi-chunk layers ...
+    assert any(n * c > w for (n, c), w in zip(layouts, widths)), layouts  # ... and padding
+    student = generator.generate_student(teachers, anchor=1).state_dict()
+    for name, tensor in models[1].state_dict().items():
+        assert torch.equal(bits(student[name]), bits(tensor)), name
+    # a perturbed generator computes what the explicit loop computes
+    generator = wf.WeightFormerModel.for_teachers(teachers, **SMALL, chunk_size=chunk_size, align_teachers=False)
+    perturb(generator)
+    generator.eval()
+    with torch.no_grad():
+        state = generator(teachers, anchor=1).student_state
+        expected = _reference_student(generator, teachers, anchor=1)
+    for name, tensor in expected.items():
+        torch.testing.assert_close(state[name], tensor, rtol=1e-5, atol=1e-6, msg=name)
+        assert not torch.equal(state[name], models[1].state_dict()[name]), name
+
+
+def test_multi_chunk_reference_also_matches_single_chunk_layers():
+    """The loop reference is itself checked on the default (single-chunk) layout of another family."""
+    models = [make_model("mlp", seed) for seed in range(2)]
+    teachers = wf.TeacherSet.from_models(models)
+    generator = wf.WeightFormerModel.for_teachers(teachers, **SMALL, chunk_size=64, align_teachers=False)
+    perturb(generator, seed=2)
+    with torch.no_grad():
+        state = generator(teachers, anchor=0).student_state
+        expected = _reference_student(generator, teachers, anchor=0)
+    for name, tensor in expected.items():
+        torch.testing.assert_close(state[name], tensor, rtol=1e-5, atol=1e-6, msg=name)
+
+
+# ---------------------------------------------------------------------------------- gradient checkpointing
+def test_gradient_checkpointing_gives_the_same_loss_and_gradients():
+    models = [make_model("mlp", seed) for seed in range(3)]
+    teachers = wf.TeacherSet.from_models(models)
+    generator = wf.WeightFormerModel.for_teachers(teachers, **{**SMALL, "num_hidden_layers": 2}, dropout=0.1)
+    perturb(generator)
+    generator.train()
+    inputs, labels = make_inputs("mlp", 8), torch.arange(8) % 10
+
+    def loss_and_grads():
+        generator.zero_grad()
+        torch.manual_seed(7)  # dropout draws the same masks in both runs (checkpointing replays the RNG)
+        state = generator(teachers, anchor=1).student_state
+        loss = torch.nn.functional.cross_entropy(wf.run_student(teachers, state, inputs), labels)
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in generator.named_parameters()}
+
+    plain_loss, plain = loss_and_grads()
+    with pytest.warns(FutureWarning):  # transformers 5 renamed it activation_checkpointing_enable
+        generator.gradient_checkpointing_enable()
+    calls = []
+    for block in generator.blocks:
+        assert block.gradient_checkpointing
+        func = block._gradient_checkpointing_func
+        block._gradient_checkpointing_func = lambda *a, _f=func, **kw: calls.append(1) or _f(*a, **kw)
+    ckpt_loss, ckpt = loss_and_grads()
+    assert len(calls) == 2 * len(teachers.layers[0])  # every block of every layer was checkpointed
+    torch.testing.assert_close(ckpt_loss, plain_loss, rtol=1e-6, atol=1e-6)
+    for name, grad in plain.items():
+        torch.testing.assert_close(ckpt[name], grad, rtol=1e-6, atol=1e-6, msg=name)
+
+
+# ---------------------------------------------------------------------------------- ablation switches
+@pytest.mark.parametrize("option", ["align_teachers", "pool_aligned", "use_cross_token"])
+def test_ablation_switches_keep_the_anchor_at_init_and_change_the_student(option):
+    models = [make_model("mlp", seed) for seed in range(3)]
+    teachers = wf.TeacherSet.from_models(models)
+    generator = wf.WeightFormerModel.for_teachers(teachers, **SMALL, **{option: False})
+    student = generator.generate_student(teachers, anchor=1).state_dict()
+    for name, tensor in models[1].state_dict().items():
+        assert torch.equal(bits(student[name]), bits(tensor)), name
+    default = wf.WeightFormerModel.for_teachers(teachers, **SMALL)
+    perturb(generator, seed=3)
+    default.load_state_dict(generator.state_dict())  # same weights: only the switch differs
+    a = generator(teachers, anchor=1).student_state
+    b = default(teachers, anchor=1).student_state
+    for name in a:
+        assert not torch.allclose(a[name], b[name]), f"{option}=False left {name} as the default computes it"
+
+
+def test_alignment_off_equals_pre_aligned_teachers():
+    """With alignment on, the generator sees each teacher permuted onto the anchor: exactly what alignment
+    off computes from teachers that were aligned beforehand."""
+    from weightformer_hf.alignment import permute_tensor, weight_matching
+
+    models = [make_model("mlp", seed) for seed in range(3)]
+    teachers = wf.TeacherSet.from_models(models)
+    on = wf.WeightFormerModel.for_teachers(teachers, **SMALL)
+    perturb(on)
+    off = wf.WeightFormerModel.for_teachers(teachers, **SMALL, align_teachers=False)
+    off.load_state_dict(on.state_dict())
+    spec = teachers.family.permutation_spec(teachers.template)
+    aligned = []
+    for k, model in enumerate(models):
+        state = model.state_dict()
+        if k != 1:
+            perms = weight_matching(spec, models[1].state_dict(), state, max_iter=SMALL["align_max_iter"])
+            assert any(not torch.equal(p, torch.arange(len(p))) for p in perms.values())
+            state = {n: permute_tensor(n, t, spec, perms) for n, t in state.items()}
+        copy = make_model("mlp", 0)
+        copy.load_state_dict(state)
+        aligned.append(copy)
+    a = on(teachers, anchor=1).student_state
+    b = off(wf.TeacherSet.from_models(aligned), anchor=1).student_state
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+    c = off(teachers, anchor=1).student_state
+    assert all(not torch.equal(a[n], c[n]) for n in a)
+
+
+@pytest.mark.parametrize("use_cross_token", [False, True])
+def test_without_cross_token_layers_are_independent(use_cross_token):
+    """Without [cross] (and without alignment, which couples layers through shared permutations), a layer's
+    student tensors depend on that layer's teacher tensors only; with it, later layers see earlier ones."""
+    models = [make_model("mlp", seed) for seed in range(3)]
+    teachers = wf.TeacherSet.from_models(models)
+    generator = wf.WeightFormerModel.for_teachers(
+        teachers, **SMALL, align_teachers=False, use_cross_token=use_cross_token
+    )
+    perturb(generator)
+    layers, _ = teachers.layers
+    first = {t.name for t in layers[0].tensors}
+    changed = make_model("mlp", 2)
+    with torch.no_grad():
+        for name in first:
+            changed.get_parameter(name).mul_(1.5).add_(0.1)
+    a = generator(teachers, anchor=0).student_state
+    b = generator(wf.TeacherSet.from_models([*models[:2], changed]), anchor=0).student_state
+    assert all(not torch.equal(a[n], b[n]) for n in first)
+    later_equal = [torch.equal(a[n], b[n]) for n in a if n not in first]
+    assert all(later_equal) if not use_cross_token else not any(later_equal)
