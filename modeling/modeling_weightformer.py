@@ -23,6 +23,7 @@ from __future__ import annotations
 import copy
 import math
 import weakref
+from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -52,6 +53,47 @@ class WeightFormerOutput(ModelOutput):
 
     student_state: dict[str, torch.Tensor] | None = None
     cross_states: torch.Tensor | None = None
+
+
+@dataclass
+class _LayerInputs:
+    """What the generator reads of one layer (no gradients): see `WeightFormerModel._layer_inputs`."""
+
+    content: torch.Tensor  # (K, C, n_chunks, chunk): normalised tokens, zero-padded to whole chunks
+    scales: torch.Tensor  # (W,): tensor units per normalised unit, per token column
+    anchor_tensors: dict[str, torch.Tensor]  # the anchor's tensors of the layer, float32 on the device
+    dtypes: dict[str, torch.dtype]  # the anchor's own dtypes, which the student keeps
+
+
+class _TokenCacheEntry:
+    """Cached `_LayerInputs` of one (teacher set, anchor, device); valid while the teachers' tensors are the
+    same objects, unmodified. Holds weak references only: it never keeps a teacher (or a lazily read tensor)
+    alive."""
+
+    def __init__(self, owner: dict, sources: list[torch.Tensor], layers: list[_LayerInputs]):
+        self.owner = owner  # the set's alignment cache: shared by a set, its subsets and `.to()` copies
+        self.refs = [(weakref.ref(t), t._version) for t in sources]
+        self.layers = layers
+        self.nbytes = sum(
+            x.numel() * x.element_size() for li in layers for x in (li.content, li.scales, *li.anchor_tensors.values())
+        )
+
+    def matches(self, teachers: TeacherSet, sources: list[torch.Tensor]) -> bool:
+        return (
+            self.owner is teachers.alignment_cache
+            and len(sources) == len(self.refs)
+            and all(ref() is t and t._version == version for (ref, version), t in zip(self.refs, sources))
+        )
+
+
+# (lineage, identities, anchor, device, settings) -> entry, least recently used first
+_TOKEN_CACHE: OrderedDict[tuple, _TokenCacheEntry] = OrderedDict()
+TOKEN_CACHE_BYTES = 512 * 2**20  # entries beyond this (newest kept first) are dropped
+
+
+def clear_token_cache() -> None:
+    """Drop every cached teacher-token entry (they are rebuilt on the next forward)."""
+    _TOKEN_CACHE.clear()
 
 
 def chunk_layout(width: int, chunk_size: int) -> tuple[int, int]:
@@ -196,20 +238,13 @@ class WeightFormerModel(WeightFormerPreTrainedModel):
         self.check_teachers(teachers)
         device = self.cross_init.device
         layers, non_float = teachers.layers
-        perms = self._alignments(teachers, anchor)
-        spec = teachers.family.permutation_spec(teachers.template) if perms else {}
         cross = self.cross_init
         student: dict[str, torch.Tensor] = {}
         cross_states = []
-        for index, layer in enumerate(layers):
-            tensors = [
-                {t.name: permute_tensor(t.name, sd[t.name], spec, perms[k]) for t in layer.tensors}
-                for k, sd in enumerate(teachers.state_dicts)
-            ]
-            tensors = [{n: v.to(device=device, dtype=torch.float32) for n, v in td.items()} for td in tensors]
-            decrements, cross = self._generate_layer(index, layer, tensors, anchor, cross)
+        for index, (layer, inputs) in enumerate(zip(layers, self._layer_inputs(teachers, anchor))):
+            decrements, cross = self._generate_layer(index, layer, inputs.content, anchor, cross)
             cross_states.append(cross)
-            student.update(_apply_changes(layer, tensors[anchor], decrements, teachers.state_dicts[anchor]))
+            student.update(_apply_changes(layer, inputs.anchor_tensors, decrements * inputs.scales, inputs.dtypes))
         for name in non_float:  # integer counters such as num_batches_tracked carry no learned weights
             student[name] = teachers.state_dicts[anchor][name].to(device)
         return WeightFormerOutput(student_state=student, cross_states=torch.stack(cross_states))
@@ -256,21 +291,64 @@ class WeightFormerModel(WeightFormerPreTrainedModel):
             perms.append(cache[key])
         return perms
 
+    def _layer_inputs(self, teachers: TeacherSet, anchor: int) -> list[_LayerInputs]:
+        """Per layer, the generator's input: aligned, normalised, chunked teacher tokens and the anchor's tensors.
+
+        A pure function of the teachers, the anchor and the config's alignment and chunk settings, so it is
+        computed without gradients and cached (`_TOKEN_CACHE`) across calls: training episodes that reuse a
+        teacher set and anchor skip alignment permutations, stacking, normalisation and device copies. An
+        entry is only used for the same teacher objects (the set's lineage, identities, device) whose tensors
+        are the very same objects, unmodified in place (`Tensor._version`); anything else recomputes.
+        """
+        device = self.cross_init.device
+        layers, _ = teachers.layers
+        sources = [sd[t.name] for sd in teachers.state_dicts for layer in layers for t in layer.tensors]
+        key = (
+            id(teachers.alignment_cache),
+            tuple(info.identity for info in teachers.infos),
+            anchor,
+            str(device),
+            self.config.align_teachers,
+            self.config.align_max_iter,
+            self.config.chunk_size,
+        )
+        entry = _TOKEN_CACHE.get(key)
+        if entry is not None and entry.matches(teachers, sources):
+            _TOKEN_CACHE.move_to_end(key)
+            return entry.layers
+        perms = self._alignments(teachers, anchor)
+        spec = teachers.family.permutation_spec(teachers.template) if perms else {}
+        out = []
+        with torch.no_grad():
+            for layer in layers:
+                tensors = [
+                    {t.name: permute_tensor(t.name, sd[t.name], spec, perms[k]) for t in layer.tensors}
+                    for k, sd in enumerate(teachers.state_dicts)
+                ]
+                tensors = [{n: v.to(device=device, dtype=torch.float32) for n, v in td.items()} for td in tensors]
+                content, scales = _layer_content(layer, tensors)  # (K, C, W), (W,)
+                width = content.shape[-1]
+                n_chunks, chunk = chunk_layout(width, self.config.chunk_size)
+                content = F.pad(content, (0, n_chunks * chunk - width))
+                content = content.view(len(tensors), layer.channels, n_chunks, chunk)
+                dtypes = {t.name: teachers.state_dicts[anchor][t.name].dtype for t in layer.tensors}
+                out.append(_LayerInputs(content, scales, tensors[anchor], dtypes))
+        _TOKEN_CACHE[key] = _TokenCacheEntry(teachers.alignment_cache, sources, out)
+        _TOKEN_CACHE.move_to_end(key)
+        total = 0
+        for k in reversed(list(_TOKEN_CACHE)):  # keep the newest entries within the byte budget
+            total += _TOKEN_CACHE[k].nbytes
+            if total > TOKEN_CACHE_BYTES:
+                del _TOKEN_CACHE[k]
+        return out
+
     def _generate_layer(
-        self,
-        index: int,
-        layer: LayerSpec,
-        tensors: list[dict[str, torch.Tensor]],
-        anchor: int,
-        cross: torch.Tensor,
+        self, index: int, layer: LayerSpec, content: torch.Tensor, anchor: int, cross: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """One layer's decrements `(channels, width)` (negated changes, in tensor units) and the next [cross]
-        state."""
-        n_teachers, channels = len(tensors), layer.channels
-        content, scales = _layer_content(layer, tensors)  # (K, C, W), (W,)
-        width = content.shape[-1]
-        n_chunks, chunk = chunk_layout(width, self.config.chunk_size)
-        content = F.pad(content, (0, n_chunks * chunk - width)).view(n_teachers, channels, n_chunks, chunk)
+        """One layer's decrements `(channels, width)` (negated changes, normalised units) and the next [cross]
+        state, from the layer's chunked tokens `content` `(K, C, n_chunks, chunk)`."""
+        n_teachers, channels, n_chunks, chunk = content.shape
+        width = self.config.student_layers[index]["width"]
         chunk_ids = torch.arange(n_chunks, device=content.device) + self.chunk_offsets[index]
         tokens = self.embedders[index](content) + self.chunk_embed(chunk_ids)[:, None, :].transpose(0, 1)
         tokens = tokens + self.layer_embed.weight[index]
@@ -294,7 +372,7 @@ class WeightFormerModel(WeightFormerPreTrainedModel):
             cross, queries = queries[:, 0].mean(0), queries[:, 1:]
         decrements = self.decoders[index](queries)  # (n, C, chunk), normalised units
         decrements = decrements.transpose(0, 1).reshape(channels, n_chunks * chunk)[:, :width]
-        return decrements * scales, cross
+        return decrements, cross
 
     # ---------------------------------------------------------------------------------------- generation
     @torch.no_grad()
@@ -417,7 +495,7 @@ def _apply_changes(
     layer: LayerSpec,
     anchor_tensors: dict[str, torch.Tensor],
     decrements: torch.Tensor,
-    anchor_state: Mapping[str, torch.Tensor],
+    dtypes: Mapping[str, torch.dtype],
 ) -> dict[str, torch.Tensor]:
     """Student tensors = anchor − decrement (positive tensors: anchor · exp(−decrement)).
 
@@ -433,5 +511,5 @@ def _apply_changes(
         decrement = decrements[:, start : start + width].reshape(moved_shape).movedim(0, t.channel_axis)
         start += width
         new = value * torch.exp(-decrement) if t.positive else value - decrement
-        out[t.name] = new.to(anchor_state[t.name].dtype)
+        out[t.name] = new.to(dtypes[t.name])
     return out

@@ -318,3 +318,50 @@ def test_without_cross_token_layers_are_independent(use_cross_token):
     assert all(not torch.equal(a[n], b[n]) for n in first)
     later_equal = [torch.equal(a[n], b[n]) for n in a if n not in first]
     assert all(later_equal) if not use_cross_token else not any(later_equal)
+
+
+# -------------------------------------------------------------------------------------- token cache
+def test_cached_teacher_tokens_give_the_same_student_and_follow_the_teachers():
+    from weightformer_hf.modeling import modeling_weightformer as mw
+
+    models = [make_model("hf_resnet", seed) for seed in range(3)]
+    teachers = wf.TeacherSet.from_models(models)
+    generator = wf.WeightFormerModel.for_teachers(teachers, **SMALL)
+    perturb(generator)
+    mw.clear_token_cache()
+    cold = generator(teachers, anchor=1).student_state
+    assert len(mw._TOKEN_CACHE) == 1
+    for entry in mw._TOKEN_CACHE.values():  # the cache holds no graph and no gradient
+        for inputs in entry.layers:
+            for x in (inputs.content, inputs.scales, *inputs.anchor_tensors.values()):
+                assert not x.requires_grad and x.grad_fn is None
+    warm = generator(teachers, anchor=1).student_state
+    assert len(mw._TOKEN_CACHE) == 1
+    for name in cold:
+        assert torch.equal(warm[name], cold[name]), name
+    # gradients still flow through the cached path, BatchNorm statistics included
+    loss = sum(v.float().pow(2).sum() for v in warm.values() if v.is_floating_point())
+    loss.backward()
+    assert all(p.grad is not None for p in generator.decoders.parameters())
+    # another anchor, another order, another set: other entries, same answers as a cold cache
+    for other, anchor in ((teachers, 0), (teachers.subset([2, 1, 0]), 1)):
+        state = generator(other, anchor=anchor).student_state
+        mw.clear_token_cache()
+        fresh = generator(other, anchor=anchor).student_state
+        assert all(torch.equal(state[n], fresh[n]) for n in state)
+    # a teacher modified in place is noticed
+    generator(teachers, anchor=1)
+    name = "resnet.embedder.embedder.convolution.weight"
+    with torch.no_grad():
+        teachers.state_dicts[2][name].mul_(2.0)
+    changed = generator(teachers, anchor=1).student_state
+    mw.clear_token_cache()
+    fresh = generator(teachers, anchor=1).student_state
+    assert all(torch.equal(changed[n], fresh[n]) for n in fresh)
+    assert not torch.equal(changed[name], cold[name])
+    # a TeacherSet built from other models with the same names (identities) is not mistaken for this one
+    others = wf.TeacherSet.from_models([make_model("hf_resnet", seed) for seed in (5, 6, 7)])
+    a = generator(others, anchor=1).student_state
+    mw.clear_token_cache()
+    b = generator(others, anchor=1).student_state
+    assert all(torch.equal(a[n], b[n]) for n in a)
