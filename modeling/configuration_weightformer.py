@@ -28,17 +28,17 @@ class WeightFormerConfig(PreTrainedConfig):
         use_cross_token (`bool`, defaults to `True`): carry a `[cross]` state from layer to layer.
         pool_aligned (`bool`, defaults to `True`): add the mean of the other teachers' aligned tokens of
             the same channel to each anchor query.
-        copy_path (`bool`, defaults to `False`): add a gated, zero-initialised pull of each channel towards a
-            learned softmax mix of the teachers' aligned values of that channel.
         shift_consistency_weight (`float`, defaults to 0.0): weight of the paper's shift-consistency loss
             (MSE between students generated from two orders of the other teachers); 0 disables it.
-        mask_sparsity_weight (`float`, defaults to 0.0): weight of the paper's mask-sparsity loss on the
-            learned soft gate over memory tokens; 0 disables both the gate and the loss.
         initializer_range (`float`, defaults to 0.02): std of the normal init of linear layers.
         student (`dict`, *optional*): `{"family", "arch", "label_names"}` of the student architecture.
         student_layers (`list[dict]`, *optional*): `{"name", "channels", "width"}` per generator layer.
         training_pool (`list[str]`, *optional*): identities of the teachers the generator was trained on.
         heldout_results (`dict`, *optional*): held-out evaluation summary written by the training script.
+
+    Removed options: `copy_path` and `mask_sparsity_weight` (the copy path and the memory gate measured no
+    gain, docs/experiments.md). A saved config that has them switched off still loads (they are dropped);
+    one that switches them on raises `ValueError`, since this version cannot build that generator.
     """
 
     model_type = "weightformer"
@@ -56,9 +56,7 @@ class WeightFormerConfig(PreTrainedConfig):
         align_max_iter: int = 30,
         use_cross_token: bool = True,
         pool_aligned: bool = True,
-        copy_path: bool = False,
         shift_consistency_weight: float = 0.0,
-        mask_sparsity_weight: float = 0.0,
         initializer_range: float = 0.02,
         student: dict | None = None,
         student_layers: list[dict] | None = None,
@@ -66,6 +64,7 @@ class WeightFormerConfig(PreTrainedConfig):
         heldout_results: dict | None = None,
         **kwargs,
     ):
+        _drop_removed_options(kwargs)
         if hidden_size % num_attention_heads != 0:
             raise ValueError(
                 f"hidden_size ({hidden_size}) must be a multiple of num_attention_heads ({num_attention_heads})"
@@ -81,12 +80,27 @@ class WeightFormerConfig(PreTrainedConfig):
         self.align_max_iter = align_max_iter
         self.use_cross_token = use_cross_token
         self.pool_aligned = pool_aligned
-        self.copy_path = copy_path
         self.shift_consistency_weight = shift_consistency_weight
-        self.mask_sparsity_weight = mask_sparsity_weight
         self.initializer_range = initializer_range
         self.student = student or {}
         self.student_layers = list(student_layers or [])
         self.training_pool = list(training_pool or [])
         self.heldout_results = heldout_results or {}
         super().__init__(**kwargs)
+
+
+# option -> value that means "off": configs saved by earlier versions carry these keys
+_REMOVED_OPTIONS = {"copy_path": False, "mask_sparsity_weight": 0.0}
+
+
+def _drop_removed_options(kwargs: dict) -> None:
+    """Pop options earlier versions had; raise `ValueError` if a config switches one on."""
+    for name, off in _REMOVED_OPTIONS.items():
+        if name in kwargs:
+            value = kwargs.pop(name)
+            if value not in (None, off):
+                raise ValueError(
+                    f"this WeightFormerConfig has {name}={value!r}, but this version of weightformer_hf removed "
+                    f"the {name!r} option (it measured no gain, see docs/experiments.md); a generator trained with "
+                    "it cannot be loaded here: use the weightformer_hf version it was trained with"
+                )

@@ -20,8 +20,10 @@ Data path, top to bottom:
 
 from __future__ import annotations
 
+import copy
 import math
-import types
+import weakref
+from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -47,12 +49,51 @@ class WeightFormerOutput(ModelOutput):
     Args:
         student_state: the student's full state dict (floating tensors carry gradients to the generator).
         cross_states: the `[cross]` state after each student layer, shape `(num_layers, hidden_size)`.
-        mask_sparsity: mean of the soft memory gate (only when `mask_sparsity_weight > 0`).
     """
 
     student_state: dict[str, torch.Tensor] | None = None
     cross_states: torch.Tensor | None = None
-    mask_sparsity: torch.Tensor | None = None
+
+
+@dataclass
+class _LayerInputs:
+    """What the generator reads of one layer (no gradients): see `WeightFormerModel._layer_inputs`."""
+
+    content: torch.Tensor  # (K, C, n_chunks, chunk): normalised tokens, zero-padded to whole chunks
+    scales: torch.Tensor  # (W,): tensor units per normalised unit, per token column
+    anchor_tensors: dict[str, torch.Tensor]  # the anchor's tensors of the layer, float32 on the device
+    dtypes: dict[str, torch.dtype]  # the anchor's own dtypes, which the student keeps
+
+
+class _TokenCacheEntry:
+    """Cached `_LayerInputs` of one (teacher set, anchor, device); valid while the teachers' tensors are the
+    same objects, unmodified. Holds weak references only: it never keeps a teacher (or a lazily read tensor)
+    alive."""
+
+    def __init__(self, owner: dict, sources: list[torch.Tensor], layers: list[_LayerInputs]):
+        self.owner = owner  # the set's alignment cache: shared by a set, its subsets and `.to()` copies
+        self.refs = [(weakref.ref(t), t._version) for t in sources]
+        self.layers = layers
+        self.nbytes = sum(
+            x.numel() * x.element_size() for li in layers for x in (li.content, li.scales, *li.anchor_tensors.values())
+        )
+
+    def matches(self, teachers: TeacherSet, sources: list[torch.Tensor]) -> bool:
+        return (
+            self.owner is teachers.alignment_cache
+            and len(sources) == len(self.refs)
+            and all(ref() is t and t._version == version for (ref, version), t in zip(self.refs, sources))
+        )
+
+
+# (lineage, identities, anchor, device, settings) -> entry, least recently used first
+_TOKEN_CACHE: OrderedDict[tuple, _TokenCacheEntry] = OrderedDict()
+TOKEN_CACHE_BYTES = 512 * 2**20  # entries beyond this (newest kept first) are dropped
+
+
+def clear_token_cache() -> None:
+    """Drop every cached teacher-token entry (they are rebuilt on the next forward)."""
+    _TOKEN_CACHE.clear()
 
 
 def chunk_layout(width: int, chunk_size: int) -> tuple[int, int]:
@@ -81,16 +122,12 @@ class WeightFormerAttention(nn.Module):
         self.o_proj = nn.Linear(config.hidden_size, config.hidden_size)
         self.dropout = config.dropout
 
-    def forward(
-        self, queries: torch.Tensor, keys: torch.Tensor, bias: torch.Tensor | None = None
-    ) -> torch.Tensor:
+    def forward(self, queries: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
         batch, n_q, dim = queries.shape
         heads, head_dim = self.num_heads, dim // self.num_heads
         q = self.q_proj(queries).view(batch, n_q, heads, head_dim).transpose(1, 2)
         k, v = self.kv_proj(keys).view(batch, keys.shape[1], 2, heads, head_dim).permute(2, 0, 3, 1, 4)
-        out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=bias, dropout_p=self.dropout if self.training else 0.0
-        )
+        out = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0)
         return self.o_proj(out.transpose(1, 2).reshape(batch, n_q, dim))
 
 
@@ -114,10 +151,10 @@ class WeightFormerBlock(GradientCheckpointingLayer):
             nn.Dropout(config.dropout),
         )
 
-    def forward(self, queries: torch.Tensor, memory: torch.Tensor, memory_bias: torch.Tensor | None = None):
+    def forward(self, queries: torch.Tensor, memory: torch.Tensor) -> torch.Tensor:
         x = self.self_norm(queries)
         queries = queries + self.self_attn(x, x)
-        queries = queries + self.cross_attn(self.cross_norm(queries), self.memory_norm(memory), memory_bias)
+        queries = queries + self.cross_attn(self.cross_norm(queries), self.memory_norm(memory))
         return queries + self.mlp(self.mlp_norm(queries))
 
 
@@ -136,9 +173,6 @@ class WeightFormerPreTrainedModel(PreTrainedModel):
             for decoder in module.decoders:
                 init.zeros_(decoder.weight)
                 init.zeros_(decoder.bias)
-            if module.config.copy_path:
-                init.zeros_(module.copy_gate.weight)
-                init.zeros_(module.copy_gate.bias)
 
 
 class WeightFormerModel(WeightFormerPreTrainedModel):
@@ -161,11 +195,6 @@ class WeightFormerModel(WeightFormerPreTrainedModel):
         self.role_embed = nn.Embedding(2, d)  # 0: another teacher, 1: the anchor
         self.pool_proj = nn.Linear(d, d)
         self.cross_init = nn.Parameter(torch.zeros(d))
-        self.memory_gate = nn.Linear(d, 1) if config.mask_sparsity_weight > 0 else None
-        if config.copy_path:
-            self.copy_query = nn.Linear(d, d)
-            self.copy_key = nn.Linear(d, d)
-            self.copy_gate = nn.Linear(d, 1)
         self.blocks = nn.ModuleList(WeightFormerBlock(config) for _ in range(config.num_hidden_layers))
         self.final_norm = nn.LayerNorm(d, eps=config.layer_norm_eps)
         self.gradient_checkpointing = False
@@ -173,9 +202,7 @@ class WeightFormerModel(WeightFormerPreTrainedModel):
 
     # -------------------------------------------------------------------------------------- construction
     @classmethod
-    def for_teachers(
-        cls, teachers: TeacherSet | Sequence[nn.Module], **generator_kwargs
-    ) -> WeightFormerModel:
+    def for_teachers(cls, teachers: TeacherSet | Sequence[nn.Module], **generator_kwargs) -> WeightFormerModel:
         """An untrained generator whose config describes the architecture and labels of `teachers`."""
         teachers = as_teacher_set(teachers)
         config = WeightFormerConfig(
@@ -189,65 +216,48 @@ class WeightFormerModel(WeightFormerPreTrainedModel):
         expected = [(x["name"], x["channels"], x["width"]) for x in self.config.student_layers]
         got = [(x["name"], x["channels"], x["width"]) for x in describe_layers(teachers)]
         if expected != got:
-            first = (
-                next((e, g) for e, g in zip(expected, got) if e != g) if len(expected) == len(got) else None
-            )
+            first = next((e, g) for e, g in zip(expected, got) if e != g) if len(expected) == len(got) else None
             raise TeacherMismatchError(
                 f"this WeightFormer was built for layers {first[0] if first else len(expected)} but the teachers "
                 f"have {first[1] if first else len(got)}"
             )
 
     # ------------------------------------------------------------------------------------------- forward
-    def forward(self, teachers: TeacherSet, anchor: int = 0, **kwargs) -> WeightFormerOutput:
+    def forward(self, teachers: TeacherSet, anchor: int = 0) -> WeightFormerOutput:
         """Generate the student's state dict from `teachers`, keeping gradients.
 
         Args:
             teachers: K ≥ 1 teachers of the architecture this generator serves.
             anchor: index of the teacher whose channel order (and values, at initialisation) the student keeps.
+
+        There are no other arguments: transformers' machinery passes none to this forward (gradient
+        checkpointing wraps the blocks, not the model), and an unknown keyword raises `TypeError`.
         """
         if not 0 <= anchor < len(teachers):
             raise IndexError(f"anchor {anchor} is out of range for {len(teachers)} teachers")
         self.check_teachers(teachers)
         device = self.cross_init.device
         layers, non_float = teachers.layers
-        perms = self._alignments(teachers, anchor)
-        spec = teachers.family.permutation_spec(teachers.template) if perms else {}
         cross = self.cross_init
         student: dict[str, torch.Tensor] = {}
-        cross_states, gates = [], []
-        for index, layer in enumerate(layers):
-            tensors = [
-                {t.name: permute_tensor(t.name, sd[t.name], spec, perms[k]) for t in layer.tensors}
-                for k, sd in enumerate(teachers.state_dicts)
-            ]
-            tensors = [{n: v.to(device=device, dtype=torch.float32) for n, v in td.items()} for td in tensors]
-            decrements, cross, gate = self._generate_layer(index, layer, tensors, anchor, cross)
+        cross_states = []
+        for index, (layer, inputs) in enumerate(zip(layers, self._layer_inputs(teachers, anchor))):
+            decrements, cross = self._generate_layer(index, layer, inputs.content, anchor, cross)
             cross_states.append(cross)
-            if gate is not None:
-                gates.append(gate)
-            student.update(_apply_changes(layer, tensors[anchor], decrements, teachers.state_dicts[anchor]))
+            student.update(_apply_changes(layer, inputs.anchor_tensors, decrements * inputs.scales, inputs.dtypes))
         for name in non_float:  # integer counters such as num_batches_tracked carry no learned weights
             student[name] = teachers.state_dicts[anchor][name].to(device)
-        return WeightFormerOutput(
-            student_state=student,
-            cross_states=torch.stack(cross_states),
-            mask_sparsity=torch.stack(gates).mean() if gates else None,
-        )
+        return WeightFormerOutput(student_state=student, cross_states=torch.stack(cross_states))
 
-    def auxiliary_loss(
-        self, teachers: TeacherSet, anchor: int, output: WeightFormerOutput
-    ) -> torch.Tensor | None:
-        """The paper's optional auxiliary losses, weighted by the config (None when both are off).
+    def auxiliary_loss(self, teachers: TeacherSet, anchor: int, output: WeightFormerOutput) -> torch.Tensor | None:
+        """The paper's shift-consistency loss, weighted by `shift_consistency_weight`; None when the weight is
+        0 or there are fewer than 3 teachers.
 
-        - mask sparsity: mean of the soft gate over memory tokens (`mask_sparsity_weight`);
-        - shift consistency (`shift_consistency_weight`): the paper shifts the teacher sequence, cutting one
-          end. Order cannot change this generator's output, so the shift that remains is the cut: the
-          student regenerated without the last non-anchor teacher should stay close (relative squared
-          distance, averaged over tensors).
+        The paper shifts the teacher sequence, cutting one end. Order cannot change this generator's output,
+        so the shift that remains is the cut: the student regenerated without the last non-anchor teacher
+        should stay close (relative squared distance, averaged over tensors). (The paper's other auxiliary
+        loss, mask sparsity, went with the memory gate it regularised: it measured no gain.)
         """
-        loss = None
-        if self.config.mask_sparsity_weight > 0 and output.mask_sparsity is not None:
-            loss = self.config.mask_sparsity_weight * output.mask_sparsity
         if self.config.shift_consistency_weight > 0 and len(teachers) > 2:
             cut = max(i for i in range(len(teachers)) if i != anchor)
             keep = [i for i in range(len(teachers)) if i != cut]
@@ -258,9 +268,8 @@ class WeightFormerModel(WeightFormerPreTrainedModel):
                 for n in shifted
                 if shifted[n].is_floating_point()
             ]
-            consistency = self.config.shift_consistency_weight * torch.stack(terms).mean()
-            loss = consistency if loss is None else loss + consistency
-        return loss
+            return self.config.shift_consistency_weight * torch.stack(terms).mean()
+        return None
 
     def _alignments(self, teachers: TeacherSet, anchor: int) -> list[dict[str, torch.Tensor]]:
         """Per teacher, the permutations that align it to the anchor (empty for the anchor itself)."""
@@ -282,21 +291,64 @@ class WeightFormerModel(WeightFormerPreTrainedModel):
             perms.append(cache[key])
         return perms
 
+    def _layer_inputs(self, teachers: TeacherSet, anchor: int) -> list[_LayerInputs]:
+        """Per layer, the generator's input: aligned, normalised, chunked teacher tokens and the anchor's tensors.
+
+        A pure function of the teachers, the anchor and the config's alignment and chunk settings, so it is
+        computed without gradients and cached (`_TOKEN_CACHE`) across calls: training episodes that reuse a
+        teacher set and anchor skip alignment permutations, stacking, normalisation and device copies. An
+        entry is only used for the same teacher objects (the set's lineage, identities, device) whose tensors
+        are the very same objects, unmodified in place (`Tensor._version`); anything else recomputes.
+        """
+        device = self.cross_init.device
+        layers, _ = teachers.layers
+        sources = [sd[t.name] for sd in teachers.state_dicts for layer in layers for t in layer.tensors]
+        key = (
+            id(teachers.alignment_cache),
+            tuple(info.identity for info in teachers.infos),
+            anchor,
+            str(device),
+            self.config.align_teachers,
+            self.config.align_max_iter,
+            self.config.chunk_size,
+        )
+        entry = _TOKEN_CACHE.get(key)
+        if entry is not None and entry.matches(teachers, sources):
+            _TOKEN_CACHE.move_to_end(key)
+            return entry.layers
+        perms = self._alignments(teachers, anchor)
+        spec = teachers.family.permutation_spec(teachers.template) if perms else {}
+        out = []
+        with torch.no_grad():
+            for layer in layers:
+                tensors = [
+                    {t.name: permute_tensor(t.name, sd[t.name], spec, perms[k]) for t in layer.tensors}
+                    for k, sd in enumerate(teachers.state_dicts)
+                ]
+                tensors = [{n: v.to(device=device, dtype=torch.float32) for n, v in td.items()} for td in tensors]
+                content, scales = _layer_content(layer, tensors)  # (K, C, W), (W,)
+                width = content.shape[-1]
+                n_chunks, chunk = chunk_layout(width, self.config.chunk_size)
+                content = F.pad(content, (0, n_chunks * chunk - width))
+                content = content.view(len(tensors), layer.channels, n_chunks, chunk)
+                dtypes = {t.name: teachers.state_dicts[anchor][t.name].dtype for t in layer.tensors}
+                out.append(_LayerInputs(content, scales, tensors[anchor], dtypes))
+        _TOKEN_CACHE[key] = _TokenCacheEntry(teachers.alignment_cache, sources, out)
+        _TOKEN_CACHE.move_to_end(key)
+        total = 0
+        for k in reversed(list(_TOKEN_CACHE)):  # keep the newest entries within the byte budget
+            total += _TOKEN_CACHE[k].nbytes
+            if total > TOKEN_CACHE_BYTES:
+                del _TOKEN_CACHE[k]
+        return out
+
     def _generate_layer(
-        self,
-        index: int,
-        layer: LayerSpec,
-        tensors: list[dict[str, torch.Tensor]],
-        anchor: int,
-        cross: torch.Tensor,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """One layer's decrements `(channels, width)` (negated changes, in tensor units), the next [cross]
-        state and the memory gate's mean."""
-        n_teachers, channels = len(tensors), layer.channels
-        content, scales = _layer_content(layer, tensors)  # (K, C, W), (W,)
-        width = content.shape[-1]
-        n_chunks, chunk = chunk_layout(width, self.config.chunk_size)
-        content = F.pad(content, (0, n_chunks * chunk - width)).view(n_teachers, channels, n_chunks, chunk)
+        self, index: int, layer: LayerSpec, content: torch.Tensor, anchor: int, cross: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One layer's decrements `(channels, width)` (negated changes, normalised units) and the next [cross]
+        state, from the layer's chunked tokens `content` `(K, C, n_chunks, chunk)`."""
+        n_teachers, channels, n_chunks, chunk = content.shape
+        width = self.config.student_layers[index]["width"]
         chunk_ids = torch.arange(n_chunks, device=content.device) + self.chunk_offsets[index]
         tokens = self.embedders[index](content) + self.chunk_embed(chunk_ids)[:, None, :].transpose(0, 1)
         tokens = tokens + self.layer_embed.weight[index]
@@ -313,38 +365,14 @@ class WeightFormerModel(WeightFormerPreTrainedModel):
         if self.config.use_cross_token:
             cross_in = cross.expand(n_chunks, 1, -1)
             queries = torch.cat([cross_in, queries], dim=1)
-        bias, gate_mean = None, None
-        if self.memory_gate is not None:
-            log_gate = F.logsigmoid(self.memory_gate(memory).squeeze(-1) + 4.0)  # starts near fully open
-            bias = log_gate[:, None, None, :]
-            gate_mean = log_gate.exp().mean()
         for block in self.blocks:
-            queries = block(queries, memory, bias)
+            queries = block(queries, memory)
         queries = self.final_norm(queries)
         if self.config.use_cross_token:
             cross, queries = queries[:, 0].mean(0), queries[:, 1:]
         decrements = self.decoders[index](queries)  # (n, C, chunk), normalised units
-        if self.config.copy_path:
-            decrements = decrements + self._copy_decrement(queries, tokens, content, anchor)
         decrements = decrements.transpose(0, 1).reshape(channels, n_chunks * chunk)[:, :width]
-        return decrements * scales, cross, gate_mean
-
-    def _copy_decrement(
-        self, queries: torch.Tensor, tokens: torch.Tensor, content: torch.Tensor, anchor: int
-    ) -> torch.Tensor:
-        """Gated pull of each channel towards a learned mix of the teachers' aligned values of that channel.
-
-        The mix is a softmax over the K teachers (anchor included) of the same channel, so the generator can
-        copy exact values at full precision rather than through the d-wide decoder. The gate starts at
-        zero, which keeps the untrained student equal to the anchor (a ±0 product added to the decoder's
-        +0.0 gives +0.0).
-        """
-        q = self.copy_query(queries)  # (n, C, d)
-        keys = self.copy_key(tokens).permute(2, 1, 0, 3)  # (n, C, K, d)
-        weights = torch.einsum("ncd,nckd->nck", q, keys).div(math.sqrt(q.shape[-1])).softmax(-1)
-        values = content.permute(2, 1, 0, 3)  # (n, C, K, chunk)
-        mix = torch.einsum("nck,nckw->ncw", weights, values)
-        return self.copy_gate(queries) * (values[:, :, anchor] - mix)
+        return decrements, cross
 
     # ---------------------------------------------------------------------------------------- generation
     @torch.no_grad()
@@ -388,39 +416,62 @@ class WeightFormerModel(WeightFormerPreTrainedModel):
 def run_student(teachers: TeacherSet, student_state: Mapping[str, torch.Tensor], inputs: torch.Tensor) -> torch.Tensor:
     """Logits of the architecture of `teachers` with weights `student_state`, via `functional_call`.
 
-    Every generated tensor, BatchNorm statistics included, receives a gradient.
+    Every generated tensor, BatchNorm statistics included, receives a gradient. `teachers.template` is left
+    untouched (mode, device, modules): the student runs on a private copy of it (see `_functional_student`).
     """
-    template = teachers.template
-    if next(iter(template.parameters())).device != inputs.device:
-        template.to(inputs.device)
-    template.eval()
-    _make_batch_norm_differentiable(template)
-    out = torch.func.functional_call(template, dict(student_state), (inputs,), strict=True)
+    module = _functional_student(teachers.template, inputs.device)
+    out = torch.func.functional_call(module, dict(student_state), (inputs,), strict=True)
     return out if isinstance(out, torch.Tensor) else out.logits
 
 
-def _batch_norm_eval(self: nn.modules.batchnorm._BatchNorm, x: torch.Tensor) -> torch.Tensor:
+# template -> {device: private eval-mode copy whose BatchNorms run in plain ops}; weak, so a template that is
+# no longer used frees its copies (a copy holds no reference to its template).
+_FUNCTIONAL_STUDENTS: weakref.WeakKeyDictionary[nn.Module, dict[torch.device, nn.Module]] = weakref.WeakKeyDictionary()
+
+
+def _functional_student(template: nn.Module, device: torch.device) -> nn.Module:
+    """A private copy of `template` on `device`, in eval mode, BatchNorms swapped for `_DifferentiableBatchNorm`.
+
+    Built once per template and device, so `run_student` never moves, re-moves or patches the template.
+    """
+    per_device = _FUNCTIONAL_STUDENTS.setdefault(template, {})
+    module = per_device.get(device)
+    if module is None:
+        module = copy.deepcopy(template).to(device).eval()
+        for sub in module.modules():
+            if type(sub).forward is nn.modules.batchnorm._BatchNorm.forward and sub.track_running_stats:
+                sub.__class__ = _differentiable_batch_norm_class(type(sub))
+        per_device[device] = module
+    return module
+
+
+class _DifferentiableBatchNorm(nn.modules.batchnorm._BatchNorm):
     """Eval-mode BatchNorm in plain ops: `native_batch_norm` refuses running statistics that require grad."""
-    if self.training:
-        return type(self).forward(self, x)
-    shape = (1, -1) + (1,) * (x.dim() - 2)
-    y = (x - self.running_mean.view(shape)) * torch.rsqrt(self.running_var + self.eps).view(shape)
-    return y * self.weight.view(shape) + self.bias.view(shape) if self.affine else y
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training:
+            return super().forward(x)
+        shape = (1, -1) + (1,) * (x.dim() - 2)
+        y = (x - self.running_mean.view(shape)) * torch.rsqrt(self.running_var + self.eps).view(shape)
+        return y * self.weight.view(shape) + self.bias.view(shape) if self.affine else y
 
 
-def _make_batch_norm_differentiable(model: nn.Module) -> None:
-    for module in model.modules():
-        if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.track_running_stats:
-            module.forward = types.MethodType(_batch_norm_eval, module)
+_BATCH_NORM_CLASSES: dict[type, type] = {}
+
+
+def _differentiable_batch_norm_class(cls: type) -> type:
+    """`cls` (BatchNorm1d/2d/3d, whose `forward` is the stock one) with `_DifferentiableBatchNorm`'s forward,
+    keeping `cls`'s input checks (`_check_input_dim`) and `isinstance` relations."""
+    if cls not in _BATCH_NORM_CLASSES:
+        _BATCH_NORM_CLASSES[cls] = type(f"Differentiable{cls.__name__}", (_DifferentiableBatchNorm, cls), {})
+    return _BATCH_NORM_CLASSES[cls]
 
 
 def as_teacher_set(teachers: TeacherSet | Sequence[nn.Module]) -> TeacherSet:
     return teachers if isinstance(teachers, TeacherSet) else TeacherSet.from_models(list(teachers))
 
 
-def _layer_content(
-    layer: LayerSpec, tensors: list[dict[str, torch.Tensor]]
-) -> tuple[torch.Tensor, torch.Tensor]:
+def _layer_content(layer: LayerSpec, tensors: list[dict[str, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
     """Per teacher, the layer's channel tokens `(K, C, W)`, normalised, and the per-column scales `(W,)`.
 
     Each tensor is divided by its RMS over all teachers (a symmetric function of the set, so the order of
@@ -444,7 +495,7 @@ def _apply_changes(
     layer: LayerSpec,
     anchor_tensors: dict[str, torch.Tensor],
     decrements: torch.Tensor,
-    anchor_state: Mapping[str, torch.Tensor],
+    dtypes: Mapping[str, torch.dtype],
 ) -> dict[str, torch.Tensor]:
     """Student tensors = anchor − decrement (positive tensors: anchor · exp(−decrement)).
 
@@ -460,5 +511,5 @@ def _apply_changes(
         decrement = decrements[:, start : start + width].reshape(moved_shape).movedim(0, t.channel_axis)
         start += width
         new = value * torch.exp(-decrement) if t.positive else value - decrement
-        out[t.name] = new.to(anchor_state[t.name].dtype)
+        out[t.name] = new.to(dtypes[t.name])
     return out

@@ -23,15 +23,11 @@ def make_model(family: str, seed: int, **overrides) -> torch.nn.Module:
     """A randomly initialised tiny model of `family`; BatchNorm statistics are randomised too."""
     torch.manual_seed(seed)
     if family == "mlp":
-        model = MLPClassifier(
-            MLPClassifierConfig(hidden_sizes=overrides.get("hidden_sizes", (16, 16)), **_hf_labels())
-        )
+        model = MLPClassifier(MLPClassifierConfig(hidden_sizes=overrides.get("hidden_sizes", (16, 16)), **_hf_labels()))
     elif family == "cnn1d":
         model = Conv1dClassifier(Conv1dClassifierConfig(channels=(4, 4), **_hf_labels()))
     elif family == "hf_resnet":
-        config = ResNetConfig(
-            num_channels=1, embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], **_hf_labels()
-        )
+        config = ResNetConfig(num_channels=1, embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], **_hf_labels())
         model = ResNetForImageClassification(config)
     elif family == "hf_vit":
         config = ViTConfig(
