@@ -147,8 +147,7 @@ def episode_loss(
 ) -> torch.Tensor:
     """The loss of one episode: `episode` = (member indices into `teachers`, anchor position);
     `teacher_logits` `(K, B, C)` are the members' logits on `inputs` (see `TeacherTargets`). The
-    generator's own auxiliary losses (mask sparsity, shift consistency; off unless its config weighs
-    them) are added."""
+    generator's own auxiliary loss (shift consistency; off unless its config weighs it) is added."""
     from .modeling import run_student
 
     members, anchor = episode
