@@ -50,6 +50,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--output_dir", help="default: results/ (full) or results_quick/ (--quick)")
     p.add_argument("--pools", nargs="+", choices=plans.POOLS, help="run only these pools (default: all)")
     p.add_argument("--build_only", action="store_true", help="only train and cache the pools, then exit")
+    p.add_argument("--combine", nargs="+", metavar="DIR",
+                   help="merge the benchmark.json of earlier runs (e.g. one pool each) into --output_dir and redraw")
     g = p.add_argument_group("generator (design and training; chosen on the validation pools only)")
     g.add_argument("--generator_config", help="JSON object or file: WeightFormerConfig kwargs")
     g.add_argument("--gen_steps", type=int, help="episodes on the MNIST-1D pools (default 1500; quick 20)")
@@ -200,6 +202,8 @@ def main(argv=None) -> dict:
             plans.build(plan, log)
         log("pools built and cached")
         return {}
+    if args.combine:
+        return combine([Path(d) for d in args.combine], args.output_dir)
     costs = {"generator_training": {}, "train_step": {}, "time_ratios": {}}
     notes, pools, rows = {}, {}, []
     with no_progress_bars():
@@ -208,19 +212,63 @@ def main(argv=None) -> dict:
     large = REPO / "results" / "large_generation.json"  # examples/large_generation.py (issue #10)
     if large.exists():
         costs["large_generation"] = json.loads(large.read_text())
-    result = {"machine": report.machine_info(), "wall_seconds": time.perf_counter() - T0, "pools": pools,
-              "rows": rows, "costs": costs}  # fmt: skip
-    args.output_dir.mkdir(parents=True, exist_ok=True)
-    (args.output_dir / "benchmark.json").write_text(json.dumps(_no_nan(result), indent=2, allow_nan=False))
     command = "OMP_NUM_THREADS=1 python examples/benchmark.py " + " ".join(
         shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv)
     )
-    (args.output_dir / "benchmark.md").write_text(report.markdown({**result, "notes": notes}, command.strip()))
-    report.plot_accuracy_vs_k(rows, args.output_dir / "accuracy_vs_k.png")
+    result = {"machine": report.machine_info(), "wall_seconds": time.perf_counter() - T0, "pools": pools,
+              "rows": rows, "costs": costs, "notes": notes, "commands": [command.strip()]}  # fmt: skip
+    write(result, args.output_dir)
     log(f"wrote {args.output_dir}/benchmark.json, benchmark.md, accuracy_vs_k.png in {result['wall_seconds']:.0f}s")
     for pool, ks in report.summarize(rows).items():
         for k, ms in ks.items():
             log(f"{pool} K={k}: " + ", ".join(f"{m} G={v['gain_recovered']:.2f}" for m, v in ms.items()))
+    return result
+
+
+def write(result: dict, output_dir: Path) -> None:
+    output_dir.mkdir(parents=True, exist_ok=True)
+    (output_dir / "benchmark.json").write_text(json.dumps(_no_nan(result), indent=2, allow_nan=False))
+    (output_dir / "benchmark.md").write_text(report.markdown(result, " ; ".join(result["commands"])))
+    report.plot_accuracy_vs_k(result["rows"], output_dir / "accuracy_vs_k.png")
+
+
+def _notes_from_markdown(md: str) -> dict:
+    """The per-pool notes of a report written before the JSON kept them (its "- " lines under "## pool")."""
+    notes, pool = {}, None
+    for line in md.splitlines():
+        if line.startswith("## "):
+            pool = line[3:].strip()
+        elif line.startswith("- ") and pool not in (None, "Pools", "Costs"):
+            notes.setdefault(pool, []).append(line[2:])
+    return notes
+
+
+def combine(folders: list[Path], output_dir: Path) -> dict:
+    """One report from several runs (each on its own pools): rows, pools, notes and costs merged, wall times
+    added up, every command kept."""
+    parts = [json.loads((f / "benchmark.json").read_text()) for f in folders]
+    result = {"machine": parts[0]["machine"], "wall_seconds": sum(p["wall_seconds"] for p in parts), "pools": {},
+              "rows": [], "costs": {}, "notes": {}, "commands": []}  # fmt: skip
+    for part in parts:
+        md = (folders[parts.index(part)] / "benchmark.md").read_text()
+        commands = part.get("commands")
+        if commands is None:  # runs from before "commands" was recorded: the report's first line has it
+            commands = [md.split("Command: `", 1)[1].split("`", 1)[0]]
+        result["commands"] += commands
+        result["rows"] += part["rows"]
+        result["pools"].update(part["pools"])
+        result["notes"].update(part.get("notes") or _notes_from_markdown(md))
+        for key, value in part["costs"].items():
+            result["costs"].setdefault(key, {}).update(value) if isinstance(value, dict) else None
+    result = json.loads(json.dumps(result))  # keys as the JSON reader gives them
+    for pool in result["costs"].get("time_ratios", {}).values():  # K keys back to ints for the report
+        for k in list(pool):
+            pool[int(k)] = pool.pop(k)
+    for row in result["rows"]:
+        if row["gain_recovered"] is None:
+            row["gain_recovered"] = float("nan")
+    write(result, output_dir)
+    log(f"combined {len(parts)} runs into {output_dir}")
     return result
 
 

@@ -20,7 +20,7 @@ REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "examples" / "benchmark.py"
 sys.path.insert(0, str(REPO / "examples"))
 
-TOP_KEYS = {"machine", "wall_seconds", "pools", "rows", "costs"}
+TOP_KEYS = {"machine", "wall_seconds", "pools", "rows", "costs", "notes", "commands"}
 ROW_KEYS = {"pool", "k", "heldout_set", "method", "accuracy", "nll", "ece", "gain_recovered", "seconds", "members"}
 POOLS = {"mlp_scratch", "mlp_finetune", "cnn_scratch", "mlp_shared_init", "mnist_timm_resnet", "mnist_hf_vit"}
 COMMON = {"single_mean", "single_best_val", "single_long", "ensemble", "uniform_soup", "greedy_soup",
@@ -144,3 +144,27 @@ def test_quick_refuses_committed_results():
     proc = _run("--quick", "--output_dir", "results", timeout=120)
     assert proc.returncode == 2
     assert "never writes the committed results/" in proc.stderr
+
+
+@pytest.mark.slow
+def test_combine_merges_runs_of_separate_pools(quick_run, tmp_path):
+    import benchmark
+
+    out, result, _ = quick_run
+    halves = [("mlp_scratch",), tuple(p for p in result["pools"] if p != "mlp_scratch")]
+    folders = []
+    for i, names in enumerate(halves):
+        rows = [r for r in result["rows"] if r["pool"] in names]
+        pools = {p: v for p, v in result["pools"].items() if p in names}
+        part = {**result, "rows": rows, "pools": pools, "commands": [f"run {i}"]}
+        folder = tmp_path / f"part{i}"
+        folder.mkdir()
+        (folder / "benchmark.json").write_text(json.dumps(part))
+        (folder / "benchmark.md").write_text((out / "benchmark.md").read_text())
+        folders.append(folder)
+    merged = benchmark.combine(folders, tmp_path / "merged")
+    assert merged["commands"] == ["run 0", "run 1"]
+    assert merged["wall_seconds"] == pytest.approx(2 * result["wall_seconds"])
+    assert [r["method"] for r in merged["rows"]] == [r["method"] for r in result["rows"]]
+    assert set(merged["pools"]) == set(result["pools"])
+    assert "Command: `run 0 ; run 1`" in (tmp_path / "merged" / "benchmark.md").read_text()

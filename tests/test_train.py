@@ -100,13 +100,14 @@ def test_launch_writes_generator_and_eval_results(tiny, tmp_path):
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads((out / "eval_results.json").read_text())
-    assert results["k"] == 2 and len(results["heldout_sets"]) == 2
+    # 2 held-out teachers and K = 2: one distinct set exists, and the report says one (it asked for 2)
+    assert results["k"] == 2 and len(results["heldout_sets"]) == 1 and results["distinct_sets"] == 1
     for entry in results["heldout_sets"]:
         assert SET_KEYS <= entry.keys()
         assert len(entry["teachers"]) == 2 and entry["anchor"] in entry["teachers"]
         assert "finetuned_gain_recovered" in entry
     assert "mean_gain_recovered" in results and "mean_finetuned_gain_recovered" in results
-    assert "| set | anchor |" in proc.stdout and "mean G over 2 distinct held-out sets =" in proc.stdout
+    assert "| set | anchor |" in proc.stdout and "mean G over 1 distinct held-out set =" in proc.stdout
     assert "kd_anchor_1000 G" in proc.stdout and "mean_kd_anchor_1000_gain_recovered" in results
     assert list(out.glob("**/events.out.tfevents.*"))  # the tracker received the figures
 
@@ -316,3 +317,16 @@ def test_kd_loss_and_episode_sampling():
     assert not set(train) & set(held) and len(held) == 3
     with pytest.raises(training.PoolConfigError, match="K is larger than the pool"):
         training.check_k(7, 3, 2, 8, 2)
+
+
+def test_heldout_sets_are_distinct_and_disjoint_first():
+    from weightformer_hf import training
+
+    sets = training.heldout_sets(list(range(10, 22)), 4, 5, seed=3)
+    members = [tuple(m) for m, _ in sets]
+    assert len(sets) == 5 and len(set(members)) == 5  # 12 teachers: 3 disjoint sets, then 2 overlapping ones
+    first = [t for m in members[:3] for t in m]
+    assert sorted(first) == list(range(10, 22))
+    assert all(0 <= a < 4 for _, a in sets)
+    assert len(training.heldout_sets([0, 1, 2, 3], 4, 3)) == 1  # only one set of 4 exists among 4 teachers
+    assert len(training.heldout_sets([0, 1, 2], 2, 10)) == 3  # comb(3, 2)
