@@ -382,7 +382,7 @@ def align_to_anchor(
     """Permutations aligning teacher `index` of `teachers` to teacher `anchor` (`weight_matching`),
     from the set's in-memory cache, else the disk cache, else computed (and stored in both)."""
     memory = teachers.alignment_cache
-    key = (teachers.infos[anchor].identity, teachers.infos[index].identity)
+    key = (teachers.infos[anchor].identity, teachers.infos[index].identity, max_iter, seed, tol)
     if key in memory:
         return memory[key]
     anchor_sd, other_sd = teachers.state_dicts[anchor], teachers.state_dicts[index]

@@ -79,8 +79,9 @@ class TeacherSet:
         self.state_dicts = list(state_dicts)
         self.infos = list(infos)
         self._template = template
-        # (anchor identity, teacher identity) -> weight-matching permutations; shared with subsets
-        self.alignment_cache: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
+        # (anchor identity, teacher identity, max_iter, seed, tol) -> weight-matching permutations; shared
+        # with subsets (`alignment.align_to_anchor` fills it, and a disk cache behind it)
+        self.alignment_cache: dict[tuple, dict[str, torch.Tensor]] = {}
         self._validate(check_finite)
 
     # ----------------------------------------------------------------------------------------- building
@@ -234,12 +235,11 @@ class TeacherSet:
                         f"tensor {name!r} has shape {tuple(got)} in teacher {info.name!r} but {tuple(shape)} "
                         f"in the architecture of teacher {self.infos[0].name!r}"
                     )
-        if check_finite:
+        if check_finite:  # streamed: one tensor at a time (lazy teachers read it and drop it again)
             for sd, info in zip(self.state_dicts, self.infos):
                 for name in expected:
-                    tensor = sd[name]
-                    if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
-                        kind = "NaN" if bool(torch.isnan(tensor).any()) else "inf"
+                    kind = _non_finite(sd[name])
+                    if kind:
                         raise InvalidWeightsError(
                             f"teacher {info.name!r}: tensor {name!r} contains {kind} values"
                         )
@@ -263,6 +263,19 @@ class TeacherSet:
                 f"{what} serves labels {_short(described.get('label_names'))}, but the teachers "
                 f"({', '.join(self.names)}) have labels {_short(mine['label_names'])}"
             )
+
+
+def _non_finite(tensor: torch.Tensor, block: int = 1 << 22) -> str | None:
+    """"NaN" or "inf" if `tensor` holds such values, else None; checked in blocks of `block` elements so the
+    boolean mask never costs more than a few MiB."""
+    if not tensor.is_floating_point():
+        return None
+    flat = tensor.reshape(-1)
+    for start in range(0, flat.numel(), block):
+        part = flat[start : start + block]
+        if not bool(torch.isfinite(part).all()):
+            return "NaN" if bool(torch.isnan(part).any()) else "inf"
+    return None
 
 
 def _arch_name(arch: dict) -> str:
