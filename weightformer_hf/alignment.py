@@ -340,7 +340,8 @@ def _read_cached(path: Path, sizes: dict[str, int]) -> dict[str, torch.Tensor] |
     try:
         from safetensors.torch import load_file
 
-        perms = load_file(str(path))
+        # copies: load_file's tensors may be backed by the file's memory map, which a rewrite invalidates
+        perms = {group: perm.clone() for group, perm in load_file(str(path)).items()}
     except Exception:  # a corrupt or truncated file: recompute
         return None
     if set(perms) != set(sizes):
