@@ -127,6 +127,12 @@ def weight_matching(
     then backward; `tol=0` is `ALGORITHM_VERSION` 1 exactly (seeded random order, stop only when nothing
     improves). `stats`, if given, receives the number of rounds, solves and linear assignments.
     """
+    # float32 on the CPU whatever the caller's autocast (training may run under bf16 autocast)
+    with torch.autocast("cpu", enabled=False), torch.no_grad():
+        return _weight_matching(spec, anchor, other, max_iter, seed, tol, stats)
+
+
+def _weight_matching(spec, anchor, other, max_iter, seed, tol, stats) -> dict[str, torch.Tensor]:
     sizes, axes_of = _spec_groups(spec, anchor)
     if not axes_of:
         return {}
