@@ -35,7 +35,7 @@ from transformers import initialization as init
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.utils import ModelOutput
 
-from ..alignment import permute_tensor, weight_matching
+from ..alignment import align_to_anchor, permute_tensor
 from ..errors import TeacherMismatchError
 from ..families import LayerSpec
 from ..teachers import TeacherSet
@@ -276,20 +276,11 @@ class WeightFormerModel(WeightFormerPreTrainedModel):
         spec = teachers.family.permutation_spec(teachers.template) if self.config.align_teachers else {}
         if not spec:
             return [{} for _ in range(len(teachers))]
-        cache = teachers.alignment_cache
-        anchor_id = teachers.infos[anchor].identity
-        perms = []
-        for k, sd in enumerate(teachers.state_dicts):
-            if k == anchor:
-                perms.append({})
-                continue
-            key = (anchor_id, teachers.infos[k].identity)
-            if key not in cache:
-                cache[key] = weight_matching(
-                    spec, teachers.state_dicts[anchor], sd, max_iter=self.config.align_max_iter
-                )
-            perms.append(cache[key])
-        return perms
+        # cached in memory (teachers.alignment_cache) and on disk (cache_root() / "alignments")
+        return [
+            {} if k == anchor else align_to_anchor(teachers, anchor, k, spec, max_iter=self.config.align_max_iter)
+            for k in range(len(teachers))
+        ]
 
     def _layer_inputs(self, teachers: TeacherSet, anchor: int) -> list[_LayerInputs]:
         """Per layer, the generator's input: aligned, normalised, chunked teacher tokens and the anchor's tensors.

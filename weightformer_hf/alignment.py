@@ -4,17 +4,38 @@ Independently trained teachers compute the same function under many channel orde
 permutation spec, `weight_matching` finds for every channel-order group the permutation that best lines
 up another teacher's weights with the anchor's (coordinate ascent, one linear assignment per group), and
 `permute_tensor` applies it to one tensor at a time, so aligned teachers are never held in memory whole.
+
+Cost: each tensor is read once into a matmul-friendly layout (or, for lazy safetensors teachers, streamed
+again from disk when needed, so matching holds neither teacher whole), tensors that touch only one group
+contribute a constant computed once, and a group is solved again only when the permutation of a group it
+shares a tensor with has changed since its last solve (which would give the same assignment). This is the
+same coordinate ascent as `ALGORITHM_VERSION` 1, with the same stopping rule.
+
+`align_to_anchor` adds two caches: in memory (`TeacherSet.alignment_cache`) and on disk
+(`cache_root() / "alignments"`, one safetensors file of permutation indices per teacher pair, keyed by
+content: `repo@sha`, the local folder's content hash, or a hash of the tensors of in-memory teachers).
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
+import tempfile
+import warnings
 from collections.abc import Mapping
+from pathlib import Path
 
 import numpy as np
 import torch
 from scipy.optimize import linear_sum_assignment
 
 from .families import PermutationSpec
+
+# Bump when a change could alter the permutations found: the disk cache key includes it.
+ALGORITHM_VERSION = 2
+# Teacher pairs with fewer elements than this are matched in milliseconds: not worth a disk cache file.
+DISK_CACHE_MIN_NUMEL = 1_000_000
 
 
 def _view(tensor: torch.Tensor, reshape: tuple[int, ...] | None) -> torch.Tensor:
@@ -39,54 +60,364 @@ def permute_tensor(
     return out.reshape(tensor.shape)
 
 
+def _is_lazy(state: Mapping) -> bool:
+    """Mappings that read tensors from disk on access (they can tell shapes without reading)."""
+    return callable(getattr(state, "shape", None)) and not isinstance(state, dict)
+
+
+class _Pair:
+    """One spec tensor of both teachers, in the layout its matmuls want, kept or re-read on demand.
+
+    Two grouped axes (i, j): layout `(n_i, rest, n_j)`, so the cost of group i is `A @ O[..., perm_j]ᵀ`
+    and the cost of group j is `A₂ᵀ @ O[perm_i]₂` with `X₂ = X.reshape(-1, n_j)`, both plain GEMMs.
+    """
+
+    def __init__(self, name, groups, reshape, axes, anchor, other, keep: bool):
+        self.name, self.groups, self.reshape, self.axes = name, groups, reshape, axes
+        self._sources = (anchor, other)
+        self._kept = self._load() if keep else None
+
+    def _prepare(self, tensor: torch.Tensor) -> torch.Tensor:
+        tensor = _view(tensor.detach().to(device="cpu", dtype=torch.float32), self.reshape)
+        if len(self.axes) == 2:
+            i, j = self.axes
+            rest = [a for a in range(tensor.ndim) if a not in (i, j)]
+            tensor = tensor.permute(i, *rest, j)
+            tensor = tensor.reshape(tensor.shape[0], -1, tensor.shape[-1])
+        return tensor
+
+    def _load(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return tuple(self._prepare(src[self.name]) for src in self._sources)
+
+    def tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self._kept if self._kept is not None else self._load()
+
+
+def _spec_groups(spec: PermutationSpec, anchor: Mapping) -> tuple[dict[str, int], dict[str, list[tuple[str, int]]]]:
+    shape_of = getattr(anchor, "shape", None)
+    sizes: dict[str, int] = {}
+    axes_of: dict[str, list[tuple[str, int]]] = {}
+    for name, (groups, reshape) in spec.items():
+        if reshape is not None:
+            shape = reshape
+        else:
+            shape = tuple(shape_of(name)) if callable(shape_of) else tuple(anchor[name].shape)
+        for axis, group in enumerate(groups):
+            if group is not None:
+                axes_of.setdefault(group, []).append((name, axis))
+                sizes[group] = shape[axis]
+    return sizes, axes_of
+
+
 def weight_matching(
     spec: PermutationSpec,
     anchor: Mapping[str, torch.Tensor],
     other: Mapping[str, torch.Tensor],
     max_iter: int = 30,
     seed: int = 0,
+    tol: float = 1e-3,
+    stats: dict | None = None,
 ) -> dict[str, torch.Tensor]:
     """Permutations (group → index tensor) such that `other` permuted by them matches `anchor` best.
 
     `perm[g][i]` is the channel of `other` that plays the role of the anchor's channel `i`.
+    Coordinate ascent over the groups, at most `max_iter` rounds, until a round improves no group's
+    assignment or two rounds in a row raise the matching objective (the sum over groups of the assigned
+    costs) by less than the fraction `tol` each. With `tol > 0` rounds sweep the groups in forward order,
+    then backward; `tol=0` is `ALGORITHM_VERSION` 1 exactly (seeded random order, stop only when nothing
+    improves). `stats`, if given, receives the number of rounds, solves and linear assignments.
     """
-    axes_of: dict[str, list[tuple[str, int]]] = {}
-    sizes: dict[str, int] = {}
-    for name, (groups, reshape) in spec.items():
-        shape = reshape if reshape is not None else tuple(anchor[name].shape)
-        for axis, group in enumerate(groups):
-            if group is not None:
-                axes_of.setdefault(group, []).append((name, axis))
-                sizes[group] = shape[axis]
+    # float32 on the CPU whatever the caller's autocast (training may run under bf16 autocast)
+    with torch.autocast("cpu", enabled=False), torch.no_grad():
+        return _weight_matching(spec, anchor, other, max_iter, seed, tol, stats)
+
+
+def _weight_matching(spec, anchor, other, max_iter, seed, tol, stats) -> dict[str, torch.Tensor]:
+    sizes, axes_of = _spec_groups(spec, anchor)
     if not axes_of:
         return {}
-    # linear_sum_assignment runs on the CPU: teachers may live on an accelerator
-    a_views = {n: _view(anchor[n].detach().float().cpu(), spec[n][1]) for n in spec}
-    o_views = {n: _view(other[n].detach().float().cpu(), spec[n][1]) for n in spec}
-    perms = {g: torch.arange(n) for g, n in sizes.items()}
-    rng = np.random.default_rng(seed)
+    keep = not (_is_lazy(anchor) or _is_lazy(other))
     names = sorted(axes_of)
-    for _ in range(max_iter):
-        improved = False
-        for gi in rng.permutation(len(names)):
-            group = names[gi]
-            n = sizes[group]
-            cost = torch.zeros(n, n)
-            for name, axis in axes_of[group]:
-                w_other = o_views[name]
-                groups = spec[name][0]
+    # constants: tensors with one grouped axis, as a dense n×n matrix or low-rank factors (n, m)
+    const: dict[str, torch.Tensor] = {}
+    factors: dict[str, tuple[list[torch.Tensor], list[torch.Tensor]]] = {g: ([], []) for g in names}
+    pairs: dict[str, list[tuple[_Pair, int]]] = {g: [] for g in names}  # group -> (tensor, its position)
+    neighbours: dict[str, set[str]] = {g: set() for g in names}
+    generic: dict[str, list[str]] = {g: [] for g in names}  # tensors with > 2 grouped axes or a repeated group
+    for name, (groups, reshape) in spec.items():
+        axes = [a for a, g in enumerate(groups) if g is not None]
+        if not axes:
+            continue
+        grouped = [groups[a] for a in axes]
+        if len(axes) == 1:
+            g, n = grouped[0], sizes[grouped[0]]
+            wa, wo = (
+                _view(src[name].detach().to(device="cpu", dtype=torch.float32), reshape).movedim(axes[0], 0)
+                .reshape(n, -1)
+                for src in (anchor, other)
+            )  # fmt: skip
+            if 2 * wa.shape[1] >= n:
+                const[g] = torch.addmm(const[g], wa, wo.T) if g in const else wa @ wo.T
+            else:
+                factors[g][0].append(wa.contiguous())
+                factors[g][1].append(wo.contiguous())
+            continue
+        for g in grouped:
+            neighbours[g].update(h for h in grouped if h != g)
+        if len(axes) == 2 and grouped[0] != grouped[1]:
+            pair = _Pair(name, groups, reshape, axes, anchor, other, keep)
+            pairs[grouped[0]].append((pair, 0))
+            pairs[grouped[1]].append((pair, 1))
+        else:
+            for g in set(grouped):
+                generic[g].append(name)
+            if grouped.count(grouped[0]) > 1 or len(set(grouped)) < len(grouped):
+                for g in grouped:
+                    neighbours[g].add(g)
+    low_rank = {
+        g: (torch.cat(a, dim=1), torch.cat(o, dim=1)) for g, (a, o) in factors.items() if a
+    }  # fmt: skip
+    del factors
+    perms = {g: torch.arange(sizes[g]) for g in names}
+
+    # Contributions whose GEMM is long (inner dimension >= 4 n: VGG's fc1, 3x3 convs) are kept and updated
+    # for the channels whose permutation changed, which costs |changed| / n of a recomputation.
+    kept: dict[tuple[str, int], tuple[torch.Tensor, torch.Tensor]] = {}  # (tensor, position) -> (value, perm)
+
+    def contribution(pair: _Pair, position: int, n: int) -> torch.Tensor:
+        g_i, g_j = (pair.groups[a] for a in pair.axes)
+        perm = perms[g_j] if position == 0 else perms[g_i]
+        key = (pair.name, position)
+        previous = kept.get(key)
+        if previous is not None:
+            changed = (previous[1] != perm).nonzero().flatten()
+            if len(changed) == 0:
+                return previous[0]
+        wa, wo = pair.tensors()
+        inner = wa.numel() // n
+        # numpy's take is several times faster than torch's index_select on a last axis
+        if previous is not None and 2 * len(changed) < len(perm):
+            value, old = previous
+            c, new_idx, old_idx = changed.numpy(), perm[changed].numpy(), old[changed].numpy()
+            if position == 0:  # the other grouped axis is the layout's last axis
+                a = torch.from_numpy(np.take(wa.numpy(), c, axis=2)).reshape(n, -1)
+                d = torch.from_numpy(np.take(wo.numpy(), new_idx, axis=2) - np.take(wo.numpy(), old_idx, axis=2))
+                value.addmm_(a, d.reshape(n, -1).T)
+            else:
+                a = torch.from_numpy(np.take(wa.numpy(), c, axis=0)).reshape(-1, n)
+                d = torch.from_numpy(np.take(wo.numpy(), new_idx, axis=0) - np.take(wo.numpy(), old_idx, axis=0))
+                value.addmm_(a.T, d.reshape(-1, n))
+            kept[key] = (value, perm.clone())
+            return value
+        if position == 0:
+            wo = torch.from_numpy(np.take(wo.numpy(), perm.numpy(), axis=2))
+            value = wa.reshape(n, -1) @ wo.reshape(n, -1).T
+        else:
+            wo = torch.from_numpy(np.take(wo.numpy(), perm.numpy(), axis=0))
+            value = wa.reshape(-1, n).T @ wo.reshape(-1, n)
+        if inner >= 4 * n:
+            kept[key] = (value, perm.clone())
+        return value
+
+    def cost_of(group: str) -> torch.Tensor:
+        n = sizes[group]
+        cost = const[group].clone() if group in const else torch.zeros(n, n)
+        if group in low_rank:
+            cost.addmm_(*(low_rank[group][0], low_rank[group][1].T))
+        for pair, position in pairs[group]:
+            cost += contribution(pair, position, n)
+        for name in generic[group]:
+            groups, reshape = spec[name]
+            wa = _view(anchor[name].detach().to(device="cpu", dtype=torch.float32), reshape)
+            wo = _view(other[name].detach().to(device="cpu", dtype=torch.float32), reshape)
+            for axis, g in enumerate(groups):
+                if g != group:
+                    continue
+                w_other = wo
                 for other_axis, other_group in enumerate(groups):
                     if other_axis != axis and other_group is not None:
                         w_other = w_other.index_select(other_axis, perms[other_group])
-                wa = a_views[name].movedim(axis, 0).reshape(n, -1)
-                wo = w_other.movedim(axis, 0).reshape(n, -1)
-                cost += wa @ wo.T
-            _, cols = linear_sum_assignment(cost.numpy(), maximize=True)
-            new = torch.as_tensor(cols, dtype=torch.long)
+                cost.addmm_(wa.movedim(axis, 0).reshape(n, -1), w_other.movedim(axis, 0).reshape(n, -1).T)
+        return cost
+
+    version = dict.fromkeys(names, 0)
+    solved_at: dict[str, tuple[int, ...] | None] = dict.fromkeys(names)
+    value: dict[str, float] = dict.fromkeys(names, 0.0)  # each group's assigned cost at its last solve
+    order = {g: sorted(neighbours[g]) for g in names}
+    rng = np.random.default_rng(seed)
+    forward = list(dict.fromkeys(g for groups, _ in spec.values() for g in groups if g is not None))
+    rounds = []
+    for _ in range(max_iter):
+        improved = False
+        gain, solves, shortcuts = 0.0, 0, 0
+        if tol > 0:  # sweeps in forward, then backward order carry the matched input and classifier inwards
+            sequence = forward if len(rounds) % 2 == 0 else forward[::-1]
+        else:  # the order of ALGORITHM_VERSION 1
+            sequence = [names[gi] for gi in rng.permutation(len(names))]
+        for group in sequence:
+            stamp = tuple(version[h] for h in order[group])
+            if solved_at[group] == stamp:  # same inputs as at its last solve: the same assignment
+                continue
+            n = sizes[group]
+            cost = cost_of(group)
+            best = cost.argmax(dim=1)
+            if len(torch.unique(best)) == n:  # every row gets its best column: that is the optimum
+                new = best
+                shortcuts += 1
+            else:
+                _, cols = linear_sum_assignment(cost.numpy(), maximize=True)
+                new = torch.as_tensor(cols, dtype=torch.long)
             rows = torch.arange(n)
-            if cost[rows, new].sum() > cost[rows, perms[group]].sum() + 1e-9 * cost.abs().sum():
+            new_value, old_value = float(cost[rows, new].sum()), float(cost[rows, perms[group]].sum())
+            if new_value > old_value + 1e-9 * float(cost.abs().sum()):
                 improved = True
+            gain += new_value - old_value
+            value[group] = new_value
+            solves += 1
+            if not torch.equal(new, perms[group]):
+                version[group] += 1
             perms[group] = new
-        if not improved:
+            solved_at[group] = tuple(version[h] for h in order[group])
+            del cost
+        scale = sum(abs(v) for v in value.values())
+        relative = gain / scale if scale else 0.0
+        rounds.append({"solves": solves, "argmax_shortcuts": shortcuts, "relative_gain": relative})
+        if not improved or (len(rounds) >= 2 and max(r["relative_gain"] for r in rounds[-2:]) < tol):
             break
+    if stats is not None:
+        stats.update(
+            rounds=len(rounds),
+            solves=sum(r["solves"] for r in rounds),
+            linear_assignments=sum(r["solves"] - r["argmax_shortcuts"] for r in rounds),
+            history=rounds,
+        )
+    return perms
+
+
+# ------------------------------------------------------------------------------------------ caching
+def _tensor_digest(state: Mapping[str, torch.Tensor], names) -> str:
+    """Hash of the bytes, dtypes and shapes of `names` in `state` (the identity of in-memory teachers)."""
+    digest = hashlib.blake2b(digest_size=20)
+    for name in sorted(names):
+        tensor = state[name].detach().cpu().contiguous()
+        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}\0".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+    return "tensors:" + digest.hexdigest()
+
+
+def content_identity(teachers, index: int, names) -> str:
+    """A content key of teacher `index`: `repo@sha` or a content hash; in-memory teachers are hashed
+    (once per teacher set, kept in `info.extra["tensor_digest"]`)."""
+    info = teachers.infos[index]
+    if info.source != "memory" and (info.revision or info.content_hash):
+        return info.identity
+    if "tensor_digest" not in info.extra:
+        info.extra["tensor_digest"] = _tensor_digest(teachers.state_dicts[index], names)
+    return info.extra["tensor_digest"]
+
+
+def alignment_cache_dir() -> Path:
+    from .data import cache_root
+
+    return cache_root() / "alignments"
+
+
+def _cache_key(
+    spec: PermutationSpec, teachers, anchor_key: str, other_key: str, max_iter: int, seed: int, tol: float
+) -> str:
+    payload = {
+        "algorithm_version": ALGORITHM_VERSION,
+        "family": teachers.family.name,
+        "arch": teachers.arch,
+        "spec": {k: [list(g), list(r) if r is not None else None] for k, (g, r) in sorted(spec.items())},
+        "max_iter": max_iter,
+        "seed": seed,
+        "tol": tol,
+        "anchor": anchor_key,
+        "other": other_key,
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _read_cached(path: Path, sizes: dict[str, int]) -> dict[str, torch.Tensor] | None:
+    """The permutations stored at `path`, or None if it is missing, unreadable or not a valid answer."""
+    if not path.is_file():
+        return None
+    try:
+        from safetensors.torch import load_file
+
+        # copies: load_file's tensors may be backed by the file's memory map, which a rewrite invalidates
+        perms = {group: perm.clone() for group, perm in load_file(str(path)).items()}
+    except Exception:  # a corrupt or truncated file: recompute
+        return None
+    if set(perms) != set(sizes):
+        return None
+    for group, perm in perms.items():
+        if perm.dtype != torch.int64 or perm.shape != (sizes[group],):
+            return None
+        if not torch.equal(torch.sort(perm).values, torch.arange(sizes[group])):
+            return None
+    return perms
+
+
+def _write_cached(path: Path, perms: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+    from safetensors.torch import save_file
+
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+        os.close(fd)
+        try:
+            save_file({g: p.contiguous() for g, p in perms.items()}, tmp, metadata=metadata)
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+    except OSError as err:  # a read-only or full cache: matching still worked
+        warnings.warn(f"could not write the alignment cache {path} ({err})", stacklevel=3)
+
+
+def align_to_anchor(
+    teachers,
+    anchor: int,
+    index: int,
+    spec: PermutationSpec,
+    max_iter: int = 30,
+    seed: int = 0,
+    tol: float = 1e-3,
+) -> dict[str, torch.Tensor]:
+    """Permutations aligning teacher `index` of `teachers` to teacher `anchor` (`weight_matching`),
+    from the set's in-memory cache, else the disk cache, else computed (and stored in both)."""
+    memory = teachers.alignment_cache
+    key = (teachers.infos[anchor].identity, teachers.infos[index].identity, max_iter, seed, tol)
+    if key in memory:
+        return memory[key]
+    anchor_sd, other_sd = teachers.state_dicts[anchor], teachers.state_dicts[index]
+    sizes, _ = _spec_groups(spec, anchor_sd)
+    numel = sum(int(np.prod(s)) for s in teachers.shapes.values()) if hasattr(teachers, "shapes") else 0
+    path = None
+    if sizes and numel >= DISK_CACHE_MIN_NUMEL:
+        names = [n for n in teachers.shapes if n in spec]
+        anchor_key = content_identity(teachers, anchor, names)
+        other_key = content_identity(teachers, index, names)
+        digest = _cache_key(spec, teachers, anchor_key, other_key, max_iter, seed, tol)
+        path = alignment_cache_dir() / f"{digest}.safetensors"
+        cached = _read_cached(path, sizes)
+        if cached is not None:
+            memory[key] = cached
+            return cached
+    perms = weight_matching(spec, anchor_sd, other_sd, max_iter=max_iter, seed=seed, tol=tol)
+    if path is not None:
+        _write_cached(
+            path,
+            perms,
+            {
+                "algorithm_version": str(ALGORITHM_VERSION),
+                "anchor": anchor_key,
+                "other": other_key,
+                "max_iter": str(max_iter),
+                "tol": str(tol),
+            },
+        )
+    memory[key] = perms
     return perms

@@ -79,8 +79,9 @@ class TeacherSet:
         self.state_dicts = list(state_dicts)
         self.infos = list(infos)
         self._template = template
-        # (anchor identity, teacher identity) -> weight-matching permutations; shared with subsets
-        self.alignment_cache: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
+        # (anchor identity, teacher identity, max_iter, seed, tol) -> weight-matching permutations; shared
+        # with subsets (`alignment.align_to_anchor` fills it, and a disk cache behind it)
+        self.alignment_cache: dict[tuple, dict[str, torch.Tensor]] = {}
         self._validate(check_finite)
 
     # ----------------------------------------------------------------------------------------- building
@@ -141,10 +142,30 @@ class TeacherSet:
 
     @property
     def template(self) -> nn.Module:
-        """A model of the teachers' architecture (random weights) used to run students functionally."""
+        """A model of the teachers' architecture used to run students functionally (`run_student` passes
+        every parameter and buffer) and to read names and shapes.
+
+        Built on the meta device and given uninitialised CPU storage (`to_empty`), which costs neither
+        initialisation time nor resident memory; its own values are meaningless. Architectures with
+        non-persistent buffers (which no state dict supplies) get a normal, randomly initialised model.
+        """
         if self._template is None:
-            self._template = self.family.build(self.arch, self.label_names)
+            model = self._build_on_meta()
+            if model is None:
+                model = self.family.build(self.arch, self.label_names)
+            self._template = model.to_empty(device="cpu").eval() if next(model.parameters()).is_meta else model
         return self._template
+
+    def _build_on_meta(self) -> nn.Module | None:
+        """The architecture on the meta device, or None if it has state that a state dict does not hold."""
+        try:
+            with torch.device("meta"):
+                model = self.family.build(self.arch, self.label_names)
+        except Exception:  # an architecture whose construction needs real tensors
+            return None
+        if {n for n, _ in model.named_buffers()} - set(model.state_dict()):
+            return None
+        return model
 
     @cached_property
     def layers(self) -> tuple[list[LayerSpec], list[str]]:
@@ -160,9 +181,30 @@ class TeacherSet:
         return {"family": self.family.name, "arch": self.arch, "label_names": list(self.label_names)}
 
     def build_student(self, state_dict: Mapping[str, torch.Tensor]) -> nn.Module:
-        """A fresh model of the teachers' class holding `state_dict`, in eval mode."""
-        model = self.family.build(self.arch, self.label_names)
-        model.load_state_dict(dict(state_dict), strict=True)
+        """A fresh model of the teachers' class holding `state_dict`, in eval mode.
+
+        The model is built on the meta device and takes the tensors of `state_dict` as its own (converted
+        to the model's dtypes), so no second copy of the weights exists; tensors that belong to an
+        in-memory teacher are copied, so training the model never changes a teacher.
+        """
+        model = self._build_on_meta()
+        if model is None:
+            model = self.family.build(self.arch, self.label_names)
+            model.load_state_dict(dict(state_dict), strict=True)
+            return model.eval()
+        own = model.state_dict(keep_vars=True)
+        teacher_storage = {
+            t.untyped_storage().data_ptr() for sd in self.state_dicts if isinstance(sd, dict) for t in sd.values()
+        }
+        state = {}
+        for name, value in state_dict.items():
+            target = own.get(name)
+            if target is not None:
+                value = value.to(dtype=target.dtype)
+                if value.untyped_storage().data_ptr() in teacher_storage:
+                    value = value.clone()
+            state[name] = value
+        model.load_state_dict(state, strict=True, assign=True)
         return model.eval()
 
     def model(self, index: int) -> nn.Module:
@@ -193,12 +235,11 @@ class TeacherSet:
                         f"tensor {name!r} has shape {tuple(got)} in teacher {info.name!r} but {tuple(shape)} "
                         f"in the architecture of teacher {self.infos[0].name!r}"
                     )
-        if check_finite:
+        if check_finite:  # streamed: one tensor at a time (lazy teachers read it and drop it again)
             for sd, info in zip(self.state_dicts, self.infos):
                 for name in expected:
-                    tensor = sd[name]
-                    if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
-                        kind = "NaN" if bool(torch.isnan(tensor).any()) else "inf"
+                    kind = _non_finite(sd[name])
+                    if kind:
                         raise InvalidWeightsError(
                             f"teacher {info.name!r}: tensor {name!r} contains {kind} values"
                         )
@@ -222,6 +263,19 @@ class TeacherSet:
                 f"{what} serves labels {_short(described.get('label_names'))}, but the teachers "
                 f"({', '.join(self.names)}) have labels {_short(mine['label_names'])}"
             )
+
+
+def _non_finite(tensor: torch.Tensor, block: int = 1 << 22) -> str | None:
+    """"NaN" or "inf" if `tensor` holds such values, else None; checked in blocks of `block` elements so the
+    boolean mask never costs more than a few MiB."""
+    if not tensor.is_floating_point():
+        return None
+    flat = tensor.reshape(-1)
+    for start in range(0, flat.numel(), block):
+        part = flat[start : start + block]
+        if not bool(torch.isfinite(part).all()):
+            return "NaN" if bool(torch.isnan(part).any()) else "inf"
+    return None
 
 
 def _arch_name(arch: dict) -> str:

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import struct
+import sys
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -99,12 +101,38 @@ def content_hash(folder: Path, files: list[str]) -> str:
     return "sha256:" + digest.hexdigest()
 
 
-class LazySafetensorsStateDict(Mapping):
-    """A read-only state dict whose tensors are read from safetensors files on first access.
+# safetensors dtype names that torch can read straight from the file bytes (little-endian)
+_TORCH_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
 
-    Nothing is held in memory but the headers: each `__getitem__` reads one tensor (optionally moved to
-    `device`/`dtype`), so K teachers can be streamed layer by layer. `shape(name)` reads only the header,
-    which lets `TeacherSet` validate shapes without reading any tensor.
+
+def _read_header(path: Path) -> tuple[dict, int]:
+    """The JSON header of a safetensors file and the offset where its data starts."""
+    with open(path, "rb") as handle:
+        (length,) = struct.unpack("<Q", handle.read(8))
+        header = json.loads(handle.read(length))
+    header.pop("__metadata__", None)
+    return header, 8 + length
+
+
+class LazySafetensorsStateDict(Mapping):
+    """A read-only state dict whose tensors are read from safetensors files on access.
+
+    Nothing is held in memory but the headers (parsed once): each `__getitem__` reads one tensor into
+    fresh memory with one positioned read (no memory map stays open, so reading a whole teacher tensor by
+    tensor never holds more than one tensor), optionally moved to `device`/`dtype`. Nothing is cached:
+    K teachers can be streamed layer by layer. `shape(name)` needs no read at all, which lets
+    `TeacherSet` validate shapes without reading any tensor.
     """
 
     def __init__(
@@ -118,17 +146,47 @@ class LazySafetensorsStateDict(Mapping):
         self.where = where
         self.device, self.dtype = device, dtype
         self._file_of: dict[str, Path] = {}
+        self._entry: dict[str, tuple[str, tuple[int, ...], int, int]] = {}
         for name in files:
             path = folder / name
-            for key in check_safetensors(path, where):
+            keys = check_safetensors(path, where)
+            try:
+                header, start = _read_header(path)
+            except (OSError, ValueError, struct.error) as err:
+                raise InvalidWeightsError(f"{where}: weight file {name!r} has an unreadable header ({err})") from err
+            for key in keys:
                 self._file_of[key] = path
+                info = header[key]
+                begin, end = info["data_offsets"]
+                self._entry[key] = (info["dtype"], tuple(info["shape"]), start + begin, end - begin)
+
+    def _read(self, name: str) -> torch.Tensor:
+        path = self._file_of[name]  # KeyError for unknown names, as a dict would
+        dtype_name, shape, offset, nbytes = self._entry[name]
+        torch_dtype = _TORCH_DTYPES.get(dtype_name)
+        if torch_dtype is None or sys.byteorder != "little":  # rare dtypes: let safetensors decode them
+            with safe_open(str(path), framework="pt") as handle:
+                return handle.get_tensor(name)
+        tensor = torch.empty(shape, dtype=torch_dtype)
+        if nbytes != tensor.numel() * tensor.element_size():
+            raise InvalidWeightsError(f"{self.where}: tensor {name!r} in {path.name!r} has an inconsistent size")
+        if nbytes:
+            buffer = memoryview(tensor.reshape(-1).view(torch.uint8).numpy())
+            with open(path, "rb", buffering=0) as handle:
+                handle.seek(offset)
+                done = 0
+                while done < nbytes:
+                    got = handle.readinto(buffer[done:])
+                    if not got:
+                        raise OSError(f"file ends {nbytes - done} bytes early")
+                    done += got
+        return tensor
 
     def __getitem__(self, name: str) -> torch.Tensor:
-        path = self._file_of[name]  # KeyError for unknown names, as a dict would
         try:
-            with safe_open(str(path), framework="pt") as handle:
-                tensor = handle.get_tensor(name)
+            tensor = self._read(name)
         except (SafetensorError, OSError) as err:
+            path = self._file_of[name]
             raise InvalidWeightsError(
                 f"{self.where}: cannot read tensor {name!r} from {path.name!r} ({err})"
             ) from err
@@ -138,8 +196,8 @@ class LazySafetensorsStateDict(Mapping):
         return tensor
 
     def shape(self, name: str) -> tuple[int, ...]:
-        with safe_open(str(self._file_of[name]), framework="pt") as handle:
-            return tuple(handle.get_slice(name).get_shape())
+        self._file_of[name]  # KeyError for unknown names
+        return self._entry[name][1]
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._file_of)

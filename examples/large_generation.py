@@ -1,0 +1,168 @@
+"""Seconds and peak memory of generating one student from large random timm teachers, alignment included.
+
+    OMP_NUM_THREADS=2 python examples/large_generation.py [--cases resnet50 vgg11_bn vit_b32] [--out results]
+
+For each case the teachers (random weights, 1000 classes) are saved with `timm.models.save_for_hf` in a
+temporary folder; then fresh child processes run `load_teachers` + `WeightFormerModel.for_teachers` +
+`generate_student` (teachers weight-matched to the anchor, `align_teachers=True`), first with an empty
+alignment cache ("cold"), then again with the cache the first run wrote ("warm"). Peak RSS is Linux
+`VmHWM` of the child, counted from the end of its imports, against the budget one teacher + K × the
+largest layer + the generator's parameters. Writes `results/large_generation.json` and prints a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+CASES = {  # name: (timm architecture, K, key in the JSON)
+    "resnet50": ("resnet50", 8, "resnet50_k8"),
+    "vgg11_bn": ("vgg11_bn", 4, "vgg11_k4"),
+    "vit_b32": ("vit_base_patch32_224", 4, "vit_b32_k4"),
+}
+
+
+def _vm_hwm() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def child(paths: list[str]) -> None:
+    """Runs in a fresh process: imports, then load + generate, reporting seconds and peak RSS."""
+    import torch
+
+    import weightformer_hf as wf
+    from weightformer_hf.hub import load_teachers
+
+    after_imports = _vm_hwm()
+    start = time.perf_counter()
+    teachers = load_teachers(paths)
+    load_seconds = time.perf_counter() - start
+    after_load = _vm_hwm()
+    generator = wf.WeightFormerModel.for_teachers(teachers)
+    generator_bytes = sum(p.numel() * p.element_size() for p in generator.parameters())
+    start = time.perf_counter()
+    student = generator.generate_student(teachers, anchor=0)
+    generation_seconds = time.perf_counter() - start
+    peak = _vm_hwm()
+    anchor = teachers.state_dicts[0]
+    same = all(torch.equal(v, anchor[k]) for k, v in student.state_dict().items())
+    print(json.dumps({
+        "rss_after_imports_bytes": after_imports,
+        "peak_rss_after_load_bytes": after_load,
+        "peak_rss_bytes": peak,
+        "generator_bytes": generator_bytes,
+        "load_seconds": load_seconds,
+        "generation_seconds": generation_seconds,
+        "student_equals_anchor": same,  # an untrained generator returns the anchor bit for bit
+    }))  # fmt: skip
+
+
+def run_case(name: str, folder: Path, cache: Path, timeout: float) -> dict:
+    import timm
+    import torch
+    from torch import nn
+
+    arch, k, _ = CASES[name]
+    paths = []
+    for i in range(k):
+        torch.manual_seed(1000 + i)
+        model = timm.create_model(arch, pretrained=False, num_classes=1000)
+        path = folder / f"{name}-{i}"
+        timm.models.save_for_hf(model, str(path), safe_serialization=True)
+        paths.append(str(path))
+    teacher_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    largest = max(
+        sum(t.numel() * t.element_size() for t in m.parameters(recurse=False))
+        for m in model.modules()
+        if isinstance(m, (nn.Conv2d, nn.Linear))
+    )
+    del model
+    out: dict = {"architecture": arch, "k": k, "teacher_mib": teacher_bytes / 2**20}
+    out["largest_layer_mib"] = largest / 2**20
+    for phase in ("cold", "warm"):
+        env = {**os.environ, "WEIGHTFORMER_HF_CACHE": str(cache)}
+        start = time.perf_counter()
+        proc = subprocess.run(
+            [sys.executable, __file__, "--child", json.dumps(paths)],
+            capture_output=True, text=True, timeout=timeout, env=env,
+        )  # fmt: skip
+        wall = time.perf_counter() - start
+        if proc.returncode != 0:
+            raise RuntimeError(f"{name} {phase} failed:\n{proc.stderr[-3000:]}")
+        probe = json.loads(proc.stdout.strip().splitlines()[-1])
+        budget = teacher_bytes + k * largest + probe["generator_bytes"]
+        increment = probe["peak_rss_bytes"] - probe["rss_after_imports_bytes"]
+        out[phase] = {
+            "seconds": probe["load_seconds"] + probe["generation_seconds"],
+            "load_seconds": probe["load_seconds"],
+            "generation_seconds": probe["generation_seconds"],
+            "child_wall_seconds_with_imports": wall,
+            "peak_rss_increment_mib": increment / 2**20,
+            "load_rss_increment_mib": (probe["peak_rss_after_load_bytes"] - probe["rss_after_imports_bytes"]) / 2**20,
+            "budget_mib": budget / 2**20,
+            "generator_mib": probe["generator_bytes"] / 2**20,
+            "peak_rss_over_budget": increment / budget,
+            "student_equals_anchor": probe["student_equals_anchor"],
+        }
+    for path in paths:  # keep the temporary folder small between cases
+        for file in Path(path).iterdir():
+            file.unlink()
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES))
+    parser.add_argument("--out", default="results")
+    parser.add_argument("--timeout", type=float, default=1800)
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        child(json.loads(args.child))
+        return
+    import torch
+
+    results: dict = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in args.cases:
+            results[CASES[name][2]] = run_case(name, Path(tmp) / "teachers", Path(tmp) / "cache", args.timeout)
+            print(name, json.dumps(results[CASES[name][2]]), flush=True)
+    summary = {f"{key}_seconds": r["cold"]["seconds"] for key, r in results.items()}
+    summary.update({f"{key}_seconds_warm": r["warm"]["seconds"] for key, r in results.items()})
+    summary["peak_rss_over_budget"] = max(
+        r[p]["peak_rss_over_budget"] for r in results.values() for p in ("cold", "warm")
+    )
+    summary["details"] = results
+    summary["machine"] = {
+        "cpu": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "note": "shared machine; seconds = load_teachers + generate_student inside a fresh process (imports excluded)",
+    }
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "large_generation.json").write_text(json.dumps(summary, indent=2) + "\n")
+    print("| case | K | cold s | warm s | peak RSS increment MiB | budget MiB | over budget |")
+    print("|---|---|---|---|---|---|---|")
+    for key, r in results.items():
+        c, w = r["cold"], r["warm"]
+        print(f"| {key} | {r['k']} | {c['seconds']:.1f} | {w['seconds']:.1f} | "
+              f"{max(c['peak_rss_increment_mib'], w['peak_rss_increment_mib']):.0f} | {c['budget_mib']:.0f} | "
+              f"{max(c['peak_rss_over_budget'], w['peak_rss_over_budget']):.2f} |")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
