@@ -38,7 +38,7 @@ from transformers.utils import ModelOutput
 from ..alignment import align_to_anchor, permute_tensor
 from ..errors import TeacherMismatchError
 from ..families import LayerSpec
-from ..teachers import TeacherSet
+from ..teachers import TeacherSet, as_teacher_set
 from .configuration_weightformer import WeightFormerConfig
 
 
@@ -456,10 +456,6 @@ def _differentiable_batch_norm_class(cls: type) -> type:
     if cls not in _BATCH_NORM_CLASSES:
         _BATCH_NORM_CLASSES[cls] = type(f"Differentiable{cls.__name__}", (_DifferentiableBatchNorm, cls), {})
     return _BATCH_NORM_CLASSES[cls]
-
-
-def as_teacher_set(teachers: TeacherSet | Sequence[nn.Module]) -> TeacherSet:
-    return teachers if isinstance(teachers, TeacherSet) else TeacherSet.from_models(list(teachers))
 
 
 def _layer_content(layer: LayerSpec, tensors: list[dict[str, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:

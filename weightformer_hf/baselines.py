@@ -31,8 +31,7 @@ from torch import nn
 
 from .alignment import permute_tensor, weight_matching
 from .evaluation import logits_of
-from .modeling.modeling_weightformer import as_teacher_set
-from .teachers import TeacherSet
+from .teachers import TeacherSet, as_teacher_set
 
 Score = Callable[[nn.Module], float]
 State = dict[str, torch.Tensor]

@@ -355,3 +355,8 @@ def _reorder_labels(
             sd[t.name] = sd[t.name].index_select(t.channel_axis, order)
         out.append(sd)
     return out
+
+
+def as_teacher_set(teachers: TeacherSet | Sequence[nn.Module]) -> TeacherSet:
+    """`teachers` itself, or in-memory models wrapped with `TeacherSet.from_models`."""
+    return teachers if isinstance(teachers, TeacherSet) else TeacherSet.from_models(list(teachers))
