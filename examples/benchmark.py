@@ -50,8 +50,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--output_dir", help="default: results/ (full) or results_quick/ (--quick)")
     p.add_argument("--pools", nargs="+", choices=plans.POOLS, help="run only these pools (default: all)")
     p.add_argument("--build_only", action="store_true", help="only train and cache the pools, then exit")
-    p.add_argument("--combine", nargs="+", metavar="DIR",
-                   help="merge the benchmark.json of earlier runs (e.g. one pool each) into --output_dir and redraw")
+    p.add_argument(
+        "--combine",
+        nargs="+",
+        metavar="DIR",
+        help="merge the benchmark.json of earlier runs (e.g. one pool each) into --output_dir and redraw",
+    )
     g = p.add_argument_group("generator (design and training; chosen on the validation pools only)")
     g.add_argument("--generator_config", help="JSON object or file: WeightFormerConfig kwargs")
     g.add_argument("--gen_steps", type=int, help="episodes on the MNIST-1D pools (default 1500; quick 20)")
@@ -60,12 +64,19 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--gen_batch_size", type=int, default=256)
     g.add_argument("--k_min", type=int, default=2)
     g.add_argument("--k_max", type=int, default=6)
-    g.add_argument("--alpha", type=float, default=0.9)
+    g.add_argument(
+        "--gen_alpha",
+        type=float,
+        help="the generator's KD weight (1 - gen_alpha weighs CE on the meta labels; default: --alpha)",
+    )
     g.add_argument("--temperature", type=float, default=4.0)
     g.add_argument("--seed", type=int, default=0)
     b = p.add_argument_group("baselines")
     b.add_argument("--kd_steps", type=int, help="steps of kd_anchor_1k (default 1000; quick 20)")
     b.add_argument("--kd_lr", type=float, default=3e-4)
+    b.add_argument(
+        "--alpha", type=float, default=0.9, help="KD weight of the KD baselines (and, by default, the generator)"
+    )
     b.add_argument(
         "--finetune_steps",
         type=int,
@@ -89,7 +100,8 @@ def generator_recipe(args, hub: bool) -> methods.GeneratorRecipe:
     recipe = methods.GeneratorRecipe(
         max_train_steps=steps, learning_rate=args.gen_lr, batch_size=args.gen_batch_size,
         num_warmup_steps=max(1, steps // 20),
-        episodes=EpisodeConfig(args.k_min, args.k_max, args.alpha, args.temperature, args.seed),
+        episodes=EpisodeConfig(args.k_min, args.k_max, args.alpha if args.gen_alpha is None else args.gen_alpha,
+                               args.temperature, args.seed),
     )  # fmt: skip
     if args.generator_config:
         text = args.generator_config

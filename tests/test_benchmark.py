@@ -24,7 +24,8 @@ TOP_KEYS = {"machine", "wall_seconds", "pools", "rows", "costs", "notes", "comma
 ROW_KEYS = {"pool", "k", "heldout_set", "method", "accuracy", "nll", "ece", "gain_recovered", "seconds", "members"}
 POOLS = {"mlp_scratch", "mlp_finetune", "cnn_scratch", "mlp_shared_init", "mnist_timm_resnet", "mnist_hf_vit"}
 COMMON = {"single_mean", "single_best_val", "single_long", "ensemble", "uniform_soup", "greedy_soup",
-          "aligned_average", "kd_anchor_1k", "kd_converged", "weightformer", "weightformer_in_pool",
+          "aligned_average", "kd_anchor_1k", "kd_converged", "weightformer", "weightformer_best_val_anchor",
+          "weightformer_in_pool",
           "weightformer_finetuned"}  # fmt: skip
 FINETUNE_ONLY = {"task_arithmetic", "ties_merge"}
 

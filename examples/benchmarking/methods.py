@@ -40,6 +40,7 @@ METHODS = [
     "kd_anchor_1k",
     "kd_converged",
     "weightformer",
+    "weightformer_best_val_anchor",
     "weightformer_in_pool",
     "weightformer_finetuned",
 ]
@@ -244,12 +245,14 @@ class PoolRun:
             **extra,
         }
 
-    def honesty(self, probs: torch.Tensor, members: list[int], model: nn.Module) -> dict:
-        """How far the student moved from its anchor, and how often it agrees with the ensemble."""
+    def honesty(self, probs: torch.Tensor, members: list[int], model: nn.Module, anchor: int | None = None) -> dict:
+        """How far the student moved from its anchor (default: the set's first teacher), and how often it
+        agrees with the ensemble."""
         ens = ensemble_probs(list(self.test_logits[members]))
         teachers = [agreement(self.test_probs[m], ens) for m in members]
         return {
-            "anchor_distance": relative_distance(model, self.teachers.state_dicts[members[0]]),
+            "anchor_distance": relative_distance(model, self.teachers.state_dicts[members[0] if anchor is None
+                                                                                  else anchor]),
             "ensemble_agreement": {"student": agreement(probs, ens), "teacher_mean": sum(teachers) / len(teachers),
                                    "teacher_max": max(teachers)},
         }  # fmt: skip
@@ -303,6 +306,11 @@ def score_set(run: PoolRun, generator, k: int, i: int, members: list[int], share
     shared["cached_generation"].setdefault(k, []).append(time.perf_counter() - start)
     probs = run.test_probs_of(student)
     add("weightformer", probs, gen_seconds, **run.honesty(probs, members, student))
+    start = time.perf_counter()  # the anchor a user with validation data picks (what single_best_val returns)
+    chosen = run.prepare(generator.generate_student(sub, anchor=members.index(best)))
+    probs_best = run.test_probs_of(chosen)
+    add("weightformer_best_val_anchor", probs_best, time.perf_counter() - start,
+        **run.honesty(probs_best, members, chosen, anchor=best))  # fmt: skip
     start = time.perf_counter()
     tuned = run.prepare(run.kd_anchor(members, shared["finetune_steps"], args.finetune_lr, model=student))
     probs = run.test_probs_of(tuned)
