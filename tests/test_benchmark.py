@@ -131,6 +131,11 @@ def test_summary_ci_and_paired_gain(quick_run):
     diffs = [r["gain_recovered"] - anchors[r["heldout_set"]] for r in result["rows"]
              if r["pool"] == "mlp_scratch" and r["k"] == 2 and r["method"] == "weightformer"]  # fmt: skip
     assert cell["paired_gain_over_anchor"] == pytest.approx(sum(diffs) / len(diffs))
+    soup = {r["heldout_set"]: r["gain_recovered"] for r in result["rows"]
+            if r["pool"] == "mlp_scratch" and r["k"] == 2 and r["method"] == "greedy_soup"}  # fmt: skip
+    versus = [g - soup[i] for i, g in enumerate(gs)]
+    assert cell["paired_vs"]["greedy_soup"]["mean"] == pytest.approx(sum(versus) / len(versus))
+    assert cell["paired_vs"]["greedy_soup"]["wins"] == sum(v > 0 for v in versus)
 
 
 def test_mean_ci_hand_computed():

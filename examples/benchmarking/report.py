@@ -13,7 +13,7 @@ import torch
 
 from .methods import METHODS
 
-CORE_METHODS = ["single_mean", "ensemble"]
+PAIRED_AGAINST = ["single_best_val", "greedy_soup", "uniform_soup", "kd_anchor_1k"]
 
 
 def machine_info() -> dict:
@@ -62,6 +62,17 @@ def summarize(rows: list[dict]) -> dict:
                 mean, ci = mean_ci(g)
                 entry = {"accuracy": sum(r["accuracy"] for r in rs) / len(rs), "gain_recovered": mean,
                          "gain_recovered_ci95": ci, "gain_recovered_all": g, "sets": len(rs)}  # fmt: skip
+                if method.startswith("weightformer") and method != "weightformer_in_pool":
+                    entry["paired_vs"] = {}
+                    for other in PAIRED_AGAINST:
+                        theirs = {r["heldout_set"]: r["gain_recovered"] for r in methods.get(other, [])}
+                        diffs = [
+                            r["gain_recovered"] - theirs[r["heldout_set"]] for r in rs if r["heldout_set"] in theirs
+                        ]
+                        if diffs:
+                            mean, ci = mean_ci(diffs)
+                            wins = sum(d > 0 for d in diffs)
+                            entry["paired_vs"][other] = {"mean": mean, "ci95": ci, "wins": wins, "sets": len(diffs)}
                 if method != "weightformer_in_pool":
                     paired = [r["gain_recovered"] - anchor_g[(pool, k, r["heldout_set"])] for r in rs
                               if anchor_g.get((pool, k, r["heldout_set"])) is not None]  # fmt: skip
@@ -132,6 +143,25 @@ def markdown(result: dict, command: str) -> str:
             lines.append(f"| {method} | " + " | ".join(cells) + " |")
         lines.append("")
         lines += [f"- {n}" for n in result.get("notes", {}).get(pool, [])] + [""]
+        lines += [
+            "Paired per set: G of the WeightFormer student − G of the alternative on the same held-out set "
+            "(mean ± 95 % CI; sets where the student wins).",
+            "",
+        ]
+        lines += [
+            "| student | K | " + " | ".join(f"vs {o}" for o in PAIRED_AGAINST) + " |",
+            "|---|---|" + "---|" * len(PAIRED_AGAINST),
+        ]
+        for method in METHODS:
+            for k in k_list:
+                vs = ks[k].get(method, {}).get("paired_vs")
+                if vs:
+                    cells = [
+                        f"{_fmt(vs[o]['mean'], vs[o]['ci95'])} ({vs[o]['wins']}/{vs[o]['sets']})" if o in vs else ""
+                        for o in PAIRED_AGAINST
+                    ]
+                    lines.append(f"| {method} | {k} | " + " | ".join(cells) + " |")
+        lines.append("")
     costs = result["costs"]
     lines += ["## Costs", ""] + cost_summary(costs) + ["", "All cost figures:", "", "```json"]
     lines += [json.dumps(costs, indent=2), "```", ""]
