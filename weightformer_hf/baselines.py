@@ -70,12 +70,13 @@ def greedy_soup(
     teachers: TeacherSet | Sequence[nn.Module], score: Score, prepare: Callable[[nn.Module], nn.Module] | None = None
 ) -> tuple[nn.Module, list[int]]:
     """Greedy soup: start from the best teacher on validation, add the next best if the soup's validation
-    score does not drop. `prepare` runs on every candidate before scoring (e.g. BatchNorm re-estimation).
+    score does not drop. `prepare` runs on every soup of two or more before scoring (e.g. BatchNorm
+    re-estimation); single teachers are scored as they are, as `single_best_val` scores them.
     Returns the soup and the indices of the teachers it kept, best first."""
     teachers = as_teacher_set(teachers)
     prepare = prepare or (lambda m: m)
     states = _states(teachers)
-    scores = [score(prepare(teachers.model(i))) for i in range(len(teachers))]
+    scores = [score(teachers.model(i)) for i in range(len(teachers))]  # a teacher is itself: nothing to prepare
     order = sorted(range(len(teachers)), key=lambda i: (-scores[i], i))
     kept, best = [order[0]], scores[order[0]]
     for i in order[1:]:
@@ -83,6 +84,8 @@ def greedy_soup(
         value = score(candidate)
         if value >= best:
             kept, best = kept + [i], value
+    if len(kept) == 1:
+        return teachers.model(kept[0]), kept
     return prepare(teachers.build_student(_average([states[j] for j in kept]))), kept
 
 
