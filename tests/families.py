@@ -77,3 +77,25 @@ def make_inputs(family: str, batch: int = 3) -> torch.Tensor:
 
 
 ALL_FAMILIES = ["mlp", "cnn1d", "timm_resnet", "timm_vgg", "timm_vit", "hf_resnet", "hf_vit"]
+
+
+# Shared by the generator tests: a small generator config and helpers.
+SMALL = {
+    "hidden_size": 32,
+    "num_attention_heads": 2,
+    "intermediate_size": 64,
+    "num_hidden_layers": 1,
+    "align_max_iter": 2,
+}
+
+
+def bits(t: torch.Tensor) -> torch.Tensor:
+    return t.view(torch.uint8) if t.is_floating_point() else t
+
+
+def perturb(model: torch.nn.Module, seed: int = 0, std: float = 0.05) -> None:
+    """Move every generator parameter off its initial value (zero decoders included)."""
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * std)

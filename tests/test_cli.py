@@ -231,3 +231,39 @@ def test_console_script_exit_status(tmp_path):
     assert (
         done.stderr.strip().count("\n") == 0 and "absent" in done.stderr and "folder not found" in done.stderr
     )
+
+
+def test_evaluate_timm_model_on_an_image_folder(timm_repos, tmp_path, capsys):
+    """The image-dataset path: an imagefolder with one folder per class name, labels mapped by name, the
+    model's own timm transform; accuracy equals a hand-run of the model on the same images."""
+    import numpy as np
+    from conftest import LABELS
+    from PIL import Image
+    from timm.data import IMAGENET_DEFAULT_MEAN as IMAGENET_MEAN
+    from timm.data import IMAGENET_DEFAULT_STD as IMAGENET_STD
+    from timm.data import create_transform
+
+    rng = np.random.default_rng(0)
+    images = []
+    for name in reversed(LABELS):  # folder order differs from the model's label order
+        (tmp_path / "images" / name).mkdir(parents=True)
+        for j in range(2):
+            image = Image.fromarray(rng.integers(0, 256, (28, 28), dtype=np.uint8), mode="L")
+            image.save(tmp_path / "images" / name / f"{j}.png")
+            images.append((image, LABELS.index(name)))
+    model = timm_repos.models[0]
+    # resnet10t's default eval transform, for the model's one input channel (mean/std averaged over RGB)
+    mean, std = (sum(IMAGENET_MEAN) / 3,), (sum(IMAGENET_STD) / 3,)
+    transform = create_transform(input_size=(1, 176, 176), interpolation="bicubic", crop_pct=0.875,
+                                 crop_mode="center", mean=mean, std=std)  # fmt: skip
+    with torch.no_grad():
+        preds = [int(model(transform(im.convert("L"))[None]).argmax()) for im, _ in images]
+    expected = sum(p == y for p, (_, y) in zip(preds, images)) / len(images)
+    code, out, err = _run(capsys, "evaluate", "--model", timm_repos.ids[0], "--dataset", str(tmp_path / "images"),
+                          "--split", "train", "--json")  # fmt: skip
+    assert code == 0, err
+    result = json.loads(out)[timm_repos.ids[0]]
+    assert result["accuracy"] == pytest.approx(expected, abs=1e-6)  # fp32 mean
+    code, _, err = _run(capsys, "evaluate", "--model", timm_repos.ids[0], "--dataset", str(tmp_path / "images"),
+                        "--split", "train", "--label-column", "fine_label")  # fmt: skip
+    assert code == 2 and "fine_label" in err

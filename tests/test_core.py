@@ -6,32 +6,12 @@ import os
 
 import pytest
 import torch
-from families import ALL_FAMILIES, make_inputs, make_model
+from families import ALL_FAMILIES, SMALL, bits, make_inputs, make_model, perturb
 from transformers import AutoModel
 
 import weightformer_hf as wf
 from weightformer_hf.alignment import permute_tensor, weight_matching
 from weightformer_hf.errors import InvalidWeightsError, TeacherMismatchError, UnsupportedArchitectureError
-
-SMALL = {
-    "hidden_size": 32,
-    "num_attention_heads": 2,
-    "intermediate_size": 64,
-    "num_hidden_layers": 1,
-    "align_max_iter": 2,
-}
-
-
-def bits(t: torch.Tensor) -> torch.Tensor:
-    return t.view(torch.uint8) if t.is_floating_point() else t
-
-
-def perturb(model: torch.nn.Module, seed: int = 0, std: float = 0.05) -> None:
-    """Move every generator parameter off its initial value (zero decoders included)."""
-    torch.manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * std)
 
 
 @pytest.fixture(scope="module", params=ALL_FAMILIES)

@@ -8,29 +8,10 @@ import json
 
 import pytest
 import torch
-from families import make_inputs, make_model
+from families import SMALL, bits, make_inputs, make_model, perturb
 from weightformer_hf.modeling.modeling_weightformer import chunk_layout, describe_layers
 
 import weightformer_hf as wf
-
-SMALL = {
-    "hidden_size": 32,
-    "num_attention_heads": 2,
-    "intermediate_size": 64,
-    "num_hidden_layers": 1,
-    "align_max_iter": 2,
-}
-
-
-def bits(t: torch.Tensor) -> torch.Tensor:
-    return t.view(torch.uint8) if t.is_floating_point() else t
-
-
-def perturb(model: torch.nn.Module, seed: int = 0, std: float = 0.05) -> None:
-    torch.manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * std)
 
 
 # ------------------------------------------------------------------------------------------- run_student

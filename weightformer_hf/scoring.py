@@ -133,12 +133,26 @@ def _label_ids(ds, label_column: str, label_names: list[str]) -> list[int]:
     return [int(v) for v in values]
 
 
+def _match_input_channels(config: dict, model: torch.nn.Module) -> dict:
+    """timm keeps the architecture's default (3-channel) `pretrained_cfg` for models built with another
+    `in_chans`: take the channel count from the first convolution and average mean/std over channels, as
+    timm itself does when it adapts pretrained weights to fewer channels."""
+    conv = next((m for m in model.modules() if isinstance(m, torch.nn.Conv2d)), None)
+    channels = conv.in_channels if conv is not None else config["input_size"][0]
+    if channels == config["input_size"][0]:
+        return config
+    mean = sum(config["mean"]) / len(config["mean"])
+    std = sum(config["std"]) / len(config["std"])
+    return {**config, "input_size": (channels, *config["input_size"][1:]), "mean": (mean,) * channels,
+            "std": (std,) * channels}  # fmt: skip
+
+
 def _preprocessor(models: TeacherSet):
     model = models.model(0)
     if models.family.format == "timm":
         from timm.data import create_transform, resolve_data_config
 
-        config = resolve_data_config({}, model=model)
+        config = _match_input_channels(resolve_data_config({}, model=model), model)
         transform = create_transform(**config)
         mode = "L" if config["input_size"][0] == 1 else "RGB"
         return lambda image: transform(image.convert(mode))
