@@ -1,0 +1,68 @@
+"""Teacher pools: the fine-tune regime, resuming an interrupted build, and the named errors."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from weightformer_hf import data, pool
+from weightformer_hf.errors import WeightFormerError
+
+MLP = {"model_type": "wf_mlp", "hidden_sizes": [8]}
+
+
+def _data(n=200, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 40, generator=g), torch.randint(10, (n,), generator=g)
+
+
+def _spec(**kw):
+    base = dict(model=MLP, num_teachers=4, train_steps=6, batch_size=16, chunk_size=1)
+    return pool.PoolSpec(**{**base, **kw})
+
+
+def test_finetune_pool_saves_the_base_and_starts_every_teacher_from_it(tmp_path):
+    spec = _spec(regime="finetune", base_steps=20, finetune_steps=(2, 4), finetune_log10_lr=(-3.0, -2.9))
+    train = _data()
+    paths = pool.build_pool(spec, train, train, data.DIGIT_NAMES, tmp_path, show_progress=False, source=_data(seed=1))
+    manifest = json.loads((tmp_path / "pool.json").read_text())
+    assert manifest["base"] == "base" and (tmp_path / "base" / "model.safetensors").exists()
+    base = load_file(tmp_path / "base" / "model.safetensors")
+    for path, recipe in zip(paths, manifest["recipes"]):
+        assert recipe["steps"] in (2, 4) and 10**-3.0 <= recipe["learning_rate"] <= 10**-2.9
+        weights = load_file(path / "model.safetensors")
+        # at most 4 AdamW steps of lr <= 10^-2.9 from the base: every entry moved by at most 4 * lr (+ decay)
+        assert all((weights[k] - base[k]).abs().max() <= 4 * 10**-2.9 * 1.01 + 1e-6 for k in base)
+        assert any(not torch.equal(weights[k], base[k]) for k in base)
+    assert pool.teacher_paths(tmp_path) == paths  # the base is not a teacher
+
+
+def test_interrupted_build_keeps_finished_teachers_and_redoes_the_rest_identically(tmp_path):
+    spec, train = _spec(), _data()
+    pool.build_pool(spec, train, train, data.DIGIT_NAMES, tmp_path, show_progress=False)
+    first = {p.name: load_file(p / "model.safetensors") for p in pool.teacher_paths(tmp_path)}
+    kept = (tmp_path / "teacher-00" / "model.safetensors").stat().st_mtime_ns
+    shutil.rmtree(tmp_path / "teacher-02")  # as if killed before teacher 2 was saved
+    (tmp_path / "pool.json").unlink()
+    assert not pool.pool_is_built(spec, tmp_path, "mnist1d")
+    pool.build_pool(spec, train, train, data.DIGIT_NAMES, tmp_path, show_progress=False)
+    assert (tmp_path / "teacher-00" / "model.safetensors").stat().st_mtime_ns == kept
+    again = load_file(tmp_path / "teacher-02" / "model.safetensors")
+    assert all(torch.equal(again[k], first["teacher-02"][k]) for k in again)
+    assert pool.pool_is_built(spec, tmp_path, "mnist1d")
+    other = _spec(train_steps=7)  # another spec: nothing of the old build is reused
+    pool.build_pool(other, train, train, data.DIGIT_NAMES, tmp_path, show_progress=False)
+    assert (tmp_path / "teacher-00" / "model.safetensors").stat().st_mtime_ns != kept
+
+
+def test_pool_errors_name_the_problem(tmp_path):
+    with pytest.raises(WeightFormerError, match="unknown pool regime 'soup'"):
+        _spec(regime="soup")
+    with pytest.raises(WeightFormerError, match="needs source data to pretrain its base"):
+        pool.build_pool(_spec(regime="finetune"), _data(), _data(), data.DIGIT_NAMES, tmp_path, show_progress=False)
+    with pytest.raises(data.DataError, match="mnist1d has no generator argument 'scale'"):
+        data.mnist1d_tensors(10, 0, scale=0.5)
