@@ -26,7 +26,6 @@ from weightformer_hf.teacher_training import has_batchnorm, train_models
 
 from .plans import LABELS, PoolPlan, Split
 
-FINETUNE_ONLY = {"task_arithmetic", "ties_merge"}  # they need the base all teachers were fine-tuned from
 METHODS = [
     "single_mean",
     "single_best_val",

@@ -120,18 +120,14 @@ class PoolPlan:
 MLP = {"model_type": "wf_mlp", "in_features": 40, "hidden_sizes": [256, 256]}
 
 
+def _mnist_vit(**sizes) -> dict:
+    """A transformers ViT for 28×28 one-channel digits (patches of 7) with the given sizes."""
+    return {"model_type": "vit", "image_size": 28, "patch_size": 7, "num_channels": 1, **sizes}
+
+
 def full_plans() -> list[PoolPlan]:
     resnet = {"timm": "resnet10t", "in_chans": 1, "channels": [16, 32, 64, 128], "stem_width": 8}
-    vit = {
-        "model_type": "vit",
-        "image_size": 28,
-        "patch_size": 7,
-        "num_channels": 1,
-        "hidden_size": 64,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 4,
-        "intermediate_size": 128,
-    }
+    vit = _mnist_vit(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128)
     return [
         PoolPlan("mlp_scratch", PoolSpec(MLP, num_teachers=280, train_steps=3000, seed=50_000), 256, (2, 4, 8), 6),
         PoolPlan(
@@ -172,16 +168,7 @@ def quick_plans() -> list[PoolPlan]:
     """Tiny pools that exercise every code path in about a minute (numbers are meaningless)."""
     mlp = {**MLP, "hidden_sizes": [32, 32]}
     resnet = {"timm": "resnet10t", "in_chans": 1, "channels": [8, 8, 16, 16], "stem_width": 8}
-    vit = {
-        "model_type": "vit",
-        "image_size": 28,
-        "patch_size": 7,
-        "num_channels": 1,
-        "hidden_size": 16,
-        "num_hidden_layers": 1,
-        "num_attention_heads": 2,
-        "intermediate_size": 32,
-    }
+    vit = _mnist_vit(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32)
     finetune = PoolSpec(
         mlp,
         num_teachers=8,
