@@ -171,9 +171,12 @@ def main(args):
     def recompute_bn(student):
         return wf.recompute_bn_stats(student, meta_dl, num_batches=20)
 
-    meta_x, meta_y = wf_data.tensors(splits["meta"])
+    meta = {}  # the meta split as tensors, read only if the KD baseline runs
 
     def kd_anchor_baseline(members, anchor):  # what a user would do instead: distil the anchor on the ensemble
+        if not meta:
+            meta["x"], meta["y"] = wf_data.tensors(splits["meta"])
+        meta_x, meta_y = meta["x"], meta["y"]
         model = teachers.model(members[anchor]).to(accelerator.device)
         return kd_anchor(model, meta_x.to(accelerator.device), meta_y.to(accelerator.device),
                          logits["meta"][members].to(accelerator.device), steps=args.kd_baseline_steps,
