@@ -105,10 +105,7 @@ def main(args):
     targets = wf.TeacherTargets(train_teachers, logits["meta"][train_idx].to(accelerator.device),
                                 args.online_augmentation, accelerator.device)  # fmt: skip
 
-    generator_kwargs = dict(args.preset.get("generator", {}))
-    probe_size = generator_kwargs.pop("probe_size", 0)  # the probe batch: the first meta inputs, no labels
-    probe = wf_data.tensors(splits["meta"].select(range(probe_size)))[0] if probe_size else None
-    generator = WeightFormerModel.for_teachers(train_teachers, probe_inputs=probe, **generator_kwargs)
+    generator = WeightFormerModel.for_teachers(train_teachers, **args.preset.get("generator", {}))
     generator.config.training_pool = [i.identity for i in train_teachers.infos]
     train_dl = DataLoader(splits["meta"], batch_size=args.per_device_train_batch_size, shuffle=True, drop_last=True,
                           collate_fn=wf_data.collate)  # fmt: skip

@@ -30,12 +30,6 @@ class WeightFormerConfig(PreTrainedConfig):
             the same channel to each anchor query.
         shift_consistency_weight (`float`, defaults to 0.0): weight of the paper's shift-consistency loss
             (MSE between students generated from two orders of the other teachers); 0 disables it.
-        probe_size (`int`, defaults to 0): inputs in the generator's probe batch (a buffer saved with its
-            weights, set by `WeightFormerModel.for_teachers(..., probe_inputs=...)`); 0 disables it. With a
-            probe, every teacher's token also carries the gradient of its distillation loss towards the set's
-            ensemble on the probe, so the generator reads which way each channel should move.
-        probe_input_shape (`list[int]`, *optional*): shape of one probe input.
-        probe_temperature (`float`, defaults to 4.0): softmax temperature of the probe's distillation loss.
         initializer_range (`float`, defaults to 0.02): std of the normal init of linear layers.
         student (`dict`, *optional*): `{"family", "arch", "label_names"}` of the student architecture.
         student_layers (`list[dict]`, *optional*): `{"name", "channels", "width"}` per generator layer.
@@ -63,9 +57,6 @@ class WeightFormerConfig(PreTrainedConfig):
         use_cross_token: bool = True,
         pool_aligned: bool = True,
         shift_consistency_weight: float = 0.0,
-        probe_size: int = 0,
-        probe_input_shape: list[int] | None = None,
-        probe_temperature: float = 4.0,
         initializer_range: float = 0.02,
         student: dict | None = None,
         student_layers: list[dict] | None = None,
@@ -90,11 +81,6 @@ class WeightFormerConfig(PreTrainedConfig):
         self.use_cross_token = use_cross_token
         self.pool_aligned = pool_aligned
         self.shift_consistency_weight = shift_consistency_weight
-        if probe_size and not probe_input_shape:
-            raise ValueError("probe_size > 0 needs probe_input_shape (the shape of one probe input)")
-        self.probe_size = probe_size
-        self.probe_input_shape = list(probe_input_shape or [])
-        self.probe_temperature = probe_temperature
         self.initializer_range = initializer_range
         self.student = student or {}
         self.student_layers = list(student_layers or [])

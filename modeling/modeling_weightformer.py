@@ -6,9 +6,7 @@ Data path, top to bottom:
    becomes one token per output channel and teacher: the channel's slice of every tensor of the layer,
    flattened, scaled by the tensor's RMS over the teachers (positive tensors enter as logs). Teachers are
    first weight-matched to the anchor when the family declares channel-order groups. Channels wider than
-   `chunk_size` are split into chunks, each a token of its own. With a probe batch (`probe_size`), each
-   token also carries the matching slice of its teacher's distillation gradient towards the set's ensemble
-   on the probe, normalised the same way: which way each channel should move.
+   `chunk_size` are split into chunks, each a token of its own.
 2. **Generator.** The anchor's tokens are the queries. Each block lets them attend to each other and a
    `[cross]` token carried over from the previous layer, then to every teacher's tokens of the layer
    (a set: no teacher ids, only an "is anchor" flag, so any K works and the order of the other teachers
@@ -23,7 +21,6 @@ Data path, top to bottom:
 from __future__ import annotations
 
 import copy
-import hashlib
 import math
 import weakref
 from collections import OrderedDict
@@ -42,7 +39,6 @@ from ..alignment import align_to_anchor, permute_tensor
 from ..errors import TeacherMismatchError
 from ..families import LayerSpec
 from ..teachers import TeacherSet, as_teacher_set
-from ..training import distillation_loss, ensemble_targets
 from .configuration_weightformer import WeightFormerConfig
 
 
@@ -191,8 +187,7 @@ class WeightFormerModel(WeightFormerPreTrainedModel):
         super().__init__(config)
         d = config.hidden_size
         layouts = [chunk_layout(layer["width"], config.chunk_size) for layer in config.student_layers]
-        in_factor = 2 if config.probe_size else 1  # weights, then their probe gradients
-        self.embedders = nn.ModuleList(nn.Linear(in_factor * chunk, d) for _, chunk in layouts)
+        self.embedders = nn.ModuleList(nn.Linear(chunk, d) for _, chunk in layouts)
         self.decoders = nn.ModuleList(nn.Linear(d, chunk) for _, chunk in layouts)
         self.chunk_offsets = [sum(n for n, _ in layouts[:i]) for i in range(len(layouts))]
         self.chunk_embed = nn.Embedding(max(1, sum(n for n, _ in layouts)), d)
@@ -202,36 +197,18 @@ class WeightFormerModel(WeightFormerPreTrainedModel):
         self.cross_init = nn.Parameter(torch.zeros(d))
         self.blocks = nn.ModuleList(WeightFormerBlock(config) for _ in range(config.num_hidden_layers))
         self.final_norm = nn.LayerNorm(d, eps=config.layer_norm_eps)
-        if config.probe_size:
-            self.register_buffer("probe_inputs", torch.zeros(config.probe_size, *config.probe_input_shape))
-        else:
-            self.probe_inputs = None
         self.gradient_checkpointing = False
         self.post_init()
 
     # -------------------------------------------------------------------------------------- construction
     @classmethod
-    def for_teachers(
-        cls,
-        teachers: TeacherSet | Sequence[nn.Module],
-        probe_inputs: torch.Tensor | None = None,
-        **generator_kwargs,
-    ) -> WeightFormerModel:
-        """An untrained generator whose config describes the architecture and labels of `teachers`.
-
-        `probe_inputs` (a batch of model inputs, e.g. a few hundred unlabeled training samples) is stored in
-        the generator and saved with it; its teachers' tokens then carry their probe gradients.
-        """
+    def for_teachers(cls, teachers: TeacherSet | Sequence[nn.Module], **generator_kwargs) -> WeightFormerModel:
+        """An untrained generator whose config describes the architecture and labels of `teachers`."""
         teachers = as_teacher_set(teachers)
-        if probe_inputs is not None:
-            generator_kwargs.update(probe_size=len(probe_inputs), probe_input_shape=list(probe_inputs.shape[1:]))
         config = WeightFormerConfig(
             student=teachers.describe(), student_layers=describe_layers(teachers), **generator_kwargs
         )
-        model = cls(config)
-        if probe_inputs is not None:
-            model.probe_inputs.copy_(probe_inputs)
-        return model
+        return cls(config)
 
     def check_teachers(self, teachers: TeacherSet) -> None:
         """Raise `TeacherMismatchError` naming both architectures if `teachers` do not fit this generator."""
@@ -325,7 +302,6 @@ class WeightFormerModel(WeightFormerPreTrainedModel):
             self.config.align_teachers,
             self.config.align_max_iter,
             self.config.chunk_size,
-            self._probe_key(),
         )
         entry = _TOKEN_CACHE.get(key)
         if entry is not None and entry.matches(teachers, sources):
@@ -333,7 +309,6 @@ class WeightFormerModel(WeightFormerPreTrainedModel):
             return entry.layers
         perms = self._alignments(teachers, anchor)
         spec = teachers.family.permutation_spec(teachers.template) if perms else {}
-        grads = self._probe_gradients(teachers) if self.config.probe_size else None
         out = []
         with torch.no_grad():
             for layer in layers:
@@ -347,13 +322,6 @@ class WeightFormerModel(WeightFormerPreTrainedModel):
                 n_chunks, chunk = chunk_layout(width, self.config.chunk_size)
                 content = F.pad(content, (0, n_chunks * chunk - width))
                 content = content.view(len(tensors), layer.channels, n_chunks, chunk)
-                if grads is not None:  # the same permutation, layout and chunks as the weights, concatenated
-                    aligned = [
-                        {t.name: permute_tensor(t.name, g[t.name], spec, perms[k]) for t in layer.tensors}
-                        for k, g in enumerate(grads)
-                    ]
-                    extra = F.pad(_gradient_content(layer, aligned, tensors), (0, n_chunks * chunk - width))
-                    content = torch.cat([content, extra.view_as(content)], dim=-1)
                 dtypes = {t.name: teachers.state_dicts[anchor][t.name].dtype for t in layer.tensors}
                 out.append(_LayerInputs(content, scales, tensors[anchor], dtypes))
         _TOKEN_CACHE[key] = _TokenCacheEntry(teachers.alignment_cache, sources, out)
@@ -365,46 +333,12 @@ class WeightFormerModel(WeightFormerPreTrainedModel):
                 del _TOKEN_CACHE[k]
         return out
 
-    def _probe_key(self) -> str | None:
-        """A content hash of the probe batch (token-cache key: gradient tokens depend on it)."""
-        if self.probe_inputs is None:
-            return None
-        return hashlib.sha1(self.probe_inputs.detach().cpu().contiguous().numpy().tobytes()).hexdigest()
-
-    def _probe_gradients(self, teachers: TeacherSet) -> list[dict[str, torch.Tensor]]:
-        """Per teacher, the gradient of its distillation loss towards the set's ensemble (`probe_temperature`)
-        on the probe batch, for every tensor the generator writes, in the teacher's own channel order.
-
-        A symmetric function of the set (the ensemble is a mean), so it keeps the generator order-free; with
-        K = 1 the teacher is its own ensemble and every gradient is zero (returned exactly, not computed)."""
-        device = self.probe_inputs.device
-        layers, _ = teachers.layers
-        names = [t.name for layer in layers for t in layer.tensors]
-        if len(teachers) == 1:
-            return [{n: torch.zeros(teachers.shapes[n], device=device) for n in names}]
-        temperature = self.config.probe_temperature
-        with torch.enable_grad():
-            leaves, logits = [], []
-            for sd in teachers.state_dicts:
-                leaf = {n: sd[n].to(device) for n in teachers.shapes}
-                leaf = {n: v.float().requires_grad_() if v.is_floating_point() else v for n, v in leaf.items()}
-                leaves.append(leaf)
-                logits.append(run_student(teachers, leaf, self.probe_inputs))
-            targets = ensemble_targets(torch.stack([x.detach() for x in logits]), temperature)
-            grads = []
-            for leaf, out in zip(leaves, logits):
-                loss = distillation_loss(out, targets, None, 1.0, temperature)
-                values = torch.autograd.grad(loss, [leaf[n] for n in names], allow_unused=True)
-                grads.append({n: torch.zeros_like(leaf[n]) if g is None else g for n, g in zip(names, values)})
-        return grads
-
     def _generate_layer(
         self, index: int, layer: LayerSpec, content: torch.Tensor, anchor: int, cross: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """One layer's decrements `(channels, width)` (negated changes, normalised units) and the next [cross]
         state, from the layer's chunked tokens `content` `(K, C, n_chunks, chunk)`."""
-        n_teachers, channels, n_chunks, _ = content.shape
-        chunk = self.decoders[index].out_features  # content is twice as wide when it carries probe gradients
+        n_teachers, channels, n_chunks, chunk = content.shape
         width = self.config.student_layers[index]["width"]
         chunk_ids = torch.arange(n_chunks, device=content.device) + self.chunk_offsets[index]
         tokens = self.embedders[index](content) + self.chunk_embed(chunk_ids)[:, None, :].transpose(0, 1)
@@ -542,33 +476,6 @@ def _layer_content(layer: LayerSpec, tensors: list[dict[str, torch.Tensor]]) -> 
         parts.append(stack / scale)
         scales.append(scale.expand(stack.shape[-1]))
     return torch.cat(parts, dim=-1), torch.cat(scales)
-
-
-def _gradient_content(
-    layer: LayerSpec, grads: list[dict[str, torch.Tensor]], tensors: list[dict[str, torch.Tensor]]
-) -> torch.Tensor:
-    """Per teacher, the layer's probe gradients as channel tokens `(K, C, W)`, laid out as `_layer_content`.
-
-    Each tensor's gradient is divided by its RMS over all teachers (the generator reads directions; their
-    scale changes by orders of magnitude between sets), floored so that a gradient whose loss change for a
-    change of the weights by their own RMS is below `_GRADIENT_FLOOR` (float noise: nearly equal teachers)
-    stays small. Positive tensors, whose tokens hold logs, get the gradient with respect to the log:
-    gradient · value.
-    """
-    parts = []
-    for t in layer.tensors:
-        stack = torch.stack([g[t.name] for g in grads])
-        values = torch.stack([td[t.name] for td in tensors])
-        if t.positive:
-            stack, weight_rms = stack * values, 1.0
-        else:
-            weight_rms = values.pow(2).mean().sqrt().clamp_min(1e-6).item()
-        stack = stack.movedim(t.channel_axis + 1, 1).reshape(len(grads), layer.channels, -1)
-        parts.append(stack / stack.pow(2).mean().sqrt().clamp_min(_GRADIENT_FLOOR / weight_rms))
-    return torch.cat(parts, dim=-1)
-
-
-_GRADIENT_FLOOR = 1e-6  # loss change per RMS-sized change of a tensor below which a probe gradient is noise
 
 
 def _apply_changes(

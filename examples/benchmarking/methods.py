@@ -80,10 +80,7 @@ def train(plan: PoolPlan, teachers: wf.TeacherSet, train_ids: list[int], data: S
     torch.manual_seed(recipe.episodes.seed)
     accelerator = Accelerator(cpu=True)
     train_teachers = teachers.subset(train_ids)
-    config = dict(recipe.config)
-    probe_size = config.pop("probe_size", 0)  # the probe batch: the first meta-split inputs, no labels
-    probe = data.meta_x[:probe_size] if probe_size else None
-    generator = wf.WeightFormerModel.for_teachers(train_teachers, probe_inputs=probe, **config)
+    generator = wf.WeightFormerModel.for_teachers(train_teachers, **recipe.config)
     optimizer, scheduler = training.optimizer_and_scheduler(
         generator, recipe.learning_rate, recipe.weight_decay, recipe.lr_scheduler_type, recipe.num_warmup_steps,
         recipe.max_train_steps,
