@@ -58,16 +58,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     g = p.add_argument_group("generator (design and training; chosen on the validation pools only)")
     g.add_argument("--generator_config", help="JSON object or file: WeightFormerConfig kwargs")
-    g.add_argument("--gen_steps", type=int, help="episodes on the MNIST-1D pools (default 1500; quick 20)")
+    g.add_argument("--gen_steps", type=int, help="episodes on the MNIST-1D pools (default 3000; quick 20)")
     g.add_argument("--hub_gen_steps", type=int, help="episodes on the MNIST-5k pools (default 600; quick 5)")
-    g.add_argument("--gen_lr", type=float, default=1e-3)
+    g.add_argument("--gen_lr", type=float, default=3e-4)
     g.add_argument("--gen_batch_size", type=int, default=256)
     g.add_argument("--k_min", type=int, default=2)
     g.add_argument("--k_max", type=int, default=6)
     g.add_argument(
         "--gen_alpha",
         type=float,
-        help="the generator's KD weight (1 - gen_alpha weighs CE on the meta labels; default: --alpha)",
+        default=0.3,
+        help="the generator's KD weight (1 - gen_alpha weighs CE on the meta labels)",
     )
     g.add_argument("--temperature", type=float, default=4.0)
     g.add_argument("--seed", type=int, default=0)
@@ -75,7 +76,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     b.add_argument("--kd_steps", type=int, help="steps of kd_anchor_1k (default 1000; quick 20)")
     b.add_argument("--kd_lr", type=float, default=3e-4)
     b.add_argument(
-        "--alpha", type=float, default=0.9, help="KD weight of the KD baselines (and, by default, the generator)"
+        "--alpha", type=float, default=0.9, help="KD weight of the KD baselines"
     )
     b.add_argument(
         "--finetune_steps",
@@ -84,7 +85,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     b.add_argument("--finetune_lr", type=float, default=3e-4)
     args = p.parse_args(argv)
-    args.gen_steps = args.gen_steps if args.gen_steps is not None else (20 if args.quick else 1500)
+    args.gen_steps = args.gen_steps if args.gen_steps is not None else (20 if args.quick else 3000)
     args.hub_gen_steps = args.hub_gen_steps if args.hub_gen_steps is not None else (5 if args.quick else 600)
     args.kd_steps = args.kd_steps if args.kd_steps is not None else (20 if args.quick else 1000)
     args.output_dir = (
@@ -100,7 +101,7 @@ def generator_recipe(args, hub: bool) -> methods.GeneratorRecipe:
     recipe = methods.GeneratorRecipe(
         max_train_steps=steps, learning_rate=args.gen_lr, batch_size=args.gen_batch_size,
         num_warmup_steps=max(1, steps // 20),
-        episodes=EpisodeConfig(args.k_min, args.k_max, args.alpha if args.gen_alpha is None else args.gen_alpha,
+        episodes=EpisodeConfig(args.k_min, args.k_max, args.gen_alpha,
                                args.temperature, args.seed),
     )  # fmt: skip
     if args.generator_config:

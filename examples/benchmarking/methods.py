@@ -54,13 +54,14 @@ class GeneratorRecipe:
         default_factory=lambda: {"hidden_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
                                  "intermediate_size": 256}
     )  # fmt: skip
-    max_train_steps: int = 1500
-    learning_rate: float = 1e-3
+    max_train_steps: int = 3000
+    learning_rate: float = 3e-4
     weight_decay: float = 0.01
     lr_scheduler_type: str = "cosine"
     num_warmup_steps: int = 75
     max_grad_norm: float = 1.0
     batch_size: int = 256
+    gradient_accumulation_steps: int = 1  # episodes (teacher sets) per optimizer step
     episodes: training.EpisodeConfig = field(default_factory=training.EpisodeConfig)
 
 
@@ -78,7 +79,7 @@ def train(plan: PoolPlan, teachers: wf.TeacherSet, train_ids: list[int], data: S
     `stats["seen_combinations"]` holds the member sets it trained on (popped before saving).
     `on_eval=(every, fn)` calls `fn(generator, step)` every `every` steps (a held-out curve)."""
     torch.manual_seed(recipe.episodes.seed)
-    accelerator = Accelerator(cpu=True)
+    accelerator = Accelerator(cpu=True, gradient_accumulation_steps=recipe.gradient_accumulation_steps)
     train_teachers = teachers.subset(train_ids)
     generator = wf.WeightFormerModel.for_teachers(train_teachers, **recipe.config)
     optimizer, scheduler = training.optimizer_and_scheduler(
@@ -107,7 +108,7 @@ def train(plan: PoolPlan, teachers: wf.TeacherSet, train_ids: list[int], data: S
     )  # fmt: skip
     seconds = time.perf_counter() - start
     seen = set()
-    for micro in range(recipe.max_train_steps):  # the episodes the loop drew (derived, not stored)
+    for micro in range(recipe.max_train_steps * recipe.gradient_accumulation_steps):  # the episodes drawn (derived)
         rng = training.episode_rng(recipe.episodes.seed, micro, 0)
         members, _ = training.sample_episode(rng, len(train_ids), recipe.episodes.k_min, recipe.episodes.k_max)
         seen.add(frozenset(train_ids[m] for m in members))

@@ -37,10 +37,11 @@ def main(argv=None):
     p.add_argument("--gen_steps", type=int, default=1500)
     p.add_argument("--eval_every", type=int, default=500)
     p.add_argument("--generator_config", default="{}", help="JSON: WeightFormerConfig kwargs over the default")
-    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--lr", type=float, default=3e-4)
+    p.add_argument("--accumulation", type=int, default=1, help="episodes (teacher sets) per optimizer step")
     p.add_argument("--k_min", type=int, default=2)
     p.add_argument("--k_max", type=int, default=6)
-    p.add_argument("--alpha", type=float, default=0.9, help="KD weight; 1 - alpha weighs CE on the meta labels")
+    p.add_argument("--alpha", type=float, default=0.3, help="KD weight; 1 - alpha weighs CE on the meta labels")
     p.add_argument("--temperature", type=float, default=4.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--tag", required=True)
@@ -60,6 +61,7 @@ def main(argv=None):
         max_train_steps=args.gen_steps,
         learning_rate=args.lr,
         num_warmup_steps=max(1, args.gen_steps // 20),
+        gradient_accumulation_steps=args.accumulation,
         episodes=EpisodeConfig(args.k_min, args.k_max, args.alpha, args.temperature, args.seed),
     )
     recipe.config.update(json.loads(args.generator_config))
@@ -112,6 +114,7 @@ def main(argv=None):
         "k": args.k,
         "steps": args.gen_steps,
         "lr": args.lr,
+        "accumulation": args.accumulation,
         "alpha": args.alpha,
         "temperature": args.temperature,
         "config": recipe.config,
