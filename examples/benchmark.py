@@ -58,7 +58,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     g = p.add_argument_group("generator (design and training; chosen on the validation pools only)")
     g.add_argument("--generator_config", help="JSON object or file: WeightFormerConfig kwargs")
-    g.add_argument("--gen_steps", type=int, help="episodes on the MNIST-1D pools (default 3000; quick 20)")
+    g.add_argument("--gen_steps", type=int, help="episodes on MNIST-1D pools (default: the pool's own; quick 20)")
     g.add_argument("--hub_gen_steps", type=int, help="episodes on the MNIST-5k pools (default 600; quick 5)")
     g.add_argument("--gen_lr", type=float, default=3e-4)
     g.add_argument("--gen_batch_size", type=int, default=256)
@@ -75,9 +75,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     b = p.add_argument_group("baselines")
     b.add_argument("--kd_steps", type=int, help="steps of kd_anchor_1k (default 1000; quick 20)")
     b.add_argument("--kd_lr", type=float, default=3e-4)
-    b.add_argument(
-        "--alpha", type=float, default=0.9, help="KD weight of the KD baselines"
-    )
+    b.add_argument("--alpha", type=float, default=0.9, help="KD weight of the KD baselines")
     b.add_argument(
         "--finetune_steps",
         type=int,
@@ -85,7 +83,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     b.add_argument("--finetune_lr", type=float, default=3e-4)
     args = p.parse_args(argv)
-    args.gen_steps = args.gen_steps if args.gen_steps is not None else (20 if args.quick else 3000)
+    if args.quick and args.gen_steps is None:
+        args.gen_steps = 20
     args.hub_gen_steps = args.hub_gen_steps if args.hub_gen_steps is not None else (5 if args.quick else 600)
     args.kd_steps = args.kd_steps if args.kd_steps is not None else (20 if args.quick else 1000)
     args.output_dir = (
@@ -96,13 +95,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def generator_recipe(args, hub: bool) -> methods.GeneratorRecipe:
-    steps = args.hub_gen_steps if hub else args.gen_steps
+def generator_recipe(args, plan: plans.PoolPlan) -> methods.GeneratorRecipe:
+    if plan.dataset == "mnist5k":
+        steps = args.hub_gen_steps
+    else:
+        steps = plan.gen_steps if args.gen_steps is None else args.gen_steps
     recipe = methods.GeneratorRecipe(
         max_train_steps=steps, learning_rate=args.gen_lr, batch_size=args.gen_batch_size,
         num_warmup_steps=max(1, steps // 20),
-        episodes=EpisodeConfig(args.k_min, args.k_max, args.gen_alpha,
-                               args.temperature, args.seed),
+        episodes=EpisodeConfig(args.k_min, args.k_max, args.gen_alpha, args.temperature, args.seed),
     )  # fmt: skip
     if args.generator_config:
         text = args.generator_config
@@ -121,7 +122,7 @@ def run_pool(plan: plans.PoolPlan, args, costs: dict, notes: dict, pools: dict) 
 
     train_ids = list(range(plan.num_train))
     heldout = plan.heldout_sets()
-    recipe = generator_recipe(args, hub=plan.dataset == "mnist5k")
+    recipe = generator_recipe(args, plan)
     generator, gen_stats = methods.train(plan, teachers, train_ids, data, run.meta_logits, recipe, log)
     seen = gen_stats.pop("seen_combinations")
     in_pool = plan.in_pool_sets(args.seed, seen=seen)

@@ -56,6 +56,7 @@ class PoolPlan:
     sets_per_k: int
     dataset: str = "mnist1d"  # mnist1d | mnist5k
     long_factor: float = 4.0  # single_long trains this many times the teachers' budget
+    gen_steps: int = 3000  # generator episodes (full run), chosen on the pool's validation split
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -136,6 +137,7 @@ def full_plans() -> list[PoolPlan]:
             256,
             (2, 4, 8),
             6,
+            gen_steps=6000,  # still rising at 3,000 on the validation split (docs/experiments.md, v5)
         ),
         PoolPlan(
             "cnn_scratch",
