@@ -24,7 +24,7 @@ import copy
 import math
 import weakref
 from collections import OrderedDict
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -35,7 +35,8 @@ from transformers import initialization as init
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.utils import ModelOutput
 
-from ..alignment import align_to_anchor, permute_tensor
+from ..alignment import _is_lazy, align_to_anchor, permute_tensor, permuted_rows
+from ..allocator import release_free_memory
 from ..errors import TeacherMismatchError
 from ..families import LayerSpec
 from ..teachers import TeacherSet, as_teacher_set
@@ -57,12 +58,29 @@ class WeightFormerOutput(ModelOutput):
 
 @dataclass
 class _LayerInputs:
-    """What the generator reads of one layer (no gradients): see `WeightFormerModel._layer_inputs`."""
+    """What the generator reads of one layer (no gradients): see `WeightFormerModel._layer_inputs`.
 
-    content: torch.Tensor  # (K, C, n_chunks, chunk): normalised tokens, zero-padded to whole chunks
+    Cached inputs keep the anchor's tensors; streamed ones (`streamed=True`) read them when the layer is
+    decoded and let the generator drop `content` once it is embedded, so one layer's teacher tensors are
+    in memory at a time.
+    """
+
+    content: torch.Tensor | None  # (K, C, n_chunks, chunk): normalised tokens, zero-padded to whole chunks
     scales: torch.Tensor  # (W,): tensor units per normalised unit, per token column
-    anchor_tensors: dict[str, torch.Tensor]  # the anchor's tensors of the layer, float32 on the device
-    dtypes: dict[str, torch.dtype]  # the anchor's own dtypes, which the student keeps
+    anchor_tensors: dict[str, torch.Tensor] | None  # the anchor's tensors, float32 on the device (cached)
+    dtypes: dict[str, torch.dtype] | None  # the anchor's own dtypes, which the student keeps (cached)
+    anchor_state: Mapping[str, torch.Tensor] | None = None  # where streamed inputs read the anchor from
+    streamed: bool = False
+
+    def anchor(self, layer: LayerSpec, device: torch.device) -> tuple[dict[str, torch.Tensor], dict[str, torch.dtype]]:
+        """The anchor's tensors of `layer`, float32 on `device`, and their own dtypes."""
+        if self.anchor_tensors is not None:
+            return self.anchor_tensors, self.dtypes
+        tensors, dtypes = {}, {}
+        for t in layer.tensors:
+            tensor = self.anchor_state[t.name]
+            tensors[t.name], dtypes[t.name] = tensor.to(device=device, dtype=torch.float32), tensor.dtype
+        return tensors, dtypes
 
 
 class _TokenCacheEntry:
@@ -242,9 +260,14 @@ class WeightFormerModel(WeightFormerPreTrainedModel):
         student: dict[str, torch.Tensor] = {}
         cross_states = []
         for index, (layer, inputs) in enumerate(zip(layers, self._layer_inputs(teachers, anchor))):
-            decrements, cross = self._generate_layer(index, layer, inputs.content, anchor, cross)
+            decrements, cross = self._generate_layer(index, layer, inputs, anchor, cross)
             cross_states.append(cross)
-            student.update(_apply_changes(layer, inputs.anchor_tensors, decrements * inputs.scales, inputs.dtypes))
+            # in place when nothing needs the unscaled values (generation): one layer-sized buffer fewer
+            decrements = decrements * inputs.scales if decrements.requires_grad else decrements.mul_(inputs.scales)
+            student.update(_apply_changes(layer, *inputs.anchor(layer, device), decrements))
+            del decrements
+            if inputs.streamed:  # large teachers: this layer's buffers go back before the next is read
+                release_free_memory()
         for name in non_float:  # integer counters such as num_batches_tracked carry no learned weights
             student[name] = teachers.state_dicts[anchor][name].to(device)
         return WeightFormerOutput(student_state=student, cross_states=torch.stack(cross_states))
@@ -282,7 +305,7 @@ class WeightFormerModel(WeightFormerPreTrainedModel):
             for k in range(len(teachers))
         ]
 
-    def _layer_inputs(self, teachers: TeacherSet, anchor: int) -> list[_LayerInputs]:
+    def _layer_inputs(self, teachers: TeacherSet, anchor: int) -> Iterable[_LayerInputs]:
         """Per layer, the generator's input: aligned, normalised, chunked teacher tokens and the anchor's tensors.
 
         A pure function of the teachers, the anchor and the config's alignment and chunk settings, so it is
@@ -290,9 +313,14 @@ class WeightFormerModel(WeightFormerPreTrainedModel):
         teacher set and anchor skip alignment permutations, stacking, normalisation and device copies. An
         entry is only used for the same teacher objects (the set's lineage, identities, device) whose tensors
         are the very same objects, unmodified in place (`Tensor._version`); anything else recomputes.
+        Teachers read lazily from disk, and sets whose entry would not fit `TOKEN_CACHE_BYTES`, are streamed
+        instead: one layer at a time, nothing kept.
         """
         device = self.cross_init.device
         layers, _ = teachers.layers
+        entry_bytes = 4 * (len(teachers) + 1) * sum(s.numel() for s in teachers.shapes.values())
+        if entry_bytes > TOKEN_CACHE_BYTES or any(_is_lazy(sd) for sd in teachers.state_dicts):
+            return self._build_layer_inputs(teachers, anchor, keep=False)
         sources = [sd[t.name] for sd in teachers.state_dicts for layer in layers for t in layer.tensors]
         key = (
             id(teachers.alignment_cache),
@@ -307,23 +335,7 @@ class WeightFormerModel(WeightFormerPreTrainedModel):
         if entry is not None and entry.matches(teachers, sources):
             _TOKEN_CACHE.move_to_end(key)
             return entry.layers
-        perms = self._alignments(teachers, anchor)
-        spec = teachers.family.permutation_spec(teachers.template) if perms else {}
-        out = []
-        with torch.no_grad():
-            for layer in layers:
-                tensors = [
-                    {t.name: permute_tensor(t.name, sd[t.name], spec, perms[k]) for t in layer.tensors}
-                    for k, sd in enumerate(teachers.state_dicts)
-                ]
-                tensors = [{n: v.to(device=device, dtype=torch.float32) for n, v in td.items()} for td in tensors]
-                content, scales = _layer_content(layer, tensors)  # (K, C, W), (W,)
-                width = content.shape[-1]
-                n_chunks, chunk = chunk_layout(width, self.config.chunk_size)
-                content = F.pad(content, (0, n_chunks * chunk - width))
-                content = content.view(len(tensors), layer.channels, n_chunks, chunk)
-                dtypes = {t.name: teachers.state_dicts[anchor][t.name].dtype for t in layer.tensors}
-                out.append(_LayerInputs(content, scales, tensors[anchor], dtypes))
+        out = list(self._build_layer_inputs(teachers, anchor, keep=True))
         _TOKEN_CACHE[key] = _TokenCacheEntry(teachers.alignment_cache, sources, out)
         _TOKEN_CACHE.move_to_end(key)
         total = 0
@@ -333,17 +345,44 @@ class WeightFormerModel(WeightFormerPreTrainedModel):
                 del _TOKEN_CACHE[k]
         return out
 
+    def _build_layer_inputs(self, teachers: TeacherSet, anchor: int, keep: bool) -> Iterator[_LayerInputs]:
+        """`_LayerInputs` of each layer in turn, built when asked for (`keep`: hold the anchor's tensors)."""
+        perms = self._alignments(teachers, anchor)
+        spec = teachers.family.permutation_spec(teachers.template) if perms else {}
+        layers, _ = teachers.layers
+        for index, layer in enumerate(layers):
+            yield self._one_layer_inputs(teachers, anchor, index, layer, perms, spec, keep)
+
+    @torch.no_grad()
+    def _one_layer_inputs(self, teachers, anchor, index, layer, perms, spec, keep) -> _LayerInputs:
+        device = self.cross_init.device
+        n_chunks, chunk = chunk_layout(self.config.student_layers[index]["width"], self.config.chunk_size)
+        content, scales = _layer_content(layer, teachers.state_dicts, perms, spec, device, n_chunks * chunk)
+        content = content.view(len(teachers), layer.channels, n_chunks, chunk)
+        anchor_state = teachers.state_dicts[anchor]
+        if keep:
+            inputs = _LayerInputs(content, scales, None, None, anchor_state=anchor_state)
+            inputs.anchor_tensors, inputs.dtypes = inputs.anchor(layer, device)
+            inputs.anchor_state = None  # a cache entry holds no reference to a teacher
+            return inputs
+        return _LayerInputs(content, scales, None, None, anchor_state=anchor_state, streamed=True)
+
     def _generate_layer(
-        self, index: int, layer: LayerSpec, content: torch.Tensor, anchor: int, cross: torch.Tensor
+        self, index: int, layer: LayerSpec, inputs: _LayerInputs, anchor: int, cross: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """One layer's decrements `(channels, width)` (negated changes, normalised units) and the next [cross]
-        state, from the layer's chunked tokens `content` `(K, C, n_chunks, chunk)`."""
+        state, from the layer's chunked tokens `inputs.content` `(K, C, n_chunks, chunk)` (streamed inputs
+        give their content up once it is embedded)."""
+        content = inputs.content
+        if inputs.streamed:
+            inputs.content = None
         n_teachers, channels, n_chunks, chunk = content.shape
         width = self.config.student_layers[index]["width"]
         chunk_ids = torch.arange(n_chunks, device=content.device) + self.chunk_offsets[index]
         tokens = self.embedders[index](content) + self.chunk_embed(chunk_ids)[:, None, :].transpose(0, 1)
+        del content
         tokens = tokens + self.layer_embed.weight[index]
-        roles = torch.zeros(n_teachers, dtype=torch.long, device=content.device)
+        roles = torch.zeros(n_teachers, dtype=torch.long, device=tokens.device)
         roles[anchor] = 1
         tokens = tokens + self.role_embed(roles)[:, None, None, :]  # (K, C, n, d)
 
@@ -353,6 +392,7 @@ class WeightFormerModel(WeightFormerPreTrainedModel):
             queries = queries + self.pool_proj(others)
         queries = queries.transpose(0, 1)  # (n, C, d): chunks are independent attention problems
         memory = tokens.permute(2, 0, 1, 3).reshape(n_chunks, n_teachers * channels, -1)
+        del tokens
         if self.config.use_cross_token:
             cross_in = cross.expand(n_chunks, 1, -1)
             queries = torch.cat([cross_in, queries], dim=1)
@@ -458,31 +498,66 @@ def _differentiable_batch_norm_class(cls: type) -> type:
     return _BATCH_NORM_CLASSES[cls]
 
 
-def _layer_content(layer: LayerSpec, tensors: list[dict[str, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per teacher, the layer's channel tokens `(K, C, W)`, normalised, and the per-column scales `(W,)`.
+# Rows of a wide tensor are aligned and copied in blocks of about this many bytes (bounded extra memory).
+_BLOCK_BYTES = 16 * 2**20
+
+
+def _layer_content(
+    layer: LayerSpec,
+    state_dicts: Sequence[Mapping[str, torch.Tensor]],
+    perms: Sequence[Mapping[str, torch.Tensor]],
+    spec,
+    device: torch.device,
+    padded_width: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per teacher, the layer's aligned channel tokens `(K, C, padded_width)`, normalised and zero-padded,
+    and the per-column scales `(W,)`.
 
     Each tensor is divided by its RMS over all teachers (a symmetric function of the set, so the order of
-    the teachers does not matter); positive tensors enter as logs, unscaled.
+    the teachers does not matter); positive tensors enter as logs, unscaled. Tensors are read one at a
+    time and written straight into the result, wide ones in row blocks: besides the result, memory holds
+    one teacher tensor and one block.
     """
-    parts, scales = [], []
+    channels = layer.channels
+    content = torch.zeros(len(state_dicts), channels, padded_width, device=device)
+    scales, start = [], 0
     for t in layer.tensors:
-        stack = torch.stack([td[t.name] for td in tensors])  # (K, *shape)
-        stack = stack.movedim(t.channel_axis + 1, 1).reshape(len(tensors), layer.channels, -1)
+        sum_sq, width = torch.zeros((), dtype=torch.float64, device=device), 0
+        for k, state in enumerate(state_dicts):
+            tensor = state[t.name]
+            width = tensor.numel() // channels
+            target = content[k, :, start : start + width]
+            if t.channel_axis == 0:
+                rows = max(1, _BLOCK_BYTES // (4 * max(1, width)))
+                for r in range(0, channels, rows):
+                    block = permuted_rows(t.name, tensor, spec, perms[k], r, r + rows)
+                    block = block.reshape(-1, width).to(device=device, dtype=torch.float32)
+                    target[r : r + rows] = block
+                    if not t.positive:
+                        sum_sq += block.pow(2).sum(dtype=torch.float64)
+            else:
+                moved = permute_tensor(t.name, tensor, spec, perms[k]).movedim(t.channel_axis, 0)
+                target.copy_(moved.reshape(channels, width))
+                if not t.positive:
+                    sum_sq += target.pow(2).sum(dtype=torch.float64)
+            del tensor
+        region = content[:, :, start : start + width]
         if t.positive:
-            stack = stack.clamp_min(1e-12).log()
-            scale = stack.new_ones(())
+            region.clamp_(min=1e-12).log_()
+            scale = torch.ones((), device=device)
         else:
-            scale = stack.pow(2).mean().sqrt().clamp_min(1e-6)
-        parts.append(stack / scale)
-        scales.append(scale.expand(stack.shape[-1]))
-    return torch.cat(parts, dim=-1), torch.cat(scales)
+            scale = (sum_sq / region.numel()).sqrt().float().clamp_min(1e-6)
+            region.div_(scale)
+        scales.append(scale.expand(width))
+        start += width
+    return content, torch.cat(scales)
 
 
 def _apply_changes(
     layer: LayerSpec,
     anchor_tensors: dict[str, torch.Tensor],
-    decrements: torch.Tensor,
     dtypes: Mapping[str, torch.dtype],
+    decrements: torch.Tensor,
 ) -> dict[str, torch.Tensor]:
     """Student tensors = anchor − decrement (positive tensors: anchor · exp(−decrement)).
 

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import pytest
 import timm
 import torch
-from families import make_model
+from families import SMALL, make_model, perturb
 
 import weightformer_hf as wf
 from weightformer_hf.hub import load_teachers
@@ -62,3 +63,59 @@ def test_nan_check_streams_blocks(tmp_path):
     t[5] = float("nan")
     assert _non_finite(t, block=1000) == "NaN"
     assert _non_finite(torch.arange(3)) is None
+
+
+# ------------------------------------------------------------------------------ streamed generation
+@pytest.mark.parametrize("family", ["cnn1d", "timm_vgg", "timm_vit"])
+def test_permuted_rows_are_the_rows_of_the_permuted_tensor(family):
+    from weightformer_hf.alignment import permute_tensor, permuted_rows
+
+    teachers = wf.TeacherSet.from_models([make_model(family, 0)])
+    spec = teachers.family.permutation_spec(teachers.template)
+    sizes = {}
+    for name, (groups, reshape) in spec.items():
+        shape = reshape if reshape is not None else tuple(teachers.shapes[name])
+        sizes.update({g: shape[a] for a, g in enumerate(groups) if g is not None})
+    generator = torch.Generator().manual_seed(0)
+    perms = {g: torch.randperm(n, generator=generator) for g, n in sizes.items()}
+    changed = 0
+    for name in spec:
+        tensor = teachers.state_dicts[0][name]
+        full = permute_tensor(name, tensor, spec, perms)
+        changed += not torch.equal(full, tensor)
+        rows = tensor.shape[0]
+        for start, stop in ((0, rows), (1, max(2, rows // 2)), (rows - 1, rows + 5)):
+            assert torch.equal(permuted_rows(name, tensor, spec, perms, start, stop), full[start:stop]), name
+    assert changed >= 3  # (fresh norms are constant: permuting them changes nothing)
+
+
+def test_lazy_teachers_stream_layer_by_layer_and_give_the_in_memory_student(tmp_path, monkeypatch):
+    from weightformer_hf.modeling import modeling_weightformer as mw
+
+    paths = _saved(tmp_path, n=3)
+    lazy = load_teachers(paths)
+    eager = lazy.to("cpu")  # the same teachers, read into memory
+    assert all(isinstance(sd, dict) for sd in eager.state_dicts)
+    generator = wf.WeightFormerModel.for_teachers(lazy, **SMALL)
+    perturb(generator)
+    mw.clear_token_cache()
+    expected = generator.generate_student(eager, anchor=1).state_dict()
+    assert len(mw._TOKEN_CACHE) == 1  # in-memory teachers are cached...
+    mw.clear_token_cache()
+    monkeypatch.setattr(mw, "_BLOCK_BYTES", 64)  # ...lazy ones are streamed, wide tensors in many row blocks
+    built = []
+    original = mw.WeightFormerModel._generate_layer
+
+    def spy(self, index, layer, inputs, anchor, cross):
+        out = original(self, index, layer, inputs, anchor, cross)
+        built.append((inputs.streamed, inputs.content, inputs.anchor_tensors))
+        return out
+
+    monkeypatch.setattr(mw.WeightFormerModel, "_generate_layer", spy)
+    streamed = generator.generate_student(lazy, anchor=1).state_dict()
+    assert len(mw._TOKEN_CACHE) == 0
+    assert len(built) == len(lazy.layers[0]) and all(b == (True, None, None) for b in built)  # content dropped
+    assert set(streamed) == set(expected)
+    for name, tensor in expected.items():
+        assert torch.equal(streamed[name], tensor), name
+    assert any(not torch.equal(streamed[n], lazy.state_dicts[1][n]) for n in streamed)  # it did generate

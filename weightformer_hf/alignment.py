@@ -30,12 +30,15 @@ import numpy as np
 import torch
 from scipy.optimize import linear_sum_assignment
 
+from .allocator import release_free_memory
 from .families import PermutationSpec
 
 # Bump when a change could alter the permutations found: the disk cache key includes it.
 ALGORITHM_VERSION = 2
 # Teacher pairs with fewer elements than this are matched in milliseconds: not worth a disk cache file.
 DISK_CACHE_MIN_NUMEL = 1_000_000
+# Groups at least this wide (n * n entries) return freed heap memory before their assignment (see allocator).
+TRIM_MIN_NUMEL = 2**20
 
 
 def _view(tensor: torch.Tensor, reshape: tuple[int, ...] | None) -> torch.Tensor:
@@ -58,6 +61,32 @@ def permute_tensor(
         if group is not None and group != skip_group and group in perms:
             out = out.index_select(axis, perms[group].to(out.device))
     return out.reshape(tensor.shape)
+
+
+def permuted_rows(
+    name: str,
+    tensor: torch.Tensor,
+    spec: PermutationSpec,
+    perms: Mapping[str, torch.Tensor],
+    start: int,
+    stop: int,
+) -> torch.Tensor:
+    """Rows `start:stop` (axis 0) of `permute_tensor(name, tensor, spec, perms)`, gathering only those rows,
+    so a wide tensor can be permuted block by block without a second full copy."""
+    if name not in spec or not perms:
+        return tensor[start:stop]
+    groups, reshape = spec[name]
+    if reshape is not None and reshape[0] != tensor.shape[0]:  # axis 0 is split or merged: permute it all
+        return permute_tensor(name, tensor, spec, perms)[start:stop]
+    if groups[0] is not None and groups[0] in perms:
+        block = tensor.index_select(0, perms[groups[0]][start:stop].to(tensor.device))
+    else:
+        block = tensor[start:stop]
+    out = _view(block, (block.shape[0], *reshape[1:]) if reshape is not None else None)
+    for axis, group in enumerate(groups[1:], start=1):
+        if group is not None and group in perms:
+            out = out.index_select(axis, perms[group].to(out.device))
+    return out.reshape(block.shape)
 
 
 def _is_lazy(state: Mapping) -> bool:
@@ -265,6 +294,8 @@ def _weight_matching(spec, anchor, other, max_iter, seed, tol, stats) -> dict[st
                 new = best
                 shortcuts += 1
             else:
+                if n * n >= TRIM_MIN_NUMEL:  # wide groups: the freed buffers of earlier solves go back first
+                    release_free_memory()
                 _, cols = linear_sum_assignment(cost.numpy(), maximize=True)
                 new = torch.as_tensor(cols, dtype=torch.long)
             rows = torch.arange(n)
@@ -317,7 +348,7 @@ def content_identity(teachers, index: int, names) -> str:
 
 
 def alignment_cache_dir() -> Path:
-    from .data import cache_root
+    from .cache_dirs import cache_root
 
     return cache_root() / "alignments"
 

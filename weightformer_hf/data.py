@@ -42,6 +42,7 @@ from datasets import (
     load_from_disk,
 )
 
+from .cache_dirs import cache_root  # noqa: F401  (re-exported: data.cache_root)
 from .errors import WeightFormerError
 
 DIGIT_NAMES = [str(i) for i in range(10)]
@@ -51,11 +52,6 @@ IMAGE_COLUMN = "image"
 
 class DataError(WeightFormerError):
     """A dataset that cannot be used as given (missing column, missing split, empty split)."""
-
-
-def cache_root() -> Path:
-    """Root of every on-disk cache of this library: `$WEIGHTFORMER_HF_CACHE` or `~/.cache/weightformer_hf`."""
-    return Path(os.environ.get("WEIGHTFORMER_HF_CACHE", Path.home() / ".cache" / "weightformer_hf"))
 
 
 def _digest(obj) -> str:
