@@ -34,7 +34,7 @@ from .allocator import release_free_memory
 from .families import PermutationSpec
 
 # Bump when a change could alter the permutations found: the disk cache key includes it.
-ALGORITHM_VERSION = 2
+ALGORITHM_VERSION = 3
 # Teacher pairs with fewer elements than this are matched in milliseconds: not worth a disk cache file.
 DISK_CACHE_MIN_NUMEL = 1_000_000
 # Groups at least this wide (n * n entries) return freed heap memory before their assignment (see allocator).
@@ -95,31 +95,39 @@ def _is_lazy(state: Mapping) -> bool:
 
 
 class _Pair:
-    """One spec tensor of both teachers, in the layout its matmuls want, kept or re-read on demand.
+    """One spec tensor of both teachers, in the layouts its matmuls want, kept or re-read on demand.
 
-    Two grouped axes (i, j): layout `(n_i, rest, n_j)`, so the cost of group i is `A @ O[..., perm_j]ᵀ`
-    and the cost of group j is `A₂ᵀ @ O[perm_i]₂` with `X₂ = X.reshape(-1, n_j)`, both plain GEMMs.
+    Two grouped axes (i, j), `rest` the others. Every permuted operand is gathered by rows (contiguous):
+    - position 0, the cost of group i: `A (n_i, n_j·rest) @ O[perm_j] (n_j·rest, n_i)`, with A laid out
+      `(n_i, n_j, rest)` and O `(n_j, rest, n_i)`;
+    - position 1, the cost of group j: `A₁ᵀ @ O[perm_i]₁`, both laid out `(n_i, rest, n_j)` and seen as
+      `(n_i·rest, n_j)`.
     """
 
     def __init__(self, name, groups, reshape, axes, anchor, other, keep: bool):
         self.name, self.groups, self.reshape, self.axes = name, groups, reshape, axes
         self._sources = (anchor, other)
-        self._kept = self._load() if keep else None
+        self._kept = {position: self._load(position) for position in (0, 1)} if keep else None
 
-    def _prepare(self, tensor: torch.Tensor) -> torch.Tensor:
+    def _prepare(self, tensor: torch.Tensor, order: str) -> torch.Tensor:
         tensor = _view(tensor.detach().to(device="cpu", dtype=torch.float32), self.reshape)
-        if len(self.axes) == 2:
-            i, j = self.axes
-            rest = [a for a in range(tensor.ndim) if a not in (i, j)]
-            tensor = tensor.permute(i, *rest, j)
-            tensor = tensor.reshape(tensor.shape[0], -1, tensor.shape[-1])
-        return tensor
+        i, j = self.axes
+        rest = [a for a in range(tensor.ndim) if a not in (i, j)]
+        n_i, n_j = tensor.shape[i], tensor.shape[j]
+        if order == "i,j,rest":
+            return tensor.permute(i, j, *rest).reshape(n_i, n_j, -1)
+        if order == "j,rest,i":
+            return tensor.permute(j, *rest, i).reshape(n_j, -1, n_i)
+        return tensor.permute(i, *rest, j).reshape(n_i, -1, n_j)  # "i,rest,j"
 
-    def _load(self) -> tuple[torch.Tensor, torch.Tensor]:
-        return tuple(self._prepare(src[self.name]) for src in self._sources)
+    def _load(self, position: int) -> tuple[torch.Tensor, torch.Tensor]:
+        anchor, other = (src[self.name] for src in self._sources)
+        if position == 0:
+            return self._prepare(anchor, "i,j,rest"), self._prepare(other, "j,rest,i")
+        return self._prepare(anchor, "i,rest,j"), self._prepare(other, "i,rest,j")
 
-    def tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
-        return self._kept if self._kept is not None else self._load()
+    def tensors(self, position: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self._kept[position] if self._kept is not None else self._load(position)
 
 
 def _spec_groups(spec: PermutationSpec, anchor: Mapping) -> tuple[dict[str, int], dict[str, list[tuple[str, int]]]]:
@@ -222,28 +230,21 @@ def _weight_matching(spec, anchor, other, max_iter, seed, tol, stats) -> dict[st
             changed = (previous[1] != perm).nonzero().flatten()
             if len(changed) == 0:
                 return previous[0]
-        wa, wo = pair.tensors()
+        wa, wo = pair.tensors(position)
         inner = wa.numel() // n
-        # numpy's take is several times faster than torch's index_select on a last axis
         if previous is not None and 2 * len(changed) < len(perm):
             value, old = previous
-            c, new_idx, old_idx = changed.numpy(), perm[changed].numpy(), old[changed].numpy()
-            if position == 0:  # the other grouped axis is the layout's last axis
-                a = torch.from_numpy(np.take(wa.numpy(), c, axis=2)).reshape(n, -1)
-                d = torch.from_numpy(np.take(wo.numpy(), new_idx, axis=2) - np.take(wo.numpy(), old_idx, axis=2))
-                value.addmm_(a, d.reshape(n, -1).T)
+            new_rows = wo.index_select(0, perm[changed]) - wo.index_select(0, old[changed])
+            if position == 0:
+                value.addmm_(wa.index_select(1, changed).reshape(n, -1), new_rows.reshape(-1, n))
             else:
-                a = torch.from_numpy(np.take(wa.numpy(), c, axis=0)).reshape(-1, n)
-                d = torch.from_numpy(np.take(wo.numpy(), new_idx, axis=0) - np.take(wo.numpy(), old_idx, axis=0))
-                value.addmm_(a.T, d.reshape(-1, n))
+                value.addmm_(wa.index_select(0, changed).reshape(-1, n).T, new_rows.reshape(-1, n))
             kept[key] = (value, perm.clone())
             return value
         if position == 0:
-            wo = torch.from_numpy(np.take(wo.numpy(), perm.numpy(), axis=2))
-            value = wa.reshape(n, -1) @ wo.reshape(n, -1).T
+            value = wa.reshape(n, -1) @ wo.index_select(0, perm).reshape(-1, n)
         else:
-            wo = torch.from_numpy(np.take(wo.numpy(), perm.numpy(), axis=0))
-            value = wa.reshape(-1, n).T @ wo.reshape(-1, n)
+            value = wa.reshape(-1, n).T @ wo.index_select(0, perm).reshape(-1, n)
         if inner >= 4 * n:
             kept[key] = (value, perm.clone())
         return value
