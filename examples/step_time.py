@@ -1,6 +1,7 @@
 """Time one WeightFormer training step against a student-only KD step (mnist1d-mlp preset, batch 256).
 
     python examples/step_time.py [--config mnist1d-mlp] [--batch_size 256] [--k 4] [--threads 1]
+        [--generator_config '{"hidden_size": 64}']
 
 - generator step: generate the student from K teachers, run it on the batch, KD loss against cached
   teacher logits, backward through the generator, AdamW step (what `examples/train.py` does per step);
@@ -12,6 +13,7 @@ teacher pair and is cached, so it is done before timing and reported separately.
 """
 
 import argparse
+import json
 import statistics
 import time
 
@@ -42,6 +44,7 @@ def main():
     parser.add_argument("--k", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--generator_config", default="{}", help="JSON: WeightFormerConfig kwargs over the preset's")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     preset = load_preset(args.config)
@@ -53,7 +56,7 @@ def main():
     inputs, labels = torch.randn(args.batch_size, in_features), torch.randint(0, 10, (args.batch_size,))
     with torch.no_grad():
         cached = torch.stack([m(inputs).logits for m in models])
-    generator = WeightFormerModel.for_teachers(teachers, **preset["generator"])
+    generator = WeightFormerModel.for_teachers(teachers, **{**preset["generator"], **json.loads(args.generator_config)})
     gen_opt = torch.optim.AdamW(generator.parameters(), lr=1e-3)
     t0 = time.perf_counter()
     generator._alignments(teachers, 0)
