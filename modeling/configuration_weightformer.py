@@ -28,9 +28,6 @@ class WeightFormerConfig(PreTrainedConfig):
         use_cross_token (`bool`, defaults to `True`): carry a `[cross]` state from layer to layer.
         pool_aligned (`bool`, defaults to `True`): add the mean of the other teachers' aligned tokens of
             the same channel to each anchor query.
-        cross_attention (`str`, defaults to `"layer"`): what each anchor query reads in cross-attention:
-            `"layer"`, every channel of every teacher in the layer (K·C tokens); `"channel"`, only the K
-            aligned tokens of its own channel (cheaper by a factor C in attention).
         shift_consistency_weight (`float`, defaults to 0.0): weight of the paper's shift-consistency loss
             (MSE between students generated from two orders of the other teachers); 0 disables it.
         initializer_range (`float`, defaults to 0.02): std of the normal init of linear layers.
@@ -59,7 +56,6 @@ class WeightFormerConfig(PreTrainedConfig):
         align_max_iter: int = 30,
         use_cross_token: bool = True,
         pool_aligned: bool = True,
-        cross_attention: str = "layer",
         shift_consistency_weight: float = 0.0,
         initializer_range: float = 0.02,
         student: dict | None = None,
@@ -84,9 +80,6 @@ class WeightFormerConfig(PreTrainedConfig):
         self.align_max_iter = align_max_iter
         self.use_cross_token = use_cross_token
         self.pool_aligned = pool_aligned
-        if cross_attention not in ("layer", "channel"):
-            raise ValueError(f"cross_attention must be 'layer' or 'channel', not {cross_attention!r}")
-        self.cross_attention = cross_attention
         self.shift_consistency_weight = shift_consistency_weight
         self.initializer_range = initializer_range
         self.student = student or {}

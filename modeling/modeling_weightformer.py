@@ -170,18 +170,9 @@ class WeightFormerBlock(GradientCheckpointingLayer):
         )
 
     def forward(self, queries: torch.Tensor, memory: torch.Tensor) -> torch.Tensor:
-        """`queries` `(n, [1 +] C, d)`; `memory` `(n, K·C, d)` (every teacher channel) or `(n, C, K, d)`
-        (`cross_attention="channel"`: each query channel reads its K aligned channels; [cross] reads none)."""
         x = self.self_norm(queries)
         queries = queries + self.self_attn(x, x)
-        if memory.dim() == 4:
-            n, channels, k, d = memory.shape
-            lead = queries.shape[1] - channels
-            q = self.cross_norm(queries[:, lead:]).reshape(n * channels, 1, d)
-            read = self.cross_attn(q, self.memory_norm(memory).reshape(n * channels, k, d))
-            queries = torch.cat([queries[:, :lead], queries[:, lead:] + read.view(n, channels, d)], dim=1)
-        else:
-            queries = queries + self.cross_attn(self.cross_norm(queries), self.memory_norm(memory))
+        queries = queries + self.cross_attn(self.cross_norm(queries), self.memory_norm(memory))
         return queries + self.mlp(self.mlp_norm(queries))
 
 
@@ -400,10 +391,7 @@ class WeightFormerModel(WeightFormerPreTrainedModel):
             others = torch.cat([tokens[:anchor], tokens[anchor + 1 :]]).mean(0)
             queries = queries + self.pool_proj(others)
         queries = queries.transpose(0, 1)  # (n, C, d): chunks are independent attention problems
-        if self.config.cross_attention == "channel":
-            memory = tokens.permute(2, 1, 0, 3)  # (n, C, K, d)
-        else:
-            memory = tokens.permute(2, 0, 1, 3).reshape(n_chunks, n_teachers * channels, -1)
+        memory = tokens.permute(2, 0, 1, 3).reshape(n_chunks, n_teachers * channels, -1)
         del tokens
         if self.config.use_cross_token:
             cross_in = cross.expand(n_chunks, 1, -1)
