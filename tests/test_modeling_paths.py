@@ -346,3 +346,54 @@ def test_cached_teacher_tokens_give_the_same_student_and_follow_the_teachers():
     mw.clear_token_cache()
     b = generator(others, anchor=1).student_state
     assert all(torch.equal(a[n], b[n]) for n in a)
+
+
+# ------------------------------------------------------------------------------------- outgoing weights
+def test_outgoing_weights_are_the_aligned_columns_that_read_each_channel():
+    from weightformer_hf.modeling.modeling_weightformer import consumers
+
+    from weightformer_hf.alignment import permute_tensor
+
+    models = [make_model("mlp", seed) for seed in range(3)]
+    teachers = wf.TeacherSet.from_models(models)
+    assert [x["context_width"] for x in describe_layers(teachers)] == [16, 10, 0]
+    spec = teachers.family.permutation_spec(teachers.template)
+    layers, _ = teachers.layers
+    assert consumers(spec, layers[0]) == [("net.2.weight", 1)]
+    assert consumers(spec, layers[1]) == [("net.4.weight", 1)]
+    assert consumers(spec, layers[2]) == []  # the classifier's outputs are the labels: nothing reads them
+    generator = wf.WeightFormerModel.for_teachers(teachers, **SMALL, outgoing_weights=True)
+    assert sorted(generator.context_embedders) == ["0", "1"]
+    student = generator.generate_student(teachers, anchor=1).state_dict()
+    assert all(torch.equal(bits(student[n]), bits(t)) for n, t in models[1].state_dict().items())
+    inputs = list(generator._layer_inputs(teachers, anchor=1))
+    perms = generator._alignments(teachers, 1)
+    assert perms[0] and not perms[1]
+    columns = torch.stack(
+        [permute_tensor("net.2.weight", sd["net.2.weight"], spec, p).T for sd, p in zip(teachers.state_dicts, perms)]
+    )  # (K, 16 channels of net.0, 16 rows of net.2)
+    assert torch.equal(inputs[0].context, columns / columns.pow(2).mean().sqrt())
+    assert inputs[2].context is None
+
+
+def test_outgoing_weights_let_a_layer_see_the_layer_that_reads_it(tmp_path):
+    models = [make_model("mlp", seed) for seed in range(3)]
+    teachers = wf.TeacherSet.from_models(models)
+    changed = make_model("mlp", 2)
+    with torch.no_grad():
+        changed.get_parameter("net.2.weight").mul_(1.5).add_(0.1)
+    others = wf.TeacherSet.from_models([*models[:2], changed])
+    first = {t.name for t in teachers.layers[0][0].tensors}
+    for outgoing in (False, True):  # without alignment, which would couple the layers through permutations
+        generator = wf.WeightFormerModel.for_teachers(
+            teachers, **SMALL, align_teachers=False, outgoing_weights=outgoing
+        )
+        perturb(generator)
+        a = generator(teachers, anchor=0).student_state
+        b = generator(others, anchor=0).student_state
+        assert all(torch.equal(a[n], b[n]) for n in first) is (not outgoing)
+    generator.save_pretrained(tmp_path / "g")
+    loaded = wf.WeightFormerModel.from_pretrained(tmp_path / "g")
+    assert loaded.config.outgoing_weights and sorted(loaded.context_embedders) == ["0", "1"]
+    c = loaded(teachers, anchor=0).student_state
+    assert all(torch.equal(a[n], c[n]) for n in a)
