@@ -35,11 +35,12 @@ from transformers import initialization as init
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.utils import ModelOutput
 
-from ..alignment import _is_lazy, align_to_anchor, permute_tensor, permuted_rows
+from ..alignment import _is_lazy, align_to_anchor, permute_tensor, permute_trailing, rows_are_channels
 from ..allocator import release_free_memory
 from ..errors import TeacherMismatchError
 from ..families import LayerSpec
-from ..teachers import TeacherSet, as_teacher_set
+from ..teachers import TeacherSet, as_teacher_set, tensor_shape
+from ..weight_files import tensor_rows
 from .configuration_weightformer import WeightFormerConfig
 
 
@@ -565,33 +566,40 @@ def _layer_content(
     and the per-column scales `(W,)`.
 
     Each tensor is divided by its RMS over all teachers (a symmetric function of the set, so the order of
-    the teachers does not matter); positive tensors enter as logs, unscaled. Tensors are read one at a
-    time and written straight into the result, wide ones in row blocks: besides the result, memory holds
-    one teacher tensor and one block.
+    the teachers does not matter); positive tensors enter as logs, unscaled. Tensors are written straight
+    into the result, one at a time; tensors whose rows are channels go in blocks of rows (lazy teachers read
+    just those rows from disk, and each block lands on its aligned rows), so besides the result memory holds
+    one block, or one tensor of the other kind.
     """
     channels = layer.channels
     content = torch.zeros(len(state_dicts), channels, padded_width, device=device)
     scales, start = [], 0
     for t in layer.tensors:
-        sum_sq, width = torch.zeros((), dtype=torch.float64, device=device), 0
+        sum_sq = torch.zeros((), dtype=torch.float64, device=device)
         for k, state in enumerate(state_dicts):
-            tensor = state[t.name]
-            width = tensor.numel() // channels
+            shape = tensor_shape(state, t.name)
+            width = math.prod(shape) // channels
             target = content[k, :, start : start + width]
-            if t.channel_axis == 0:
+            if t.channel_axis == 0 and rows_are_channels(t.name, spec, channels):
+                group = spec[t.name][0][0] if t.name in spec else None
+                # content row r is the teacher's row perm[r]: its row s lands on row argsort(perm)[s]
+                landing = torch.argsort(perms[k][group]).to(device) if group in perms[k] else None
                 rows = max(1, _BLOCK_BYTES // (4 * max(1, width)))
                 for r in range(0, channels, rows):
-                    block = permuted_rows(t.name, tensor, spec, perms[k], r, r + rows)
+                    block = permute_trailing(t.name, tensor_rows(state, t.name, r, r + rows), spec, perms[k])
                     block = block.reshape(-1, width).to(device=device, dtype=torch.float32)
-                    target[r : r + rows] = block
+                    if landing is None:
+                        target[r : r + rows] = block
+                    else:
+                        target.index_copy_(0, landing[r : r + rows], block)
                     if not t.positive:
                         sum_sq += block.pow(2).sum(dtype=torch.float64)
             else:
-                moved = permute_tensor(t.name, tensor, spec, perms[k]).movedim(t.channel_axis, 0)
+                moved = permute_tensor(t.name, state[t.name], spec, perms[k]).movedim(t.channel_axis, 0)
                 target.copy_(moved.reshape(channels, width))
+                del moved
                 if not t.positive:
                     sum_sq += target.pow(2).sum(dtype=torch.float64)
-            del tensor
         region = content[:, :, start : start + width]
         if t.positive:
             region.clamp_(min=1e-12).log_()

@@ -65,10 +65,30 @@ def test_nan_check_streams_blocks(tmp_path):
     assert _non_finite(torch.arange(3)) is None
 
 
+def test_nan_check_reads_rows_in_blocks_and_finds_the_last_one(tmp_path):
+    from weightformer_hf.teachers import _non_finite_rows
+
+    w = torch.zeros(100, 10)
+    assert _non_finite_rows({"w": w}, "w", (100, 10), block=50) is None
+    w[99, 9] = float("inf")
+    assert _non_finite_rows({"w": w}, "w", (100, 10), block=50) == "inf"
+    model = make_model("timm_resnet", 0)
+    with torch.no_grad():
+        model.fc.weight[-1, -1] = float("nan")
+    timm.models.save_for_hf(model, str(tmp_path / "t"), safe_serialization=True)
+    from weightformer_hf.weight_files import LazySafetensorsStateDict
+
+    sd = LazySafetensorsStateDict(tmp_path / "t", ["model.safetensors"], "t")
+    assert _non_finite_rows(sd, "fc.weight", tuple(model.fc.weight.shape), block=7) == "NaN"
+    assert _non_finite_rows(sd, "fc.bias", tuple(model.fc.bias.shape), block=7) is None
+
+
 # ------------------------------------------------------------------------------ streamed generation
 @pytest.mark.parametrize("family", ["cnn1d", "timm_vgg", "timm_vit"])
-def test_permuted_rows_are_the_rows_of_the_permuted_tensor(family):
-    from weightformer_hf.alignment import permute_tensor, permuted_rows
+def test_row_blocks_permuted_apart_rebuild_the_permuted_tensor(family):
+    """What generation does with wide tensors: each block of source rows, its other axes permuted, lands on
+    the rows `argsort(perm)` of the aligned tensor; blocks of any size rebuild `permute_tensor` exactly."""
+    from weightformer_hf.alignment import permute_tensor, permute_trailing, rows_are_channels
 
     teachers = wf.TeacherSet.from_models([make_model(family, 0)])
     spec = teachers.family.permutation_spec(teachers.template)
@@ -84,9 +104,32 @@ def test_permuted_rows_are_the_rows_of_the_permuted_tensor(family):
         full = permute_tensor(name, tensor, spec, perms)
         changed += not torch.equal(full, tensor)
         rows = tensor.shape[0]
-        for start, stop in ((0, rows), (1, max(2, rows // 2)), (rows - 1, rows + 5)):
-            assert torch.equal(permuted_rows(name, tensor, spec, perms, start, stop), full[start:stop]), name
+        assert rows_are_channels(name, spec, rows)
+        group = spec[name][0][0]
+        landing = torch.argsort(perms[group]) if group is not None else torch.arange(rows)
+        for block in (1, 3, rows):
+            rebuilt = torch.full_like(tensor, float("nan"))
+            for r in range(0, rows, block):
+                moved = permute_trailing(name, tensor[r : r + block], spec, perms)
+                rebuilt.index_copy_(0, landing[r : r + block], moved)
+            assert torch.equal(rebuilt, full), (name, block)
     assert changed >= 3  # (fresh norms are constant: permuting them changes nothing)
+
+
+def test_lazy_rows_are_read_alone_and_match_the_tensor(tmp_path):
+    from weightformer_hf.weight_files import tensor_rows
+
+    model = make_model("timm_resnet", 0).to(torch.bfloat16)
+    timm.models.save_for_hf(model, str(tmp_path / "t"), safe_serialization=True)
+    sd = load_teachers([str(tmp_path / "t")]).state_dicts[0]
+    for name, tensor in model.state_dict().items():
+        if not tensor.dim():
+            continue
+        rows = tensor.shape[0]
+        for start, stop in ((0, rows), (1, 3), (rows - 1, rows + 4)):
+            got = tensor_rows(sd, name, start, stop)
+            assert got.dtype == tensor.dtype and torch.equal(got, tensor[start:stop]), name
+    assert torch.equal(tensor_rows(dict(model.state_dict()), "fc.weight", 2, 4), model.fc.weight[2:4])
 
 
 def test_lazy_teachers_stream_layer_by_layer_and_give_the_in_memory_student(tmp_path, monkeypatch):

@@ -63,30 +63,26 @@ def permute_tensor(
     return out.reshape(tensor.shape)
 
 
-def permuted_rows(
-    name: str,
-    tensor: torch.Tensor,
-    spec: PermutationSpec,
-    perms: Mapping[str, torch.Tensor],
-    start: int,
-    stop: int,
+def permute_trailing(
+    name: str, block: torch.Tensor, spec: PermutationSpec, perms: Mapping[str, torch.Tensor]
 ) -> torch.Tensor:
-    """Rows `start:stop` (axis 0) of `permute_tensor(name, tensor, spec, perms)`, gathering only those rows,
-    so a wide tensor can be permuted block by block without a second full copy."""
+    """`block`, some rows (axis 0) of tensor `name`, with every grouped axis but the first permuted.
+
+    Valid when the spec does not split or merge axis 0 (see `rows_are_channels`)."""
     if name not in spec or not perms:
-        return tensor[start:stop]
+        return block
     groups, reshape = spec[name]
-    if reshape is not None and reshape[0] != tensor.shape[0]:  # axis 0 is split or merged: permute it all
-        return permute_tensor(name, tensor, spec, perms)[start:stop]
-    if groups[0] is not None and groups[0] in perms:
-        block = tensor.index_select(0, perms[groups[0]][start:stop].to(tensor.device))
-    else:
-        block = tensor[start:stop]
     out = _view(block, (block.shape[0], *reshape[1:]) if reshape is not None else None)
     for axis, group in enumerate(groups[1:], start=1):
         if group is not None and group in perms:
             out = out.index_select(axis, perms[group].to(out.device))
     return out.reshape(block.shape)
+
+
+def rows_are_channels(name: str, spec: PermutationSpec, rows: int) -> bool:
+    """Whether the spec keeps axis 0 of tensor `name` (of `rows` rows) whole, so rows can be permuted apart."""
+    reshape = spec[name][1] if name in spec else None
+    return reshape is None or reshape[0] == rows
 
 
 def _is_lazy(state: Mapping) -> bool:

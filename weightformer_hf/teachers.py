@@ -7,6 +7,7 @@ Validation happens here, once, before any generation, and every error names the 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from functools import cached_property
@@ -16,6 +17,7 @@ from torch import nn
 
 from .errors import InvalidWeightsError, TeacherMismatchError
 from .families import Family, LayerSpec, family_of, get_family
+from .weight_files import tensor_rows
 
 
 @dataclass
@@ -235,10 +237,10 @@ class TeacherSet:
                         f"tensor {name!r} has shape {tuple(got)} in teacher {info.name!r} but {tuple(shape)} "
                         f"in the architecture of teacher {self.infos[0].name!r}"
                     )
-        if check_finite:  # streamed: one tensor at a time (lazy teachers read it and drop it again)
+        if check_finite:  # streamed: blocks of rows (lazy teachers read each block and drop it again)
             for sd, info in zip(self.state_dicts, self.infos):
-                for name in expected:
-                    kind = _non_finite(sd[name])
+                for name, shape in expected.items():
+                    kind = _non_finite_rows(sd, name, tuple(shape))
                     if kind:
                         raise InvalidWeightsError(
                             f"teacher {info.name!r}: tensor {name!r} contains {kind} values"
@@ -275,6 +277,20 @@ def _non_finite(tensor: torch.Tensor, block: int = 1 << 22) -> str | None:
         part = flat[start : start + block]
         if not bool(torch.isfinite(part).all()):
             return "NaN" if bool(torch.isnan(part).any()) else "inf"
+    return None
+
+
+def _non_finite_rows(
+    state: Mapping[str, torch.Tensor], name: str, shape: tuple[int, ...], block: int = 1 << 22
+) -> str | None:
+    """`_non_finite` of `state[name]`, read in blocks of rows of about `block` elements."""
+    if not shape or not shape[0]:
+        return _non_finite(state[name])
+    rows = max(1, block // max(1, math.prod(shape[1:])))
+    for start in range(0, shape[0], rows):
+        kind = _non_finite(tensor_rows(state, name, start, start + rows))
+        if kind:
+            return kind
     return None
 
 

@@ -170,16 +170,45 @@ class LazySafetensorsStateDict(Mapping):
         tensor = torch.empty(shape, dtype=torch_dtype)
         if nbytes != tensor.numel() * tensor.element_size():
             raise InvalidWeightsError(f"{self.where}: tensor {name!r} in {path.name!r} has an inconsistent size")
-        if nbytes:
-            buffer = memoryview(tensor.reshape(-1).view(torch.uint8).numpy())
-            with open(path, "rb", buffering=0) as handle:
-                handle.seek(offset)
-                done = 0
-                while done < nbytes:
-                    got = handle.readinto(buffer[done:])
-                    if not got:
-                        raise OSError(f"file ends {nbytes - done} bytes early")
-                    done += got
+        self._read_into(path, tensor, offset)
+        return tensor
+
+    def read_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        """Rows `start:stop` (axis 0) of tensor `name`, reading only their bytes."""
+        dtype_name, shape, offset, nbytes = self._entry[name]
+        torch_dtype = _TORCH_DTYPES.get(dtype_name)
+        if torch_dtype is None or sys.byteorder != "little" or not shape:
+            return self[name][start:stop]
+        start, stop = max(0, start), min(shape[0], stop)
+        row_bytes = nbytes // shape[0] if shape[0] else 0
+        try:
+            tensor = torch.empty((max(0, stop - start), *shape[1:]), dtype=torch_dtype)
+            self._read_into(self._file_of[name], tensor, offset + start * row_bytes)
+        except OSError as err:
+            raise InvalidWeightsError(
+                f"{self.where}: cannot read tensor {name!r} from {self._file_of[name].name!r} ({err})"
+            ) from err
+        return self._convert(tensor)
+
+    @staticmethod
+    def _read_into(path: Path, tensor: torch.Tensor, offset: int) -> None:
+        nbytes = tensor.numel() * tensor.element_size()
+        if not nbytes:
+            return
+        buffer = memoryview(tensor.reshape(-1).view(torch.uint8).numpy())
+        with open(path, "rb", buffering=0) as handle:
+            handle.seek(offset)
+            done = 0
+            while done < nbytes:
+                got = handle.readinto(buffer[done:])
+                if not got:
+                    raise OSError(f"file ends {nbytes - done} bytes early")
+                done += got
+
+    def _convert(self, tensor: torch.Tensor) -> torch.Tensor:
+        dtype = self.dtype if self.dtype is not None and tensor.is_floating_point() else None
+        if self.device is not None or dtype is not None:
+            tensor = tensor.to(device=self.device, dtype=dtype)
         return tensor
 
     def __getitem__(self, name: str) -> torch.Tensor:
@@ -190,10 +219,7 @@ class LazySafetensorsStateDict(Mapping):
             raise InvalidWeightsError(
                 f"{self.where}: cannot read tensor {name!r} from {path.name!r} ({err})"
             ) from err
-        dtype = self.dtype if self.dtype is not None and tensor.is_floating_point() else None
-        if self.device is not None or dtype is not None:
-            tensor = tensor.to(device=self.device, dtype=dtype)
-        return tensor
+        return self._convert(tensor)
 
     def shape(self, name: str) -> tuple[int, ...]:
         self._file_of[name]  # KeyError for unknown names
@@ -218,6 +244,11 @@ class OverlayStateDict(Mapping):
     def __getitem__(self, name: str) -> torch.Tensor:
         return self.overrides[name] if name in self.overrides else self.base[name]
 
+    def read_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        if name in self.overrides:
+            return self.overrides[name][start:stop]
+        return tensor_rows(self.base, name, start, stop)
+
     def shape(self, name: str) -> tuple[int, ...]:
         if name in self.overrides:
             return tuple(self.overrides[name].shape)
@@ -232,6 +263,12 @@ class OverlayStateDict(Mapping):
 
     def __contains__(self, name: object) -> bool:
         return name in self.base
+
+
+def tensor_rows(state: Mapping[str, torch.Tensor], name: str, start: int, stop: int) -> torch.Tensor:
+    """Rows `start:stop` (axis 0) of `state[name]`; lazy mappings read only those rows (a view otherwise)."""
+    read_rows = getattr(state, "read_rows", None)
+    return read_rows(name, start, stop) if callable(read_rows) else state[name][start:stop]
 
 
 def load_pickle_state_dict(folder: Path, files: list[str], where: str) -> dict[str, torch.Tensor]:
