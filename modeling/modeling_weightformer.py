@@ -229,6 +229,9 @@ class WeightFormerPreTrainedModel(PreTrainedModel):
             for decoder in module.decoders:
                 init.zeros_(decoder.weight)
                 init.zeros_(decoder.bias)
+            for embedder in module.context_embedders.values():  # outgoing weights start unread
+                init.zeros_(embedder.weight)
+                init.zeros_(embedder.bias)
 
 
 class WeightFormerModel(WeightFormerPreTrainedModel):
