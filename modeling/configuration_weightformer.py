@@ -28,14 +28,11 @@ class WeightFormerConfig(PreTrainedConfig):
         use_cross_token (`bool`, defaults to `True`): carry a `[cross]` state from layer to layer.
         pool_aligned (`bool`, defaults to `True`): add the mean of the other teachers' aligned tokens of
             the same channel to each anchor query.
-        outgoing_weights (`bool`, defaults to `False`): also embed each channel's outgoing weights (the
-            aligned slices of the tensors that read it, e.g. the next layer's column) into its tokens.
         shift_consistency_weight (`float`, defaults to 0.0): weight of the paper's shift-consistency loss
             (MSE between students generated from two orders of the other teachers); 0 disables it.
         initializer_range (`float`, defaults to 0.02): std of the normal init of linear layers.
         student (`dict`, *optional*): `{"family", "arch", "label_names"}` of the student architecture.
-        student_layers (`list[dict]`, *optional*): `{"name", "channels", "width", "context_width"}` per
-            generator layer.
+        student_layers (`list[dict]`, *optional*): `{"name", "channels", "width"}` per generator layer.
         training_pool (`list[str]`, *optional*): identities of the teachers the generator was trained on.
         heldout_results (`dict`, *optional*): held-out evaluation summary written by the training script.
 
@@ -59,7 +56,6 @@ class WeightFormerConfig(PreTrainedConfig):
         align_max_iter: int = 30,
         use_cross_token: bool = True,
         pool_aligned: bool = True,
-        outgoing_weights: bool = False,
         shift_consistency_weight: float = 0.0,
         initializer_range: float = 0.02,
         student: dict | None = None,
@@ -84,7 +80,6 @@ class WeightFormerConfig(PreTrainedConfig):
         self.align_max_iter = align_max_iter
         self.use_cross_token = use_cross_token
         self.pool_aligned = pool_aligned
-        self.outgoing_weights = outgoing_weights
         self.shift_consistency_weight = shift_consistency_weight
         self.initializer_range = initializer_range
         self.student = student or {}

@@ -72,7 +72,6 @@ class _LayerInputs:
     dtypes: dict[str, torch.dtype] | None  # the anchor's own dtypes, which the student keeps (cached)
     anchor_state: Mapping[str, torch.Tensor] | None = None  # where streamed inputs read the anchor from
     streamed: bool = False
-    context: torch.Tensor | None = None  # (K, C, context_width): outgoing weights, normalised (see `consumers`)
 
     def anchor(self, layer: LayerSpec, device: torch.device) -> tuple[dict[str, torch.Tensor], dict[str, torch.dtype]]:
         """The anchor's tensors of `layer`, float32 on `device`, and their own dtypes."""
@@ -95,10 +94,7 @@ class _TokenCacheEntry:
         self.refs = [(weakref.ref(t), t._version) for t in sources]
         self.layers = layers
         self.nbytes = sum(
-            x.numel() * x.element_size()
-            for li in layers
-            for x in (li.content, li.scales, li.context, *li.anchor_tensors.values())
-            if x is not None
+            x.numel() * x.element_size() for li in layers for x in (li.content, li.scales, *li.anchor_tensors.values())
         )
 
     def matches(self, teachers: TeacherSet, sources: list[torch.Tensor]) -> bool:
@@ -126,44 +122,11 @@ def chunk_layout(width: int, chunk_size: int) -> tuple[int, int]:
 
 
 def describe_layers(teachers: TeacherSet) -> list[dict]:
-    """The `student_layers` table of a config: name, channels and token width of each layer, and the width
-    of its outgoing weights (`context_width`, read when `outgoing_weights` is on)."""
+    """The `student_layers` table of a config: name, channels and token width of each layer."""
     layers, _ = teachers.layers
-    spec = teachers.family.permutation_spec(teachers.template)
-    out = []
-    for layer in layers:
-        row = {"name": layer.name, "channels": layer.channels, "width": layer.token_width(teachers.shapes)}
-        row["context_width"] = sum(
-            _spec_shape(spec, name, teachers.shapes).numel() // layer.channels for name, _ in consumers(spec, layer)
-        )
-        out.append(row)
-    return out
-
-
-def _spec_shape(spec, name: str, shapes: Mapping[str, torch.Size]) -> torch.Size:
-    reshape = spec[name][1]
-    return torch.Size(reshape) if reshape is not None else shapes[name]
-
-
-def consumers(spec, layer: LayerSpec) -> list[tuple[str, int]]:
-    """`(tensor, axis)` of every tensor outside `layer` whose `axis` reads `layer`'s output channels: the
-    tensors that share the channel-order group of the layer's output axis (empty without a spec)."""
-    group = None
-    for t in layer.tensors:
-        if t.name in spec:
-            groups, reshape = spec[t.name]
-            if reshape is None and groups[t.channel_axis] is not None:
-                group = groups[t.channel_axis]
-                break
-    if group is None:
-        return []
-    own = {t.name for t in layer.tensors}
     return [
-        (name, axis)
-        for name, (groups, _) in spec.items()
-        if name not in own
-        for axis, g in enumerate(groups)
-        if g == group
+        {"name": layer.name, "channels": layer.channels, "width": layer.token_width(teachers.shapes)}
+        for layer in layers
     ]
 
 
@@ -229,9 +192,6 @@ class WeightFormerPreTrainedModel(PreTrainedModel):
             for decoder in module.decoders:
                 init.zeros_(decoder.weight)
                 init.zeros_(decoder.bias)
-            for embedder in module.context_embedders.values():  # outgoing weights start unread
-                init.zeros_(embedder.weight)
-                init.zeros_(embedder.bias)
 
 
 class WeightFormerModel(WeightFormerPreTrainedModel):
@@ -249,14 +209,6 @@ class WeightFormerModel(WeightFormerPreTrainedModel):
         self.embedders = nn.ModuleList(nn.Linear(chunk, d) for _, chunk in layouts)
         self.decoders = nn.ModuleList(nn.Linear(d, chunk) for _, chunk in layouts)
         self.chunk_offsets = [sum(n for n, _ in layouts[:i]) for i in range(len(layouts))]
-        # outgoing weights of each channel, one vector per channel added to all of its chunk tokens
-        self.context_embedders = nn.ModuleDict(
-            {
-                str(i): nn.Linear(layer["context_width"], d)
-                for i, layer in enumerate(config.student_layers)
-                if config.outgoing_weights and layer.get("context_width", 0) > 0
-            }
-        )
         self.chunk_embed = nn.Embedding(max(1, sum(n for n, _ in layouts)), d)
         self.layer_embed = nn.Embedding(max(1, len(layouts)), d)
         self.role_embed = nn.Embedding(2, d)  # 0: another teacher, 1: the anchor
@@ -379,7 +331,6 @@ class WeightFormerModel(WeightFormerPreTrainedModel):
             self.config.align_teachers,
             self.config.align_max_iter,
             self.config.chunk_size,
-            tuple(self.context_embedders),  # which layers carry outgoing weights
         )
         entry = _TOKEN_CACHE.get(key)
         if entry is not None and entry.matches(teachers, sources):
@@ -409,16 +360,13 @@ class WeightFormerModel(WeightFormerPreTrainedModel):
         n_chunks, chunk = chunk_layout(self.config.student_layers[index]["width"], self.config.chunk_size)
         content, scales = _layer_content(layer, teachers.state_dicts, perms, spec, device, n_chunks * chunk)
         content = content.view(len(teachers), layer.channels, n_chunks, chunk)
-        context = None
-        if str(index) in self.context_embedders:
-            context = _layer_context(layer, consumers(spec, layer), teachers.state_dicts, perms, spec, device)
         anchor_state = teachers.state_dicts[anchor]
         if keep:
-            inputs = _LayerInputs(content, scales, None, None, anchor_state=anchor_state, context=context)
+            inputs = _LayerInputs(content, scales, None, None, anchor_state=anchor_state)
             inputs.anchor_tensors, inputs.dtypes = inputs.anchor(layer, device)
             inputs.anchor_state = None  # a cache entry holds no reference to a teacher
             return inputs
-        return _LayerInputs(content, scales, None, None, anchor_state=anchor_state, streamed=True, context=context)
+        return _LayerInputs(content, scales, None, None, anchor_state=anchor_state, streamed=True)
 
     def _generate_layer(
         self, index: int, layer: LayerSpec, inputs: _LayerInputs, anchor: int, cross: torch.Tensor
@@ -434,8 +382,6 @@ class WeightFormerModel(WeightFormerPreTrainedModel):
         chunk_ids = torch.arange(n_chunks, device=content.device) + self.chunk_offsets[index]
         tokens = self.embedders[index](content) + self.chunk_embed(chunk_ids)[:, None, :].transpose(0, 1)
         del content
-        if inputs.context is not None:
-            tokens = tokens + self.context_embedders[str(index)](inputs.context)[:, :, None, :]
         tokens = tokens + self.layer_embed.weight[index]
         roles = torch.zeros(n_teachers, dtype=torch.long, device=tokens.device)
         roles[anchor] = 1
@@ -613,33 +559,6 @@ def _layer_content(
         scales.append(scale.expand(width))
         start += width
     return content, torch.cat(scales)
-
-
-def _layer_context(
-    layer: LayerSpec,
-    reading: list[tuple[str, int]],
-    state_dicts: Sequence[Mapping[str, torch.Tensor]],
-    perms: Sequence[Mapping[str, torch.Tensor]],
-    spec,
-    device: torch.device,
-) -> torch.Tensor:
-    """Per teacher, each output channel's outgoing weights `(K, C, context_width)`: the slices of the
-    tensors in `reading` at that channel, aligned like the teacher's own tokens, each tensor divided by its
-    RMS over the teachers."""
-    parts = []
-    for name, axis in reading:
-        stack = torch.stack([
-            _view_spec(permute_tensor(name, sd[name], spec, perms[k]), spec, name)
-            .to(device=device, dtype=torch.float32).movedim(axis, 0).reshape(layer.channels, -1)
-            for k, sd in enumerate(state_dicts)
-        ])  # fmt: skip
-        parts.append(stack / stack.pow(2).mean().sqrt().clamp_min(1e-6))
-    return torch.cat(parts, dim=-1)
-
-
-def _view_spec(tensor: torch.Tensor, spec, name: str) -> torch.Tensor:
-    reshape = spec[name][1]
-    return tensor.reshape(reshape) if reshape is not None else tensor
 
 
 def _apply_changes(
