@@ -522,7 +522,7 @@ def _differentiable_batch_norm_class(cls: type) -> type:
 
 
 # Rows of a wide tensor are aligned and copied in blocks of about this many bytes (bounded extra memory).
-_BLOCK_BYTES = 16 * 2**20
+_BLOCK_BYTES = 4 * 2**20
 
 
 def _layer_content(

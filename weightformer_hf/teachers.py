@@ -281,9 +281,9 @@ def _non_finite(tensor: torch.Tensor, block: int = 1 << 22) -> str | None:
 
 
 def _non_finite_rows(
-    state: Mapping[str, torch.Tensor], name: str, shape: tuple[int, ...], block: int = 1 << 22
+    state: Mapping[str, torch.Tensor], name: str, shape: tuple[int, ...], block: int = 1 << 20
 ) -> str | None:
-    """`_non_finite` of `state[name]`, read in blocks of rows of about `block` elements."""
+    """`_non_finite` of `state[name]`, read in blocks of rows of about `block` elements (4 MiB of float32)."""
     if not shape or not shape[0]:
         return _non_finite(state[name])
     rows = max(1, block // max(1, math.prod(shape[1:])))
