@@ -28,8 +28,6 @@ class WeightFormerConfig(PreTrainedConfig):
         use_cross_token (`bool`, defaults to `True`): carry a `[cross]` state from layer to layer.
         pool_aligned (`bool`, defaults to `True`): add the mean of the other teachers' aligned tokens of
             the same channel to each anchor query.
-        refinement_passes (`int`, defaults to 1): generator passes; from the second on, the student of the
-            previous pass takes the anchor's place (its tokens and the tensors the changes apply to).
         shift_consistency_weight (`float`, defaults to 0.0): weight of the paper's shift-consistency loss
             (MSE between students generated from two orders of the other teachers); 0 disables it.
         initializer_range (`float`, defaults to 0.02): std of the normal init of linear layers.
@@ -58,7 +56,6 @@ class WeightFormerConfig(PreTrainedConfig):
         align_max_iter: int = 30,
         use_cross_token: bool = True,
         pool_aligned: bool = True,
-        refinement_passes: int = 1,
         shift_consistency_weight: float = 0.0,
         initializer_range: float = 0.02,
         student: dict | None = None,
@@ -83,9 +80,6 @@ class WeightFormerConfig(PreTrainedConfig):
         self.align_max_iter = align_max_iter
         self.use_cross_token = use_cross_token
         self.pool_aligned = pool_aligned
-        if refinement_passes < 1:
-            raise ValueError(f"refinement_passes must be at least 1, not {refinement_passes}")
-        self.refinement_passes = refinement_passes
         self.shift_consistency_weight = shift_consistency_weight
         self.initializer_range = initializer_range
         self.student = student or {}

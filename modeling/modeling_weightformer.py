@@ -25,7 +25,7 @@ import math
 import weakref
 from collections import OrderedDict
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -256,44 +256,22 @@ class WeightFormerModel(WeightFormerPreTrainedModel):
             raise IndexError(f"anchor {anchor} is out of range for {len(teachers)} teachers")
         self.check_teachers(teachers)
         device = self.cross_init.device
-        _, non_float = teachers.layers
-        student, cross_states = self._generation_pass(teachers, anchor, None)
-        for _ in range(1, self.config.refinement_passes):  # the student so far takes the anchor's place
-            student, cross_states = self._generation_pass(teachers, anchor, student)
-        for name in non_float:  # integer counters such as num_batches_tracked carry no learned weights
-            student[name] = teachers.state_dicts[anchor][name].to(device)
-        return WeightFormerOutput(student_state=student, cross_states=torch.stack(cross_states))
-
-    def _generation_pass(
-        self, teachers: TeacherSet, anchor: int, previous: dict[str, torch.Tensor] | None
-    ) -> tuple[dict[str, torch.Tensor], list[torch.Tensor]]:
-        """One pass over the layers: the student's floating tensors and the [cross] states. With `previous`
-        (a student from an earlier pass, in the anchor's channel order), its tokens replace the anchor's and
-        the changes are applied to it."""
-        device = self.cross_init.device
-        layers, _ = teachers.layers
+        layers, non_float = teachers.layers
         cross = self.cross_init
         student: dict[str, torch.Tensor] = {}
         cross_states = []
         for index, (layer, inputs) in enumerate(zip(layers, self._layer_inputs(teachers, anchor))):
-            if previous is not None:
-                content = _with_student_tokens(inputs.content, anchor, layer, previous, inputs.scales)
-                inputs = replace(inputs, content=content, streamed=True)  # a private copy: dropped once embedded
-                del content
             decrements, cross = self._generate_layer(index, layer, inputs, anchor, cross)
             cross_states.append(cross)
             # in place when nothing needs the unscaled values (generation): one layer-sized buffer fewer
             decrements = decrements * inputs.scales if decrements.requires_grad else decrements.mul_(inputs.scales)
-            if previous is None:
-                base, dtypes = inputs.anchor(layer, device)
-            else:
-                base = {t.name: previous[t.name].float() for t in layer.tensors}
-                dtypes = {t.name: previous[t.name].dtype for t in layer.tensors}
-            student.update(_apply_changes(layer, base, dtypes, decrements))
-            del decrements, base
+            student.update(_apply_changes(layer, *inputs.anchor(layer, device), decrements))
+            del decrements
             if inputs.streamed:  # large teachers: this layer's buffers go back before the next is read
                 release_free_memory()
-        return student, cross_states
+        for name in non_float:  # integer counters such as num_batches_tracked carry no learned weights
+            student[name] = teachers.state_dicts[anchor][name].to(device)
+        return WeightFormerOutput(student_state=student, cross_states=torch.stack(cross_states))
 
     def auxiliary_loss(self, teachers: TeacherSet, anchor: int, output: WeightFormerOutput) -> torch.Tensor | None:
         """The paper's shift-consistency loss, weighted by `shift_consistency_weight`; None when the weight is
@@ -581,23 +559,6 @@ def _layer_content(
         scales.append(scale.expand(width))
         start += width
     return content, torch.cat(scales)
-
-
-def _with_student_tokens(
-    content: torch.Tensor, anchor: int, layer: LayerSpec, student: Mapping[str, torch.Tensor], scales: torch.Tensor
-) -> torch.Tensor:
-    """`content` `(K, C, n_chunks, chunk)` with the anchor's row replaced by `student`'s tensors of the layer,
-    normalised with the layer's `scales` (differentiable with respect to `student`)."""
-    parts, start = [], 0
-    for t in layer.tensors:
-        value = student[t.name].float().movedim(t.channel_axis, 0).reshape(layer.channels, -1)
-        parts.append(value.clamp_min(1e-12).log() if t.positive else value / scales[start])
-        start += value.shape[1]
-    tokens = torch.cat(parts, dim=1)
-    k, channels, n_chunks, chunk = content.shape
-    out = content.clone()
-    out[anchor] = F.pad(tokens, (0, n_chunks * chunk - tokens.shape[1])).view(channels, n_chunks, chunk)
-    return out
 
 
 def _apply_changes(

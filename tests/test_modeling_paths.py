@@ -346,33 +346,3 @@ def test_cached_teacher_tokens_give_the_same_student_and_follow_the_teachers():
     mw.clear_token_cache()
     b = generator(others, anchor=1).student_state
     assert all(torch.equal(a[n], b[n]) for n in a)
-
-
-# ----------------------------------------------------------------------------------- refinement passes
-@pytest.mark.parametrize("family", ["mlp", "timm_resnet"])
-def test_refinement_passes_read_the_previous_student_in_the_anchor_place(family):
-    from weightformer_hf.modeling import modeling_weightformer as mw
-
-    models = [make_model(family, seed) for seed in range(3)]
-    teachers = wf.TeacherSet.from_models(models)
-    generator = wf.WeightFormerModel.for_teachers(teachers, **SMALL, refinement_passes=2)
-    student = generator.generate_student(teachers, anchor=1).state_dict()
-    assert all(torch.equal(bits(student[n]), bits(t)) for n, t in models[1].state_dict().items())
-    # the anchor's own tensors, re-tokenised as "the previous student", give back exactly its tokens
-    layers, _ = teachers.layers
-    for layer, inputs in zip(layers, generator._layer_inputs(teachers, anchor=1)):
-        again = mw._with_student_tokens(inputs.content, 1, layer, teachers.state_dicts[1], inputs.scales)
-        assert torch.equal(again, inputs.content), layer.name
-    perturb(generator)
-    two = generator(teachers, anchor=0).student_state
-    generator.config.refinement_passes = 1
-    one = generator(teachers, anchor=0).student_state
-    first = generator._generation_pass(teachers, 0, None)[0]
-    by_hand = generator._generation_pass(teachers, 0, first)[0]
-    assert all(torch.equal(two[n], by_hand[n]) for n in by_hand)
-    assert all(not torch.equal(two[n], one[n]) for n in by_hand)
-    # the second pass is differentiable in the first pass's student (training back-propagates through both)
-    loss = sum(v.float().pow(2).sum() for v in by_hand.values() if v.is_floating_point())
-    names = [t.name for t in layers[0].tensors]
-    grads = torch.autograd.grad(loss, [first[n] for n in names])
-    assert all(g is not None and g.abs().sum() > 0 for g in grads)
