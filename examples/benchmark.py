@@ -274,6 +274,9 @@ def combine(folders: list[Path], output_dir: Path) -> dict:
         result["notes"].update(part.get("notes") or _notes_from_markdown(md))
         for key, value in part["costs"].items():
             result["costs"].setdefault(key, {}).update(value) if isinstance(value, dict) else None
+    large = REPO / "results" / "large_generation.json"  # the latest examples/large_generation.py run, as in main
+    if large.exists():
+        result["costs"]["large_generation"] = json.loads(large.read_text())
     result = json.loads(json.dumps(result))  # keys as the JSON reader gives them
     for pool in result["costs"].get("time_ratios", {}).values():  # K keys back to ints for the report
         for k in list(pool):

@@ -39,6 +39,7 @@ def main(argv=None):
     p.add_argument("--generator_config", default="{}", help="JSON: WeightFormerConfig kwargs over the default")
     p.add_argument("--lr", type=float, default=3e-4)
     p.add_argument("--accumulation", type=int, default=1, help="episodes (teacher sets) per optimizer step")
+    p.add_argument("--batch_size", type=int, default=256, help="meta-split examples per episode")
     p.add_argument("--k_min", type=int, default=2)
     p.add_argument("--k_max", type=int, default=6)
     p.add_argument("--alpha", type=float, default=0.3, help="KD weight; 1 - alpha weighs CE on the meta labels")
@@ -62,6 +63,7 @@ def main(argv=None):
         learning_rate=args.lr,
         num_warmup_steps=max(1, args.gen_steps // 20),
         gradient_accumulation_steps=args.accumulation,
+        batch_size=args.batch_size,
         episodes=EpisodeConfig(args.k_min, args.k_max, args.alpha, args.temperature, args.seed),
     )
     recipe.config.update(json.loads(args.generator_config))
@@ -115,6 +117,7 @@ def main(argv=None):
         "steps": args.gen_steps,
         "lr": args.lr,
         "accumulation": args.accumulation,
+        "batch_size": args.batch_size,
         "alpha": args.alpha,
         "temperature": args.temperature,
         "config": recipe.config,
