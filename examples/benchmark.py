@@ -61,7 +61,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--gen_steps", type=int, help="episodes on MNIST-1D pools (default: the pool's own; quick 20)")
     g.add_argument("--hub_gen_steps", type=int, help="episodes on the MNIST-5k pools (default 600; quick 5)")
     g.add_argument("--gen_lr", type=float, default=3e-4)
-    g.add_argument("--gen_batch_size", type=int, default=256)
+    g.add_argument("--gen_batch_size", type=int, default=4096, help="meta-split examples per episode")
     g.add_argument("--k_min", type=int, default=2)
     g.add_argument("--k_max", type=int, default=6)
     g.add_argument(

@@ -39,7 +39,7 @@ def main(argv=None):
     p.add_argument("--generator_config", default="{}", help="JSON: WeightFormerConfig kwargs over the default")
     p.add_argument("--lr", type=float, default=3e-4)
     p.add_argument("--accumulation", type=int, default=1, help="episodes (teacher sets) per optimizer step")
-    p.add_argument("--batch_size", type=int, default=256, help="meta-split examples per episode")
+    p.add_argument("--batch_size", type=int, default=4096, help="meta-split examples per episode (as the benchmark)")
     p.add_argument("--k_min", type=int, default=2)
     p.add_argument("--k_max", type=int, default=6)
     p.add_argument("--alpha", type=float, default=0.3, help="KD weight; 1 - alpha weighs CE on the meta labels")
