@@ -172,7 +172,7 @@ def cost_summary(costs: dict) -> list[str]:
     """A readable table of the cost figures (means over the sets of K = 4, else the largest K)."""
     lines = [
         "| pool | K | generation s (first / alignment cached) | kd_anchor_1k s | ratio | generator step / student KD "
-        "step (batch 256) | generator training |",
+        "step (same batch) | generator training |",
         "|---|---|---|---|---|---|---|",
     ]
     for pool, by_k in costs.get("time_ratios", {}).items():
@@ -185,6 +185,7 @@ def cost_summary(costs: dict) -> list[str]:
             f"| {r['kd_anchor_1k_seconds']:.1f} | {r['kd_anchor_1k_over_weightformer']:.0f}x "
             f"| {step.get('generator_step_seconds', float('nan')):.3f} s / "
             f"{step.get('student_kd_step_seconds', float('nan')):.4f} s = {step.get('ratio', float('nan')):.1f}x "
+            f"(batch {step.get('batch_size', '?')}) "
             f"| {train.get('steps', 0)} steps, {train.get('seconds', float('nan')):.0f} s |"
         )
     return lines
