@@ -109,6 +109,11 @@ def main(args):
     generator.config.training_pool = [i.identity for i in train_teachers.infos]
     train_dl = DataLoader(splits["meta"], batch_size=args.per_device_train_batch_size, shuffle=True, drop_last=True,
                           collate_fn=wf_data.collate)  # fmt: skip
+    if len(train_dl) < accelerator.num_processes:
+        raise WeightFormerError(
+            f"--per_device_train_batch_size {args.per_device_train_batch_size} leaves fewer full batches than "
+            f"processes: the meta split has {len(splits['meta'])} examples"
+        )
     test_dl = DataLoader(splits["test"], batch_size=args.per_device_eval_batch_size, collate_fn=wf_data.collate)
     updates_per_epoch = math.ceil(len(train_dl) / accelerator.num_processes / args.gradient_accumulation_steps)
     if args.num_train_epochs and not args.max_train_steps:

@@ -103,3 +103,13 @@ def test_student_tensors_stay_fp32_under_bf16_autocast():
                                 torch.zeros(4, dtype=torch.long), 0.9, 4.0)  # fmt: skip
     assert all(v.dtype == torch.float32 for v in state.values())  # the residual addition happens in fp32
     assert loss.dtype == torch.float32
+
+
+def test_train_generator_names_a_dataloader_without_full_batches():
+    from torch.utils.data import DataLoader
+
+    from weightformer_hf import WeightFormerError
+
+    loader = DataLoader(list(range(3)), batch_size=8, drop_last=True)  # 3 examples, batches of 8: none
+    with pytest.raises(WeightFormerError, match="yields no batches: .* than the 3 examples"):
+        training.train_generator(None, None, None, None, loader, None, None, None, 1, None)

@@ -268,6 +268,7 @@ def _save_image_folder(folder: Path) -> None:
         ("empty", "the pool is empty"),
         ("k_too_large", "K is larger than the pool"),
         ("no_label_column", "has no label column 'fine_label'"),
+        ("batch_too_large", "--per_device_train_batch_size 1024 leaves fewer full batches than processes"),
     ],
 )
 def test_bad_input_gives_one_message_and_exit_status_2(tiny, tmp_path, case, expected):
@@ -279,6 +280,8 @@ def test_bad_input_gives_one_message_and_exit_status_2(tiny, tmp_path, case, exp
         args = ["--teachers", tmp_path / "pool"]
     elif case == "k_too_large":
         args = ["--k_max", "5"]  # 6 teachers, 2 held out: 4 to train on
+    elif case == "batch_too_large":
+        args = ["--per_device_train_batch_size", "1024"]  # the tiny meta split has 512 examples
     else:
         _save_image_folder(tmp_path / "images")
         args = ["--train_dir", tmp_path / "images", "--label_column_name", "fine_label"]

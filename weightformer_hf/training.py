@@ -257,6 +257,12 @@ def train_generator(
     """
     import signal
 
+    if len(train_dataloader) == 0:  # else the epoch arithmetic below divides by zero
+        examples = len(getattr(train_dataloader, "dataset", ()))
+        raise WeightFormerError(
+            f"the training dataloader yields no batches: its batch size is larger than the {examples} examples "
+            "of the meta split (per process) and incomplete batches are dropped; use a smaller batch size"
+        )
     accumulation = accelerator.gradient_accumulation_steps
     stop: dict = {}
     previous = {  # every rank saves at the same step (set/check_trigger)

@@ -66,9 +66,11 @@ class GeneratorRecipe:
 
 
 def meta_loader(data: Split, batch_size: int, seed: int, shuffle: bool = True, drop_last: bool = True) -> DataLoader:
-    """The meta split as the `{"inputs", "labels", "index"}` batches `examples/train.py` reads."""
+    """The meta split as the `{"inputs", "labels", "index"}` batches `examples/train.py` reads; a batch size
+    above the split's size (the 4,096 default on the tiny `--quick` pools) is capped at the whole split."""
     pairs = enumerate(zip(data.meta_x, data.meta_y))
     rows = [{"inputs": x, "labels": y, "index": torch.tensor(i)} for i, (x, y) in pairs]
+    batch_size = min(batch_size, len(rows))
     return DataLoader(rows, batch_size=batch_size, shuffle=shuffle, drop_last=drop_last, collate_fn=wf.data.collate,
                       generator=torch.Generator().manual_seed(seed))  # fmt: skip
 
