@@ -35,12 +35,12 @@ from transformers import initialization as init
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.utils import ModelOutput
 
-from ..alignment import _is_lazy, align_to_anchor, permute_tensor, permute_trailing, rows_are_channels
+from ..alignment import align_to_anchor, permute_tensor, permute_trailing, rows_are_channels
 from ..allocator import release_free_memory
 from ..errors import TeacherMismatchError
 from ..families import LayerSpec
 from ..teachers import TeacherSet, as_teacher_set, tensor_shape
-from ..weight_files import tensor_rows
+from ..weight_files import is_lazy, tensor_rows
 from .configuration_weightformer import WeightFormerConfig
 
 
@@ -320,7 +320,7 @@ class WeightFormerModel(WeightFormerPreTrainedModel):
         device = self.cross_init.device
         layers, _ = teachers.layers
         entry_bytes = 4 * (len(teachers) + 1) * sum(s.numel() for s in teachers.shapes.values())
-        if entry_bytes > TOKEN_CACHE_BYTES or any(_is_lazy(sd) for sd in teachers.state_dicts):
+        if entry_bytes > TOKEN_CACHE_BYTES or any(is_lazy(sd) for sd in teachers.state_dicts):
             return self._build_layer_inputs(teachers, anchor, keep=False)
         sources = [sd[t.name] for sd in teachers.state_dicts for layer in layers for t in layer.tensors]
         key = (

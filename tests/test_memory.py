@@ -9,7 +9,7 @@ from families import SMALL, make_model, perturb
 
 import weightformer_hf as wf
 from weightformer_hf.hub import load_teachers
-from weightformer_hf.weight_files import LazySafetensorsStateDict
+from weightformer_hf.weight_files import LazySafetensorsStateDict, is_lazy
 
 
 def _saved(tmp_path, n=2):
@@ -24,7 +24,8 @@ def _saved(tmp_path, n=2):
 def test_lazy_mapping_reads_fresh_tensors_and_keeps_none(tmp_path):
     teachers = load_teachers(_saved(tmp_path))
     sd = teachers.state_dicts[1]
-    assert isinstance(sd, LazySafetensorsStateDict)
+    assert isinstance(sd, LazySafetensorsStateDict) and is_lazy(sd)
+    assert not is_lazy(dict(sd)) and not is_lazy(make_model("timm_resnet", 1).state_dict())
     name = next(iter(sd))
     first, second = sd[name], sd[name]
     assert torch.equal(first, second) and first.data_ptr() != second.data_ptr()

@@ -32,6 +32,7 @@ from scipy.optimize import linear_sum_assignment
 
 from .allocator import release_free_memory
 from .families import PermutationSpec
+from .weight_files import is_lazy
 
 # Bump when a change could alter the permutations found: the disk cache key includes it.
 ALGORITHM_VERSION = 3
@@ -83,11 +84,6 @@ def rows_are_channels(name: str, spec: PermutationSpec, rows: int) -> bool:
     """Whether the spec keeps axis 0 of tensor `name` (of `rows` rows) whole, so rows can be permuted apart."""
     reshape = spec[name][1] if name in spec else None
     return reshape is None or reshape[0] == rows
-
-
-def _is_lazy(state: Mapping) -> bool:
-    """Mappings that read tensors from disk on access (they can tell shapes without reading)."""
-    return callable(getattr(state, "shape", None)) and not isinstance(state, dict)
 
 
 class _Pair:
@@ -169,7 +165,7 @@ def _weight_matching(spec, anchor, other, max_iter, seed, tol, stats) -> dict[st
     sizes, axes_of = _spec_groups(spec, anchor)
     if not axes_of:
         return {}
-    keep = not (_is_lazy(anchor) or _is_lazy(other))
+    keep = not (is_lazy(anchor) or is_lazy(other))
     names = sorted(axes_of)
     # constants: tensors with one grouped axis, as a dense n×n matrix or low-rank factors (n, m)
     const: dict[str, torch.Tensor] = {}

@@ -125,6 +125,12 @@ def _read_header(path: Path) -> tuple[dict, int]:
     return header, 8 + length
 
 
+def is_lazy(state: Mapping) -> bool:
+    """Whether `state` reads tensors from disk on access, like `LazySafetensorsStateDict` (it can tell a tensor's
+    shape without reading it), so callers should re-read rather than keep what they took from it."""
+    return callable(getattr(state, "shape", None)) and not isinstance(state, dict)
+
+
 class LazySafetensorsStateDict(Mapping):
     """A read-only state dict whose tensors are read from safetensors files on access.
 
