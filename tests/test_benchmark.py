@@ -64,6 +64,11 @@ def test_outputs_and_schema(quick_run):
     for pool in POOLS:
         methods = {r["method"] for r in result["rows"] if r["pool"] == pool}
         assert methods == COMMON | (FINETUNE_ONLY if pool == "mlp_finetune" else set()), pool
+        # the step-time ratio is taken at the batch the generator trained on: 4,096, capped at the meta split
+        # on the MNIST-5k pools (1,000 meta images)
+        trained, timed = result["costs"]["generator_training"][pool], result["costs"]["train_step"][pool]
+        assert timed["batch_size"] == trained["batch_size"] <= trained["recipe"]["batch_size"] == 4096, pool
+        assert (trained["batch_size"] < 4096) == pool.startswith("mnist_"), pool
 
 
 @pytest.mark.slow

@@ -65,12 +65,17 @@ class GeneratorRecipe:
     episodes: training.EpisodeConfig = field(default_factory=training.EpisodeConfig)
 
 
+def training_batch_size(batch_size: int, data: Split) -> int:
+    """The meta batch an episode really gets: `batch_size`, capped at the meta split."""
+    return min(batch_size, len(data.meta_x))
+
+
 def meta_loader(data: Split, batch_size: int, seed: int, shuffle: bool = True, drop_last: bool = True) -> DataLoader:
     """The meta split as the `{"inputs", "labels", "index"}` batches `examples/train.py` reads; a batch size
     above the split's size (the 4,096 default on the tiny `--quick` pools) is capped at the whole split."""
     pairs = enumerate(zip(data.meta_x, data.meta_y))
     rows = [{"inputs": x, "labels": y, "index": torch.tensor(i)} for i, (x, y) in pairs]
-    batch_size = min(batch_size, len(rows))
+    batch_size = training_batch_size(batch_size, data)
     return DataLoader(rows, batch_size=batch_size, shuffle=shuffle, drop_last=drop_last, collate_fn=wf.data.collate,
                       generator=torch.Generator().manual_seed(seed))  # fmt: skip
 
@@ -120,6 +125,7 @@ def train(plan: PoolPlan, teachers: wf.TeacherSet, train_ids: list[int], data: S
         "seconds": seconds,
         "seconds_per_step": seconds / max(1, recipe.max_train_steps),
         "final_loss": sum(local[-50:]) / max(1, len(local[-50:])),
+        "batch_size": training_batch_size(recipe.batch_size, data),
         "recipe": {**asdict(recipe)},
         "seen_combinations": seen,
     }
@@ -331,16 +337,17 @@ def score_in_pool(run: PoolRun, generator, k: int, i: int, members: list[int]) -
 
 def step_times(run: PoolRun, generator, members: list[int], recipe: GeneratorRecipe, repeats: int = 10) -> dict:
     """Median seconds of one generator training step (`training.episode_loss`, backward, AdamW; alignments
-    cached) and of one student-only KD step, both on a batch of `recipe.batch_size` meta samples with the same
-    K teachers' targets."""
+    cached) and of one student-only KD step, both on the training batch (`recipe.batch_size` meta samples, capped
+    at the split as `meta_loader` does) with the same K teachers' targets."""
     gen = copy.deepcopy(generator).train()
     opt = torch.optim.AdamW(gen.parameters(), lr=1e-6)
     student = run.teachers.model(members[0]).train()
     s_opt = torch.optim.AdamW(student.parameters(), lr=1e-6)
     e = recipe.episodes
+    batch_size = training_batch_size(recipe.batch_size, run.data)
     g_times, s_times = [], []
     for r in range(repeats + 2):
-        batch = torch.randint(len(run.data.meta_x), (recipe.batch_size,))
+        batch = torch.randint(len(run.data.meta_x), (batch_size,))
         x, y, logits = run.data.meta_x[batch], run.data.meta_y[batch], run.meta_logits[members][:, batch]
         t = time.perf_counter()
         loss = training.episode_loss(gen, run.teachers, (members, 0), x, y, logits, e.alpha, e.temperature)
@@ -358,5 +365,5 @@ def step_times(run: PoolRun, generator, members: list[int], recipe: GeneratorRec
             g_times.append(g)
             s_times.append(s)
     g_med, s_med = sorted(g_times)[len(g_times) // 2], sorted(s_times)[len(s_times) // 2]
-    return {"k": len(members), "batch_size": recipe.batch_size, "generator_step_seconds": g_med,
+    return {"k": len(members), "batch_size": batch_size, "generator_step_seconds": g_med,
             "student_kd_step_seconds": s_med, "ratio": g_med / s_med}  # fmt: skip
