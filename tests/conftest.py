@@ -41,6 +41,12 @@ os.environ.pop("HF_HUB_OFFLINE", None)
 for _var in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE"):
     os.environ.pop(_var, None)  # never use a developer's token or cache in tests
 
+if "PYTEST_XDIST_WORKER_COUNT" in os.environ:
+    # `pytest -n N` (the default, see pyproject.toml): N workers share the cores, so each gets its share of
+    # intra-op threads instead of all of them (set before torch is first imported in this worker)
+    _share = (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, _share)))
+
 _READY_REPO = "wf-test/ready"
 
 

@@ -55,6 +55,13 @@ def make_model(family: str, seed: int, **overrides) -> torch.nn.Module:
         model = timm.create_model(
             kwargs[0], pretrained=False, num_classes=overrides.get("num_classes", 10), **kwargs[1]
         )
+        if family == "timm_vgg" and "head_hidden_size" in overrides:
+            # timm fixes VGG's pre-logits width at 4,096; a narrower one keeps the layout (7×7 fc1, 1×1 fc2,
+            # linear head) for tests whose pure-Python reference solver would spend minutes on that width.
+            width = overrides["head_hidden_size"]
+            model.pre_logits.fc2 = torch.nn.Conv2d(model.pre_logits.fc1.out_channels, width, 1)
+            model.head.fc = torch.nn.Linear(width, model.head.fc.out_features)
+            model.head_hidden_size = width
     with torch.no_grad():
         for module in model.modules():
             if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
