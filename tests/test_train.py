@@ -302,6 +302,8 @@ def test_presets_load_and_name_the_issue_settings():
         preset = load_preset(name)
         assert preset["temperature"] > 1  # the distillation signal needs room (measured-baselines.md)
         assert preset["k_max"] <= preset["pool"]["num_teachers"] - preset["num_eval_teachers"]
+        if "mnist1d" in preset:  # one full batch of the meta split per episode, at least
+            assert preset["per_device_train_batch_size"] <= preset["mnist1d"]["meta_samples"], name
 
 
 def test_kd_loss_and_episode_sampling():
