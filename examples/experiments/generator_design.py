@@ -45,6 +45,9 @@ def main(argv=None):
     p.add_argument("--alpha", type=float, default=0.3, help="KD weight; 1 - alpha weighs CE on the meta labels")
     p.add_argument("--temperature", type=float, default=4.0)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--rescale", type=float, default=0.0,
+                   help="function-preserving augmentation: every episode rescales each hidden ReLU unit of each "
+                        "teacher (incoming row ×a, outgoing column ×1/a, log a ~ U[-s, s]); 0 = off")
     p.add_argument("--tag", required=True)
     p.add_argument("--no_record", action="store_true")
     args = p.parse_args(argv)
@@ -67,6 +70,8 @@ def main(argv=None):
         episodes=EpisodeConfig(args.k_min, args.k_max, args.alpha, args.temperature, args.seed),
     )
     recipe.config.update(json.loads(args.generator_config))
+    if args.rescale:
+        _augment_episodes_by_rescaling(teachers, args.rescale, args.seed)
     anchors = [run.row(args.k, i, "anchor", run.test_probs[m[0]], m, 0.0)["gain_recovered"] for i, m in enumerate(sets)]
     curve = []
 
@@ -120,6 +125,7 @@ def main(argv=None):
         "batch_size": args.batch_size,
         "alpha": args.alpha,
         "temperature": args.temperature,
+        "rescale": args.rescale,
         "config": recipe.config,
         "anchor_G": report.mean_ci(anchors),
         "best_val_G": report.mean_ci(best_val),
@@ -135,6 +141,37 @@ def main(argv=None):
     if not args.no_record:
         with open(REPO / "docs" / "experiments" / "runs.jsonl", "a") as f:
             f.write(json.dumps(record) + "\n")
+
+
+def _augment_episodes_by_rescaling(teachers, scale: float, seed: int) -> None:
+    """Wrap `training.episode_loss` so every episode sees its teachers rescaled unit by unit: for a ReLU MLP
+    (no norms) the same functions in other weights, which weight matching does not undo."""
+    from weightformer_hf import training
+
+    if teachers.arch.get("config", {}).get("model_type") != "wf_mlp":
+        raise SystemExit("--rescale is exact only for the ReLU MLPs of the MNIST-1D pools")
+    spec = teachers.family.permutation_spec(teachers.template)
+    rng = torch.Generator().manual_seed(seed + 12345)
+    original = training.episode_loss
+
+    def rescaled(state):
+        new = {k: state[k].clone() for k in teachers.shapes}
+        sizes = {groups[0]: new[name].shape[0] for name, (groups, _) in spec.items() if groups[0] is not None}
+        factor = {g: torch.empty(n).uniform_(-scale, scale, generator=rng).exp() for g, n in sizes.items()}
+        for name, (groups, _) in spec.items():
+            if groups[0] is not None:  # this unit's incoming weights and bias
+                new[name] *= factor[groups[0]].reshape(-1, *[1] * (new[name].dim() - 1))
+            if len(groups) > 1 and groups[1] is not None:  # the next layer's weights that read it
+                new[name] /= factor[groups[1]]
+        return new
+
+    def episode_loss(generator, pool, episode, *rest, **kwargs):
+        members, anchor = episode
+        subset = pool.subset(members)
+        subset.state_dicts = [rescaled(sd) for sd in subset.state_dicts]
+        return original(generator, subset, (list(range(len(members))), anchor), *rest, **kwargs)
+
+    training.episode_loss = episode_loss
 
 
 if __name__ == "__main__":
