@@ -67,10 +67,11 @@ def _spec_and_sizes(model):
 
 
 def _reference_pair(family):
-    """Two independent teachers for comparisons with the reference solver (VGG with a 64-wide pre-logits: the
-    spec is the same, and the reference's 4,096 × 4,096 assignments took minutes)."""
+    """The family's spec and two independent teachers for comparisons with the reference solver (VGG with a
+    64-wide pre-logits: the spec is the same, and the reference's 4,096 × 4,096 assignments took minutes)."""
+    spec, _ = _spec_and_sizes(make_model(family, 0))  # shapes are read from the tensors, not the spec
     overrides = {"head_hidden_size": 64} if family == "timm_vgg" else {}
-    return make_model(family, 0, **overrides), make_model(family, 1, **overrides)
+    return spec, make_model(family, 0, **overrides), make_model(family, 1, **overrides)
 
 
 def _objective(spec, anchor, other, perms):
@@ -82,8 +83,7 @@ def _objective(spec, anchor, other, perms):
 @pytest.mark.parametrize("family", ["mlp", "timm_resnet", "timm_vgg", "timm_vit", "hf_resnet"])
 def test_exact_mode_reproduces_the_original_algorithm(family):
     """`tol=0` is the original coordinate ascent: the same permutations on independent teachers."""
-    a, b = _reference_pair(family)
-    spec, _ = _spec_and_sizes(make_model(family, 0))  # the family's spec; shapes are read from the tensors
+    spec, a, b = _reference_pair(family)
     sa, sb = a.state_dict(), b.state_dict()
     expected = reference_weight_matching(spec, sa, sb, max_iter=10)
     found = weight_matching(spec, sa, sb, max_iter=10, tol=0)
@@ -94,8 +94,7 @@ def test_exact_mode_reproduces_the_original_algorithm(family):
 
 @pytest.mark.parametrize("family", ["timm_resnet", "hf_resnet", "timm_vgg", "timm_vit"])
 def test_default_mode_is_as_good_as_the_original(family):
-    a, b = _reference_pair(family)
-    spec, _ = _spec_and_sizes(make_model(family, 0))  # the family's spec; shapes are read from the tensors
+    spec, a, b = _reference_pair(family)
     sa, sb = a.state_dict(), b.state_dict()
     stats = {}
     found = weight_matching(spec, sa, sb, stats=stats)
