@@ -53,20 +53,6 @@ def main(argv=None):
         "teacher (incoming row ×a, outgoing column ×1/a, log a ~ U[-s, s]); 0 = off",
     )
     p.add_argument(
-        "--descriptors",
-        type=int,
-        default=0,
-        help="function-space channel descriptors: every teacher's aligned pre-activation statistics "
-        "(mean, std, fraction positive, correlation with the anchor's and with the set's mean "
-        "channel) on the first N meta-split inputs, embedded next to its weight tokens; 0 = off",
-    )
-    p.add_argument(
-        "--base_token",
-        action="store_true",
-        help="fine-tune pools: every set also carries the pretrained base as one more teacher, with a "
-        "role embedding of its own (the ensemble target stays the real teachers')",
-    )
-    p.add_argument(
         "--meta_samples",
         type=int,
         default=0,
@@ -116,17 +102,6 @@ def main(argv=None):
         from weightformer_hf import training
 
         training.TeacherTargets = functools.partial(training.TeacherTargets, augment=True)
-    if args.descriptors:
-        methods.wf = _with_generator(methods.wf, _descriptor_generator(data.meta_x[: args.descriptors]))
-
-    def set_of(members):
-        return teachers.subset(members)
-
-    if args.base_token:
-        if base is None:
-            raise SystemExit("--base_token needs a fine-tune pool (one with a base)")
-        methods.wf = _with_generator(methods.wf, _base_token_generator())
-        set_of = _append_base_in_episodes(base, teachers)
     anchors = [run.row(args.k, i, "anchor", run.test_probs[m[0]], m, 0.0)["gain_recovered"] for i, m in enumerate(sets)]
     curve = []
 
@@ -141,7 +116,7 @@ def main(argv=None):
         g, g_best = [], []
         for i, (members, b) in enumerate(zip(sets, best)):
             for anchor, out in ((0, g), (b, g_best)):
-                student = run.prepare(generator.generate_student(set_of(members), anchor=anchor))
+                student = run.prepare(generator.generate_student(teachers.subset(members), anchor=anchor))
                 out.append(run.row(args.k, i, "wf", run.test_probs_of(student), members, 0.0)["gain_recovered"])
         paired = report.mean_ci([a - b for a, b in zip(g, anchors)])
         paired_best = report.mean_ci([a - b for a, b in zip(g_best, best_val)])
@@ -181,8 +156,6 @@ def main(argv=None):
         "alpha": args.alpha,
         "temperature": args.temperature,
         "rescale": args.rescale,
-        "descriptors": args.descriptors,
-        "base_token": args.base_token,
         "augment": args.augment,
         "meta_samples": args.meta_samples or len(data.meta_x),
         "config": recipe.config,
@@ -231,144 +204,6 @@ def _augment_episodes_by_rescaling(teachers, scale: float, seed: int) -> None:
         return original(generator, subset, (list(range(len(members))), anchor), *rest, **kwargs)
 
     training.episode_loss = episode_loss
-
-
-def _with_generator(module, cls):
-    """`module` (the `weightformer_hf` namespace `methods.train` builds its generator from) with
-    `WeightFormerModel` replaced by `cls`."""
-    import types
-
-    namespace = types.SimpleNamespace(**{k: getattr(module, k) for k in dir(module) if not k.startswith("__")})
-    namespace.WeightFormerModel = cls
-    return namespace
-
-
-def _descriptor_generator(probe: torch.Tensor):
-    """A `WeightFormerModel` whose channel tokens also carry function-space descriptors read on `probe`:
-    each teacher's per-channel pre-activation statistics after alignment (so channel r of every teacher is
-    the unit matched to the anchor's r). Features are symmetric in the non-anchor teachers."""
-    from torch import nn
-    from weightformer_hf.modeling.modeling_weightformer import WeightFormerModel
-
-    activations: dict[str, dict[str, torch.Tensor]] = {}  # teacher identity -> module name -> (N, C)
-
-    def teacher_activations(teachers, k):
-        identity = teachers.infos[k].identity
-        if identity not in activations:
-            model, out = teachers.model(k).eval(), {}
-            hooks = [
-                m.register_forward_hook(lambda _m, _i, o, name=name: out.__setitem__(name, o.detach().float()))
-                for name, m in model.named_modules()
-                if isinstance(m, nn.Linear)
-            ]
-            with torch.no_grad():
-                model(probe)
-            for h in hooks:
-                h.remove()
-            activations[identity] = out
-        return activations[identity]
-
-    class DescriptorWeightFormer(WeightFormerModel):
-        num_descriptors = 5
-
-        def __init__(self, config):
-            super().__init__(config)
-            self.descriptor_embed = nn.ModuleList(
-                nn.Linear(self.num_descriptors, config.hidden_size) for _ in config.student_layers
-            )
-            for m in self.descriptor_embed:
-                nn.init.normal_(m.weight, std=config.initializer_range)
-                nn.init.zeros_(m.bias)
-
-        @torch.no_grad()
-        def _one_layer_inputs(self, teachers, anchor, index, layer, perms, spec, keep):
-            inputs = super()._one_layer_inputs(teachers, anchor, index, layer, perms, spec, keep)
-            first = layer.tensors[0].name
-            module = first.rsplit(".", 1)[0]
-            group = spec[first][0][0] if first in spec else None
-            h = []
-            for k in range(len(teachers)):
-                a = teacher_activations(teachers, k)[module]
-                if group in perms[k]:
-                    a = a[:, perms[k][group]]  # aligned column r = the teacher's unit perm[r]
-                h.append(a)
-            h = torch.stack(h)  # (K, N, C)
-            scale = h.pow(2).mean().sqrt().clamp_min(1e-6)
-            centred = h - h.mean(1, keepdim=True)
-            unit = centred / centred.norm(dim=1, keepdim=True).clamp_min(1e-6)
-            consensus = unit.mean(0, keepdim=True)
-            consensus = consensus / consensus.norm(dim=1, keepdim=True).clamp_min(1e-6)
-            features = [
-                h.mean(1) / scale,
-                h.std(1) / scale,
-                (h > 0).float().mean(1),
-                (unit * unit[anchor]).sum(1),
-                (unit * consensus).sum(1),
-            ]
-            inputs.descriptors = torch.stack(features, -1).to(self.cross_init.device)  # (K, C, F)
-            return inputs
-
-        def _generate_layer(self, index, layer, inputs, anchor, cross):
-            extra = self.descriptor_embed[index](inputs.descriptors)[:, :, None, :]  # (K, C, 1, d)
-            embed = self.embedders[index]
-
-            class _Embed(nn.Module):  # the weight tokens' embedding, plus the descriptors' (broadcast over chunks)
-                def forward(self, content):
-                    return embed(content) + extra
-
-            self.embedders[index] = _Embed()
-            try:
-                return super()._generate_layer(index, layer, inputs, anchor, cross)
-            finally:
-                self.embedders[index] = embed
-
-    return DescriptorWeightFormer
-
-
-def _base_token_generator():
-    """A `WeightFormerModel` that reads the last teacher of every set as the fine-tunes' common base: its
-    tokens get a third role embedding (it is never the anchor)."""
-    from torch import nn
-    from weightformer_hf.modeling.modeling_weightformer import WeightFormerModel
-
-    class _Roles(nn.Module):
-        def __init__(self, roles: nn.Embedding):
-            super().__init__()
-            self.roles = roles
-            self.base = nn.Parameter(torch.zeros(roles.embedding_dim))
-
-        def forward(self, roles):
-            out = self.roles(roles)
-            return torch.cat([out[:-1], out[-1:] - self.roles.weight[0] + self.base])
-
-    class BaseTokenWeightFormer(WeightFormerModel):
-        def __init__(self, config):
-            super().__init__(config)
-            self.role_embed = _Roles(self.role_embed)
-            nn.init.normal_(self.role_embed.base, std=config.initializer_range)
-
-    return BaseTokenWeightFormer
-
-
-def _append_base_in_episodes(base, teachers):
-    """Wrap `training.episode_loss` so every episode's teacher set ends with `base`; returns the matching
-    `set_of(members)` for evaluation sets."""
-    from weightformer_hf import training
-
-    original = training.episode_loss
-
-    def with_base(subset):
-        subset.state_dicts = [*subset.state_dicts, base.state_dicts[0]]
-        subset.infos = [*subset.infos, base.infos[0]]
-        return subset
-
-    def episode_loss(generator, pool, episode, *rest, **kwargs):
-        members, anchor = episode
-        subset = with_base(pool.subset(members))
-        return original(generator, subset, (list(range(len(subset))), anchor), *rest, **kwargs)
-
-    training.episode_loss = episode_loss
-    return lambda members: with_base(teachers.subset(members))
 
 
 if __name__ == "__main__":
