@@ -48,3 +48,24 @@ def test_rescaling_refuses_architectures_it_is_not_exact_for():
     with pytest.raises(SystemExit, match="exact only for the ReLU MLPs"):
         generator_design._augment_episodes_by_rescaling(teachers, 0.5, seed=0)
 
+
+
+def test_coupled_layers_see_the_previous_layers_states():
+    import generator_design
+
+    teachers = wf.TeacherSet.from_models([make_model("mlp", seed) for seed in range(3)])
+    anchor_state = teachers.model(0).state_dict()
+    changed = {}
+    for name, cls in (("coupled", generator_design._coupled_generator()), ("base", wf.WeightFormerModel)):
+        torch.manual_seed(0)
+        generator = cls.for_teachers(teachers, hidden_size=16, intermediate_size=32, use_cross_token=False)
+        untrained = generator.generate_student(teachers).state_dict()
+        assert all(torch.equal(v, anchor_state[k]) for k, v in untrained.items())  # still the anchor, bit for bit
+        for decoder in generator.decoders:
+            torch.nn.init.normal_(decoder.weight, std=0.1)
+        before = generator(teachers).student_state["net.2.weight"]
+        with torch.no_grad():
+            generator.embedders[0].weight.mul_(2.0)  # the first layer's unit states change
+        after = generator(teachers).student_state["net.2.weight"]
+        changed[name] = not torch.allclose(before, after)
+    assert changed == {"coupled": True, "base": False}  # only the coupled generator passes them on

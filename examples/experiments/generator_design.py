@@ -65,6 +65,12 @@ def main(argv=None):
         help="online augmentation of every meta batch (`TeacherTargets(augment=True)`, as "
         "`examples/train.py --online_augmentation`): the teachers run live on the augmented inputs",
     )
+    p.add_argument(
+        "--coupled",
+        action="store_true",
+        help="layer coupling: each unit's query also gets the previous layer's final unit states, "
+        "summed through the anchor's incoming weights of the unit (MLPs: weight (C, C_prev))",
+    )
     p.add_argument("--tag", required=True)
     p.add_argument("--no_record", action="store_true")
     args = p.parse_args(argv)
@@ -102,6 +108,8 @@ def main(argv=None):
         from weightformer_hf import training
 
         training.TeacherTargets = functools.partial(training.TeacherTargets, augment=True)
+    if args.coupled:
+        methods.wf = _with_generator(methods.wf, _coupled_generator())
     anchors = [run.row(args.k, i, "anchor", run.test_probs[m[0]], m, 0.0)["gain_recovered"] for i, m in enumerate(sets)]
     curve = []
 
@@ -157,6 +165,7 @@ def main(argv=None):
         "temperature": args.temperature,
         "rescale": args.rescale,
         "augment": args.augment,
+        "coupled": args.coupled,
         "meta_samples": args.meta_samples or len(data.meta_x),
         "config": recipe.config,
         "anchor_G": report.mean_ci(anchors),
@@ -204,6 +213,79 @@ def _augment_episodes_by_rescaling(teachers, scale: float, seed: int) -> None:
         return original(generator, subset, (list(range(len(members))), anchor), *rest, **kwargs)
 
     training.episode_loss = episode_loss
+
+
+def _with_generator(module, cls):
+    """`module` (the `weightformer_hf` namespace `methods.train` builds its generator from) with
+    `WeightFormerModel` replaced by `cls`."""
+    import types
+
+    namespace = types.SimpleNamespace(**{k: getattr(module, k) for k in dir(module) if not k.startswith("__")})
+    namespace.WeightFormerModel = cls
+    return namespace
+
+
+def _coupled_generator():
+    """A `WeightFormerModel` whose layer l sees what it decided for layer l - 1: every unit's query gets
+    `inflow(W_anchor[r] @ H_prev / sqrt(C_prev))`, H_prev the previous layer's final unit states, W_anchor
+    the anchor's normalised incoming weights of unit r. Gradients flow across layers through it."""
+    import math
+
+    from torch import nn
+    from weightformer_hf.modeling.modeling_weightformer import WeightFormerModel
+
+    class CoupledWeightFormer(WeightFormerModel):
+        def __init__(self, config):
+            super().__init__(config)
+            self.inflow = nn.Linear(config.hidden_size, config.hidden_size)
+            nn.init.normal_(self.inflow.weight, std=config.initializer_range)
+            nn.init.zeros_(self.inflow.bias)
+            self._previous = None
+
+        def forward(self, teachers, anchor=0):
+            self._previous = None
+            try:
+                return super().forward(teachers, anchor)
+            finally:
+                self._previous = None
+
+        def _generate_layer(self, index, layer, inputs, anchor, cross):  # the base's, plus the inflow
+            content = inputs.content
+            n_teachers, channels, n_chunks, chunk = content.shape
+            width = self.config.student_layers[index]["width"]
+            previous, message = self._previous, None
+            if previous is not None:
+                c_prev = previous.shape[0]
+                if width > c_prev:  # weight (C, C_prev) first in the token
+                    incoming = content[anchor].reshape(channels, -1)[:, :c_prev]
+                    message = self.inflow(incoming @ previous / math.sqrt(c_prev))
+            chunk_ids = torch.arange(n_chunks, device=content.device) + self.chunk_offsets[index]
+            tokens = self.embedders[index](content) + self.chunk_embed(chunk_ids)[:, None, :].transpose(0, 1)
+            tokens = tokens + self.layer_embed.weight[index]
+            roles = torch.zeros(n_teachers, dtype=torch.long, device=tokens.device)
+            roles[anchor] = 1
+            tokens = tokens + self.role_embed(roles)[:, None, None, :]
+            queries = tokens[anchor]
+            if self.config.pool_aligned and n_teachers > 1:
+                others = torch.cat([tokens[:anchor], tokens[anchor + 1 :]]).mean(0)
+                queries = queries + self.pool_proj(others)
+            if message is not None:
+                queries = queries + message[:, None, :]
+            queries = queries.transpose(0, 1)
+            memory = tokens.permute(2, 0, 1, 3).reshape(n_chunks, n_teachers * channels, -1)
+            if self.config.use_cross_token:
+                queries = torch.cat([cross.expand(n_chunks, 1, -1), queries], dim=1)
+            for block in self.blocks:
+                queries = block(queries, memory)
+            queries = self.final_norm(queries)
+            if self.config.use_cross_token:
+                cross, queries = queries[:, 0].mean(0), queries[:, 1:]
+            self._previous = queries.mean(0)  # (C, d): this layer's unit states, for the next layer
+            decrements = self.decoders[index](queries)
+            decrements = decrements.transpose(0, 1).reshape(channels, n_chunks * chunk)[:, :width]
+            return decrements, cross
+
+    return CoupledWeightFormer
 
 
 if __name__ == "__main__":
