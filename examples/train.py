@@ -162,8 +162,12 @@ def main(args):
         args.max_train_steps, progress, args.max_grad_norm, args.logging_steps, args.checkpointing_steps,
         save_checkpoint, log,
     )  # fmt: skip
-    print(f"[rank {accelerator.process_index}/{accelerator.num_processes}] {len(local)} episodes, "
-          f"mean local loss {sum(local) / max(len(local), 1):.6f}", flush=True)  # fmt: skip
+    # One write per line: print() writes the text and its newline separately, so two ranks sharing a pipe
+    # could interleave into "[rank 1/2] ...[rank 0/2] ..." on one line (a pipe write under 4 KiB is atomic).
+    sys.stdout.flush()
+    sys.stdout.write(f"[rank {accelerator.process_index}/{accelerator.num_processes}] {len(local)} episodes, "
+                     f"mean local loss {sum(local) / max(len(local), 1):.6f}\n")  # fmt: skip
+    sys.stdout.flush()
 
     # Held-out evaluation: students for several sets of teachers the generator never saw.
     unwrapped = accelerator.unwrap_model(generator)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -215,13 +216,10 @@ def test_two_cpu_processes_average_the_loss_and_only_rank0_writes(tiny, tmp_path
     proc = run(tiny, "--cpu", "--output_dir", out, "--max_train_steps", "4", "--logging_steps", "4",
                launch=launch, env=env)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
-    local = {}
-    for line in proc.stdout.splitlines():
-        if line.startswith("[rank "):
-            rank = line.split()[1].rstrip("]").split("/")
-            assert rank[1] == "2"
-            local[int(rank[0])] = float(line.rsplit(" ", 1)[1])
-    assert set(local) == {0, 1}, proc.stdout  # both ranks ran
+    ranks = re.findall(r"^\[rank (\d+)/(\d+)\] \d+ episodes, mean local loss ([\d.]+)$", proc.stdout, re.M)
+    local = {int(rank): float(loss) for rank, _, loss in ranks}
+    assert {world for _, world, _ in ranks} == {"2"}
+    assert set(local) == {0, 1} and len(ranks) == 2, proc.stdout  # both ranks ran, each on a line of its own
     logged = [line for line in proc.stdout.splitlines() if line.startswith("step 4: loss")]
     assert len(logged) == 1 and "mean over 2 process(es)" in logged[0]  # printed by rank 0 only
     assert float(logged[0].split()[3]) == pytest.approx((local[0] + local[1]) / 2, rel=1e-5)
