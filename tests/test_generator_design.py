@@ -1,4 +1,5 @@
-"""`examples/experiments/generator_design.py --rescale`: the augmentation must keep every teacher's function."""
+"""`examples/experiments/generator_design.py`: its augmentation keeps every teacher's function, and its
+generator variants start at the anchor and change what they claim to."""
 
 from __future__ import annotations
 
@@ -69,3 +70,49 @@ def test_coupled_layers_see_the_previous_layers_states():
         after = generator(teachers).student_state["net.2.weight"]
         changed[name] = not torch.allclose(before, after)
     assert changed == {"coupled": True, "base": False}  # only the coupled generator passes them on
+
+
+def _unit_state_generator(rank, interpolate, messages, teachers):
+    import generator_design
+
+    torch.manual_seed(0)
+    cls = generator_design._unit_state_generator(rank, interpolate, messages)
+    return cls.for_teachers(teachers, hidden_size=16, intermediate_size=32)
+
+
+def test_unit_state_generator_starts_at_the_anchor_and_interpolates_towards_the_aligned_others():
+    from weightformer_hf.alignment import permute_tensor
+
+    teachers = wf.TeacherSet.from_models([make_model("mlp", seed) for seed in range(2)])
+    generator = _unit_state_generator(3, True, True, teachers)
+    anchor_state = teachers.model(0).state_dict()
+    untrained = generator.generate_student(teachers).state_dict()
+    assert all(torch.equal(v, anchor_state[k]) for k, v in untrained.items())  # the anchor, bit for bit
+    with torch.no_grad():  # every segment: coefficient -1 on (others' aligned mean - anchor), 0 on the anchor
+        for index, coef in enumerate(generator.row_coef):
+            offset = 3 if generator._links[index] else 0
+            coef.bias[offset + 1 :: 2] = -1.0
+    student = generator.generate_student(teachers).state_dict()
+    spec = teachers.family.permutation_spec(teachers.template)
+    perms = generator._alignments(teachers, 0)
+    other = teachers.model(1).state_dict()
+    for name, value in student.items():  # K = 2: the other teacher, aligned to the anchor
+        assert torch.allclose(value, permute_tensor(name, other[name], spec, perms[1]), atol=1e-6)
+
+
+def test_unit_state_changes_have_the_rank_asked_for_and_follow_the_input_units_states():
+    teachers = wf.TeacherSet.from_models([make_model("mlp", seed) for seed in range(3)])
+    generator = _unit_state_generator(2, False, False, teachers)
+    assert [[link[4] for link in links] for links in generator._links] == [[], ["P_net.0"], ["P_net.2"]]
+    with torch.no_grad():
+        for coef in generator.row_coef:
+            torch.nn.init.normal_(coef.weight, std=0.5)
+    anchor_state = teachers.model(0).state_dict()
+    state = generator(teachers).student_state
+    assert torch.equal(state["net.0.weight"], anchor_state["net.0.weight"])  # reads inputs, not units
+    change = state["net.2.weight"] - anchor_state["net.2.weight"]
+    assert torch.linalg.matrix_rank(change, rtol=1e-4).item() == 2
+    with torch.no_grad():
+        generator.embedders[0].weight.mul_(2.0)  # the first layer's unit states change ...
+    after = generator(teachers).student_state
+    assert not torch.allclose(after["net.2.weight"], state["net.2.weight"])  # ... and with them its readers

@@ -71,6 +71,23 @@ def main(argv=None):
         help="layer coupling: each unit's query also gets the previous layer's final unit states, "
         "summed through the anchor's incoming weights of the unit (MLPs: weight (C, C_prev))",
     )
+    p.add_argument(
+        "--bilinear_rank",
+        type=int,
+        default=0,
+        help="unit-state decoding: a weight that reads a permuted group (an MLP's hidden units) also changes by "
+        "a(q_r) b(p_c)^T of this rank, p_c the generator's state of input unit c; 0 = off",
+    )
+    p.add_argument(
+        "--interpolate",
+        action="store_true",
+        help="per-unit, per-tensor coefficients on the anchor's row and on (others' aligned mean - anchor)",
+    )
+    p.add_argument(
+        "--unit_messages",
+        action="store_true",
+        help="with --bilinear_rank: each unit's query also gets sum_c W_anchor[r, c] p_c / sqrt(C_in)",
+    )
     p.add_argument("--tag", required=True)
     p.add_argument("--no_record", action="store_true")
     args = p.parse_args(argv)
@@ -110,6 +127,9 @@ def main(argv=None):
         training.TeacherTargets = functools.partial(training.TeacherTargets, augment=True)
     if args.coupled:
         methods.wf = _with_generator(methods.wf, _coupled_generator())
+    if args.bilinear_rank or args.interpolate:
+        cls = _unit_state_generator(args.bilinear_rank, args.interpolate, args.unit_messages)
+        methods.wf = _with_generator(methods.wf, cls)
     anchors = [run.row(args.k, i, "anchor", run.test_probs[m[0]], m, 0.0)["gain_recovered"] for i, m in enumerate(sets)]
     curve = []
 
@@ -166,6 +186,9 @@ def main(argv=None):
         "rescale": args.rescale,
         "augment": args.augment,
         "coupled": args.coupled,
+        "bilinear_rank": args.bilinear_rank,
+        "interpolate": args.interpolate,
+        "unit_messages": args.unit_messages,
         "meta_samples": args.meta_samples or len(data.meta_x),
         "config": recipe.config,
         "anchor_G": report.mean_ci(anchors),
@@ -286,6 +309,140 @@ def _coupled_generator():
             return decrements, cross
 
     return CoupledWeightFormer
+
+
+def _unit_state_generator(rank: int, interpolate: bool, messages: bool):
+    """A `WeightFormerModel` whose changes respect the hidden units' arbitrary order.
+
+    The base decoder writes row r's change through a fixed linear map per column, but an MLP's hidden
+    columns have no fixed meaning across anchors. Two equivariant terms are added to each row's decrement
+    (both zero-initialised: the untrained generator still returns the anchor):
+
+    - `rank > 0`: for a tensor whose input axis is a permuted group generated earlier (an MLP's previous
+      hidden layer), `a(q_r) · b(p_c)` summed over `rank`, with q_r the row's final state and p_c the state
+      the generator computed for input unit c (`messages`: the query also gets `sum_c W_a[r, c] p_c`).
+    - `interpolate`: per row and tensor, `g1(q_r) · anchor_row + g2(q_r) · (others' aligned mean - anchor_row)`
+      in normalised units.
+    """
+    import math
+
+    from torch import nn
+    from weightformer_hf.modeling.modeling_weightformer import WeightFormerModel
+
+    class UnitStateWeightFormer(WeightFormerModel):
+        @classmethod
+        def for_teachers(cls, teachers, **kwargs):
+            model = super().for_teachers(teachers, **kwargs)
+            model._link(teachers)
+            return model
+
+        def _link(self, teachers):
+            d, std = self.config.hidden_size, self.config.initializer_range
+            spec = teachers.family.permutation_spec(teachers.template)
+            layers, _ = teachers.layers
+            self._out_group, self._segments, self._links = [], [], []
+            produced = set()
+            self.row_coef = nn.ModuleList()
+            self.col_proj, self.inflow = nn.ModuleDict(), nn.ModuleDict()
+            for index, layer in enumerate(layers):
+                segments, links, start = [], [], 0
+                for t in layer.tensors:
+                    shape = tuple(teachers.shapes[t.name])
+                    width = math.prod(shape) // layer.channels
+                    segments.append((start, width))
+                    groups, reshape = spec.get(t.name, ((None,), None))
+                    dims = reshape or shape
+                    if rank and t.channel_axis == 0 and len(groups) > 1 and groups[1] in produced:
+                        rest = width // dims[1]
+                        key = f"{index}_{len(links)}"
+                        links.append((key, start, dims[1], rest, groups[1]))
+                        self.col_proj[key] = nn.Linear(d, rank * rest)
+                        nn.init.normal_(self.col_proj[key].weight, std=std)
+                        nn.init.zeros_(self.col_proj[key].bias)
+                        if messages:
+                            self.inflow[key] = nn.Linear(d, d)
+                            nn.init.normal_(self.inflow[key].weight, std=std)
+                            nn.init.zeros_(self.inflow[key].bias)
+                    start += width
+                first = spec.get(layer.tensors[0].name, ((None,), None))[0][0]
+                self._out_group.append(first)
+                self._segments.append(segments)
+                self._links.append(links)
+                coef = nn.Linear(d, (rank if links else 0) + (2 * len(segments) if interpolate else 0))
+                nn.init.zeros_(coef.weight)
+                nn.init.zeros_(coef.bias)
+                self.row_coef.append(coef)
+                if first is not None:
+                    produced.add(first)
+
+        def forward(self, teachers, anchor=0):
+            self._states = {}
+            try:
+                return super().forward(teachers, anchor)
+            finally:
+                self._states = {}
+
+        def _generate_layer(self, index, layer, inputs, anchor, cross):
+            content = inputs.content
+            n_teachers, channels, n_chunks, chunk = content.shape
+            width = self.config.student_layers[index]["width"]
+            flat = content.reshape(n_teachers, channels, n_chunks * chunk)[:, :, :width]
+            links = [x for x in self._links[index] if x[4] in self._states]
+            message = None
+            for key, start, c_in, rest, group in links if messages else ():
+                incoming = flat[anchor, :, start : start + c_in * rest].reshape(channels, c_in, rest).mean(-1)
+                m = self.inflow[key](incoming @ self._states[group] / math.sqrt(c_in))
+                message = m if message is None else message + m
+            chunk_ids = torch.arange(n_chunks, device=content.device) + self.chunk_offsets[index]
+            tokens = self.embedders[index](content) + self.chunk_embed(chunk_ids)[:, None, :].transpose(0, 1)
+            tokens = tokens + self.layer_embed.weight[index]
+            roles = torch.zeros(n_teachers, dtype=torch.long, device=tokens.device)
+            roles[anchor] = 1
+            tokens = tokens + self.role_embed(roles)[:, None, None, :]
+            queries = tokens[anchor]
+            if self.config.pool_aligned and n_teachers > 1:
+                others = torch.cat([tokens[:anchor], tokens[anchor + 1 :]]).mean(0)
+                queries = queries + self.pool_proj(others)
+            if message is not None:
+                queries = queries + message[:, None, :]
+            queries = queries.transpose(0, 1)
+            memory = tokens.permute(2, 0, 1, 3).reshape(n_chunks, n_teachers * channels, -1)
+            if self.config.use_cross_token:
+                queries = torch.cat([cross.expand(n_chunks, 1, -1), queries], dim=1)
+            for block in self.blocks:
+                queries = block(queries, memory)
+            queries = self.final_norm(queries)
+            if self.config.use_cross_token:
+                cross, queries = queries[:, 0].mean(0), queries[:, 1:]
+            decrements = self.decoders[index](queries)
+            decrements = decrements.transpose(0, 1).reshape(channels, n_chunks * chunk)[:, :width]
+            states = queries.mean(0)  # (C, d): this layer's unit states
+            if self._out_group[index] is not None:
+                self._states[self._out_group[index]] = states
+            coef = self.row_coef[index](states)
+            extra = []
+            if rank and self._links[index]:
+                a, coef = coef[:, :rank], coef[:, rank:]
+                for key, start, c_in, rest, group in self._links[index]:
+                    if group not in self._states:
+                        continue
+                    b = self.col_proj[key](self._states[group]).view(c_in, rank, rest)
+                    change = torch.einsum("rm,cmk->rck", a, b).reshape(channels, c_in * rest) / math.sqrt(rank)
+                    extra.append((start, change))
+            if interpolate:
+                others = (flat.sum(0) - flat[anchor]) / max(1, n_teachers - 1)
+                for i, (start, w) in enumerate(self._segments[index]):
+                    own = flat[anchor, :, start : start + w]
+                    mean = others[:, start : start + w] - own if n_teachers > 1 else torch.zeros_like(own)
+                    extra.append((start, coef[:, 2 * i, None] * own + coef[:, 2 * i + 1, None] * mean))
+            if extra:
+                full = torch.zeros_like(decrements)
+                for start, change in extra:
+                    full[:, start : start + change.shape[1]] += change
+                decrements = decrements + full
+            return decrements, cross
+
+    return UnitStateWeightFormer
 
 
 if __name__ == "__main__":
