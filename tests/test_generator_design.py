@@ -116,3 +116,25 @@ def test_unit_state_changes_have_the_rank_asked_for_and_follow_the_input_units_s
         generator.embedders[0].weight.mul_(2.0)  # the first layer's unit states change ...
     after = generator(teachers).student_state
     assert not torch.allclose(after["net.2.weight"], state["net.2.weight"])  # ... and with them its readers
+
+
+def test_anchor_only_reads_the_anchor_and_distils_towards_the_whole_set(monkeypatch):
+    import generator_design
+
+    teachers = wf.TeacherSet.from_models([make_model("mlp", seed) for seed in range(3)])
+    generator = wf.WeightFormerModel.for_teachers(teachers, hidden_size=16, intermediate_size=32)
+    read = []
+    forward = generator.forward
+    def recording(ts, anchor=0):
+        read.append([info.identity for info in ts.infos])
+        return forward(ts, anchor)
+
+    monkeypatch.setattr(generator, "forward", recording)
+    monkeypatch.setattr(training, "episode_loss", training.episode_loss)  # restored after the test
+    generator_design._generator_reads_anchor_only()
+    x, labels = torch.randn(6, 40), torch.randint(0, 10, (6,))
+    logits = torch.stack([teachers.model(i)(x).logits for i in range(3)]).detach()
+    loss = training.episode_loss(generator, teachers, ([2, 0, 1], 1), x, labels, logits, 0.3, 4.0)
+    assert read == [[teachers.infos[0].identity]]  # member 0 is the anchor (position 1): it alone is read
+    expected = training.kd_loss(teachers.model(0)(x).logits, logits, labels, 0.3, 4.0)  # untrained: the anchor
+    assert torch.allclose(loss, expected)

@@ -88,6 +88,12 @@ def main(argv=None):
         action="store_true",
         help="with --bilinear_rank: each unit's query also gets sum_c W_anchor[r, c] p_c / sqrt(C_in)",
     )
+    p.add_argument(
+        "--anchor_only",
+        action="store_true",
+        help="diagnostic: the generator reads the anchor alone (training and evaluation); the loss still "
+        "distils towards the whole set's ensemble. What it gains without reading the other teachers",
+    )
     p.add_argument("--tag", required=True)
     p.add_argument("--no_record", action="store_true")
     args = p.parse_args(argv)
@@ -125,6 +131,8 @@ def main(argv=None):
         from weightformer_hf import training
 
         training.TeacherTargets = functools.partial(training.TeacherTargets, augment=True)
+    if args.anchor_only:
+        _generator_reads_anchor_only()
     if args.coupled:
         methods.wf = _with_generator(methods.wf, _coupled_generator())
     if args.bilinear_rank or args.interpolate:
@@ -144,7 +152,10 @@ def main(argv=None):
         g, g_best = [], []
         for i, (members, b) in enumerate(zip(sets, best)):
             for anchor, out in ((0, g), (b, g_best)):
-                student = run.prepare(generator.generate_student(teachers.subset(members), anchor=anchor))
+                if args.anchor_only:
+                    student = run.prepare(generator.generate_student(teachers.subset([members[anchor]])))
+                else:
+                    student = run.prepare(generator.generate_student(teachers.subset(members), anchor=anchor))
                 out.append(run.row(args.k, i, "wf", run.test_probs_of(student), members, 0.0)["gain_recovered"])
         paired = report.mean_ci([a - b for a, b in zip(g, anchors)])
         paired_best = report.mean_ci([a - b for a, b in zip(g_best, best_val)])
@@ -189,6 +200,7 @@ def main(argv=None):
         "bilinear_rank": args.bilinear_rank,
         "interpolate": args.interpolate,
         "unit_messages": args.unit_messages,
+        "anchor_only": args.anchor_only,
         "meta_samples": args.meta_samples or len(data.meta_x),
         "config": recipe.config,
         "anchor_G": report.mean_ci(anchors),
@@ -234,6 +246,22 @@ def _augment_episodes_by_rescaling(teachers, scale: float, seed: int) -> None:
         subset = pool.subset(members)
         subset.state_dicts = [rescaled(sd) for sd in subset.state_dicts]
         return original(generator, subset, (list(range(len(members))), anchor), *rest, **kwargs)
+
+    training.episode_loss = episode_loss
+
+
+def _generator_reads_anchor_only() -> None:
+    """Wrap `training.episode_loss` so the generator reads only the episode's anchor while the loss keeps
+    the whole set's teacher logits (the target)."""
+    from weightformer_hf.modeling import run_student
+
+    from weightformer_hf import training
+
+    def episode_loss(generator, pool, episode, inputs, labels, teacher_logits, alpha, temperature):
+        members, anchor = episode
+        alone = pool.subset([members[anchor]])
+        logits = run_student(alone, generator(alone, anchor=0).student_state, inputs)
+        return training.kd_loss(logits, teacher_logits.to(logits.device), labels, alpha, temperature)
 
     training.episode_loss = episode_loss
 
