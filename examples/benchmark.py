@@ -75,7 +75,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     b = p.add_argument_group("baselines")
     b.add_argument("--kd_steps", type=int, help="steps of kd_anchor_1k (default 1000; quick 20)")
     b.add_argument("--kd_lr", type=float, default=3e-4)
-    b.add_argument("--alpha", type=float, default=0.9, help="KD weight of the KD baselines")
+    b.add_argument(
+        "--alpha",
+        type=float,
+        help="KD weight of the KD baselines (default: --gen_alpha, so KD and the generator optimise the same "
+        "objective on the same data, as examples/train.py's baseline does; results before v9 used 0.9)",
+    )
     b.add_argument(
         "--finetune_steps",
         type=int,
@@ -87,6 +92,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.gen_steps = 20
     args.hub_gen_steps = args.hub_gen_steps if args.hub_gen_steps is not None else (5 if args.quick else 600)
     args.kd_steps = args.kd_steps if args.kd_steps is not None else (20 if args.quick else 1000)
+    args.alpha = args.gen_alpha if args.alpha is None else args.alpha
     args.output_dir = (
         Path(args.output_dir) if args.output_dir else REPO / ("results_quick" if args.quick else "results")
     )
@@ -177,7 +183,8 @@ def run_pool(plan: plans.PoolPlan, args, costs: dict, notes: dict, pools: dict) 
         f"single_long: {long_steps} steps; kd_converged: {kd_steps} steps from "
         f"{'the base' if plan.finetune else 'scratch'} on train+meta; kd_anchor_1k: {args.kd_steps} steps, lr "
         f"{args.kd_lr}; weightformer_finetuned: {shared['finetune_steps']} KD steps (≤ one epoch of the meta "
-        f"split), lr {args.finetune_lr}.",
+        f"split), lr {args.finetune_lr}. Every KD baseline uses KD weight alpha {args.alpha} (CE on the meta labels "
+        f"{1 - args.alpha:.2g}); the generator trains with alpha {args.gen_alpha}.",
     ]
     if plan.dataset == "mnist5k":
         n = len(data.test_y)

@@ -151,6 +151,13 @@ def test_mean_ci_hand_computed():
     assert math.isnan(mean_ci([5.0])[1]) and mean_ci([5.0])[0] == 5.0
 
 
+def test_kd_baselines_share_the_generators_objective_unless_told():
+    import benchmark
+
+    assert benchmark.parse_args(["--gen_alpha", "0.4"]).alpha == 0.4  # the same objective, as examples/train.py
+    assert benchmark.parse_args(["--gen_alpha", "0.4", "--alpha", "0.9"]).alpha == 0.9
+
+
 def test_quick_refuses_committed_results():
     proc = _run("--quick", "--output_dir", "results", timeout=120)
     assert proc.returncode == 2

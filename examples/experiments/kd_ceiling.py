@@ -1,0 +1,69 @@
+"""How far does plain KD from the anchor get on the validation sets of `generator_design.py`?
+
+The generator learns one forward pass that should move an anchor towards its set's ensemble; this runs the
+per-set optimisation it amortises (AdamW on the same objective and meta split, `baselines.kd_anchor`) for
+several budgets, so its G says what the objective and data allow. Validation sets only (teachers 232–255).
+
+    OMP_NUM_THREADS=1 python examples/experiments/kd_ceiling.py --pool mlp_scratch --steps 1000 3000 10000
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarking import methods, plans, report  # noqa: E402
+
+from weightformer_hf import baselines  # noqa: E402
+from weightformer_hf.hub import no_progress_bars  # noqa: E402
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--pool", default="mlp_scratch", choices=["mlp_scratch", "mlp_finetune"])
+    p.add_argument("--num_val_teachers", type=int, default=24)
+    p.add_argument("--k", type=int, default=4)
+    p.add_argument("--steps", type=int, nargs="+", default=[1000, 3000, 10000])
+    p.add_argument("--lr", type=float, default=3e-4)
+    p.add_argument("--batch_size", type=int, default=256)
+    p.add_argument("--alpha", type=float, default=0.3)
+    p.add_argument("--temperature", type=float, default=4.0)
+    args = p.parse_args(argv)
+    torch.set_num_threads(1)
+    plan = next(x for x in plans.full_plans() if x.name == args.pool)
+    with no_progress_bars():
+        teachers, data, _, base = plans.load(plan)
+    run = methods.PoolRun(plan, teachers, data, base, argparse.Namespace(temperature=4.0, alpha=0.9, seed=0))
+    val = list(range(plan.num_train - args.num_val_teachers, plan.num_train))
+    sets = [val[i * args.k : (i + 1) * args.k] for i in range(len(val) // args.k)]
+    anchors = [run.row(args.k, i, "anchor", run.test_probs[m[0]], m, 0.0)["gain_recovered"] for i, m in enumerate(sets)]
+    out = {"pool": args.pool, "lr": args.lr, "batch_size": args.batch_size, "alpha": args.alpha, "anchor_G": anchors}
+    for i, members in enumerate(sets):  # one run per set, evaluated at each budget on the way
+        model, done, start = copy.deepcopy(teachers.model(members[0])), 0, time.perf_counter()
+        for steps in sorted(args.steps):
+            model = baselines.kd_anchor(
+                model.train(), data.meta_x, data.meta_y, run.meta_logits[members], steps=steps - done,
+                learning_rate=args.lr, batch_size=args.batch_size, temperature=args.temperature, alpha=args.alpha,
+                seed=done,
+            )  # fmt: skip
+            done = steps
+            g = run.row(args.k, i, "kd", run.test_probs_of(model), members, 0.0)["gain_recovered"]
+            out.setdefault(str(steps), []).append(g)
+            print(f"set {i} steps {steps}: G {g:.3f} ({time.perf_counter() - start:.0f}s)", flush=True)
+    for steps in sorted(args.steps):
+        g = out[str(steps)]
+        paired = report.mean_ci([a - b for a, b in zip(g, anchors)])
+        print(f"{steps} steps: G {report.mean_ci(g)[0]:.3f} ± {report.mean_ci(g)[1]:.3f}, paired {paired[0]:+.3f} ± "
+              f"{paired[1]:.3f}, per set " + " / ".join(f"{x:.2f}" for x in g))  # fmt: skip
+    print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    main()
