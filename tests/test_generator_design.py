@@ -138,3 +138,30 @@ def test_anchor_only_reads_the_anchor_and_distils_towards_the_whole_set(monkeypa
     assert read == [[teachers.infos[0].identity]]  # member 0 is the anchor (position 1): it alone is read
     expected = training.kd_loss(teachers.model(0)(x).logits, logits, labels, 0.3, 4.0)  # untrained: the anchor
     assert torch.allclose(loss, expected)
+
+
+def test_teacher_mix_with_an_open_gate_and_one_favoured_teacher_returns_that_teacher():
+    from weightformer_hf.alignment import permute_tensor
+
+    teachers = wf.TeacherSet.from_models([make_model("mlp", seed) for seed in range(3)])
+    import generator_design
+
+    torch.manual_seed(0)
+    generator = generator_design._unit_state_generator(0, False, False, mix=True).for_teachers(
+        teachers, hidden_size=16, intermediate_size=32
+    )
+    anchor_state = teachers.model(0).state_dict()
+    assert all(torch.equal(v, anchor_state[k]) for k, v in generator.generate_student(teachers).state_dict().items())
+    with torch.no_grad():
+        for coef in generator.row_coef:
+            coef.bias.fill_(1.0)  # the gate open on every tensor
+    generator.mix_key.register_forward_hook(  # teacher 2's tokens score far above the others'
+        lambda module, args, out: out * 0 + torch.tensor([0.0, 0.0, 1e4])[:, None, None] * out.new_ones(out.shape)
+    )
+    generator.mix_query.register_forward_hook(lambda module, args, out: out * 0 + 1.0)
+    student = generator.generate_student(teachers).state_dict()
+    spec = teachers.family.permutation_spec(teachers.template)
+    perms = generator._alignments(teachers, 0)
+    other = teachers.model(2).state_dict()
+    for name, value in student.items():
+        assert torch.allclose(value, permute_tensor(name, other[name], spec, perms[2]), atol=1e-5)

@@ -84,6 +84,12 @@ def main(argv=None):
         help="per-unit, per-tensor coefficients on the anchor's row and on (others' aligned mean - anchor)",
     )
     p.add_argument(
+        "--mix_teachers",
+        action="store_true",
+        help="per unit and tensor, a gated softmax over the teachers (scored from the unit's state and each "
+        "teacher's aligned token) mixes their aligned rows: a learned, per-unit soup on top of the changes",
+    )
+    p.add_argument(
         "--unit_messages",
         action="store_true",
         help="with --bilinear_rank: each unit's query also gets sum_c W_anchor[r, c] p_c / sqrt(C_in)",
@@ -135,8 +141,8 @@ def main(argv=None):
         _generator_reads_anchor_only()
     if args.coupled:
         methods.wf = _with_generator(methods.wf, _coupled_generator())
-    if args.bilinear_rank or args.interpolate:
-        cls = _unit_state_generator(args.bilinear_rank, args.interpolate, args.unit_messages)
+    if args.bilinear_rank or args.interpolate or args.mix_teachers:
+        cls = _unit_state_generator(args.bilinear_rank, args.interpolate, args.unit_messages, args.mix_teachers)
         methods.wf = _with_generator(methods.wf, cls)
     anchors = [run.row(args.k, i, "anchor", run.test_probs[m[0]], m, 0.0)["gain_recovered"] for i, m in enumerate(sets)]
     curve = []
@@ -200,6 +206,7 @@ def main(argv=None):
         "bilinear_rank": args.bilinear_rank,
         "interpolate": args.interpolate,
         "unit_messages": args.unit_messages,
+        "mix_teachers": args.mix_teachers,
         "anchor_only": args.anchor_only,
         "meta_samples": args.meta_samples or len(data.meta_x),
         "config": recipe.config,
@@ -339,7 +346,7 @@ def _coupled_generator():
     return CoupledWeightFormer
 
 
-def _unit_state_generator(rank: int, interpolate: bool, messages: bool):
+def _unit_state_generator(rank: int, interpolate: bool, messages: bool, mix: bool = False):
     """A `WeightFormerModel` whose changes respect the hidden units' arbitrary order.
 
     The base decoder writes row r's change through a fixed linear map per column, but an MLP's hidden
@@ -351,6 +358,7 @@ def _unit_state_generator(rank: int, interpolate: bool, messages: bool):
       the generator computed for input unit c (`messages`: the query also gets `sum_c W_a[r, c] p_c`).
     - `interpolate`: per row and tensor, `g1(q_r) · anchor_row + g2(q_r) · (others' aligned mean - anchor_row)`
       in normalised units.
+    - `mix`: per row and tensor, `gate(q_r) · sum_k softmax_k(score(q_r, token_k,r)) · (row_k - anchor_row)`.
     """
     import math
 
@@ -396,12 +404,15 @@ def _unit_state_generator(rank: int, interpolate: bool, messages: bool):
                 self._out_group.append(first)
                 self._segments.append(segments)
                 self._links.append(links)
-                coef = nn.Linear(d, (rank if links else 0) + (2 * len(segments) if interpolate else 0))
+                n = len(segments)
+                coef = nn.Linear(d, (rank if links else 0) + (2 * n if interpolate else 0) + (n if mix else 0))
                 nn.init.zeros_(coef.weight)
                 nn.init.zeros_(coef.bias)
                 self.row_coef.append(coef)
                 if first is not None:
                     produced.add(first)
+            if mix:
+                self.mix_query, self.mix_key = nn.Linear(d, d), nn.Linear(d, d)
 
         def forward(self, teachers, anchor=0):
             self._states = {}
@@ -427,6 +438,7 @@ def _unit_state_generator(rank: int, interpolate: bool, messages: bool):
             roles = torch.zeros(n_teachers, dtype=torch.long, device=tokens.device)
             roles[anchor] = 1
             tokens = tokens + self.role_embed(roles)[:, None, None, :]
+            keys = self.mix_key(tokens.mean(2)) if mix else None  # (K, C, d): each teacher's unit, for the mix
             queries = tokens[anchor]
             if self.config.pool_aligned and n_teachers > 1:
                 others = torch.cat([tokens[:anchor], tokens[anchor + 1 :]]).mean(0)
@@ -463,6 +475,14 @@ def _unit_state_generator(rank: int, interpolate: bool, messages: bool):
                     own = flat[anchor, :, start : start + w]
                     mean = others[:, start : start + w] - own if n_teachers > 1 else torch.zeros_like(own)
                     extra.append((start, coef[:, 2 * i, None] * own + coef[:, 2 * i + 1, None] * mean))
+                coef = coef[:, 2 * len(self._segments[index]) :]
+            if mix:
+                gate, coef = coef[:, : len(self._segments[index])], coef[:, len(self._segments[index]) :]
+                scores = torch.einsum("cd,kcd->ck", self.mix_query(states), keys) / math.sqrt(keys.shape[-1])
+                weights = scores.softmax(-1)  # (C, K): over the teachers, the anchor included
+                mixed = torch.einsum("ck,kcw->cw", weights, flat) - flat[anchor]
+                for i, (start, w) in enumerate(self._segments[index]):
+                    extra.append((start, -gate[:, i, None] * mixed[:, start : start + w]))  # gate 1: the mix
             if extra:
                 full = torch.zeros_like(decrements)
                 for start, change in extra:
