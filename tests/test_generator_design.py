@@ -165,3 +165,16 @@ def test_teacher_mix_with_an_open_gate_and_one_favoured_teacher_returns_that_tea
     other = teachers.model(2).state_dict()
     for name, value in student.items():
         assert torch.allclose(value, permute_tensor(name, other[name], spec, perms[2]), atol=1e-5)
+
+
+def test_best_val_training_anchor_is_the_member_with_the_best_accuracy(monkeypatch):
+    import random
+
+    import generator_design
+
+    monkeypatch.setattr(training, "sample_episode", training.sample_episode)  # restored after the test
+    accuracy = [0.5, 0.9, 0.7, 0.8, 0.6]
+    generator_design._episodes_anchor_on_best_val(accuracy)
+    for step in range(20):
+        members, anchor = training.sample_episode(random.Random(step), 5, 2, 4)
+        assert accuracy[members[anchor]] == max(accuracy[m] for m in members)

@@ -100,6 +100,13 @@ def main(argv=None):
         help="diagnostic: the generator reads the anchor alone (training and evaluation); the loss still "
         "distils towards the whole set's ensemble. What it gains without reading the other teachers",
     )
+    p.add_argument(
+        "--train_anchor",
+        choices=["random", "best_val"],
+        default="random",
+        help="the anchor of each training episode: a random member (default) or the member with the best "
+        "meta-split accuracy, the anchor a user with validation data passes",
+    )
     p.add_argument("--tag", required=True)
     p.add_argument("--no_record", action="store_true")
     args = p.parse_args(argv)
@@ -139,6 +146,8 @@ def main(argv=None):
         training.TeacherTargets = functools.partial(training.TeacherTargets, augment=True)
     if args.anchor_only:
         _generator_reads_anchor_only()
+    if args.train_anchor == "best_val":
+        _episodes_anchor_on_best_val([run.meta_accuracy[t].item() for t in train_ids])
     if args.coupled:
         methods.wf = _with_generator(methods.wf, _coupled_generator())
     if args.bilinear_rank or args.interpolate or args.mix_teachers:
@@ -208,6 +217,7 @@ def main(argv=None):
         "unit_messages": args.unit_messages,
         "mix_teachers": args.mix_teachers,
         "anchor_only": args.anchor_only,
+        "train_anchor": args.train_anchor,
         "meta_samples": args.meta_samples or len(data.meta_x),
         "config": recipe.config,
         "anchor_G": report.mean_ci(anchors),
@@ -255,6 +265,20 @@ def _augment_episodes_by_rescaling(teachers, scale: float, seed: int) -> None:
         return original(generator, subset, (list(range(len(members))), anchor), *rest, **kwargs)
 
     training.episode_loss = episode_loss
+
+
+def _episodes_anchor_on_best_val(accuracy: list[float]) -> None:
+    """Wrap `training.sample_episode` so each episode's anchor is its member with the best `accuracy`
+    (indexed like the training pool)."""
+    from weightformer_hf import training
+
+    original = training.sample_episode
+
+    def sample_episode(rng, pool_size, k_min, k_max):
+        members, _ = original(rng, pool_size, k_min, k_max)
+        return members, max(range(len(members)), key=lambda j: accuracy[members[j]])
+
+    training.sample_episode = sample_episode
 
 
 def _generator_reads_anchor_only() -> None:
