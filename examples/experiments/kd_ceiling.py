@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import re
 import sys
 import time
 from pathlib import Path
@@ -35,6 +36,7 @@ def main(argv=None):
     p.add_argument("--batch_size", type=int, default=256)
     p.add_argument("--alpha", type=float, default=0.3)
     p.add_argument("--temperature", type=float, default=4.0)
+    p.add_argument("--trainable", help="regex: only parameters whose names match are trained (default: all)")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     plan = next(x for x in plans.full_plans() if x.name == args.pool)
@@ -44,9 +46,12 @@ def main(argv=None):
     val = list(range(plan.num_train - args.num_val_teachers, plan.num_train))
     sets = [val[i * args.k : (i + 1) * args.k] for i in range(len(val) // args.k)]
     anchors = [run.row(args.k, i, "anchor", run.test_probs[m[0]], m, 0.0)["gain_recovered"] for i, m in enumerate(sets)]
-    out = {"pool": args.pool, "lr": args.lr, "batch_size": args.batch_size, "alpha": args.alpha, "anchor_G": anchors}
+    out = {"pool": args.pool, "trainable": args.trainable, "lr": args.lr, "batch_size": args.batch_size,
+           "alpha": args.alpha, "anchor_G": anchors}  # fmt: skip
     for i, members in enumerate(sets):  # one run per set, evaluated at each budget on the way
         model, done, start = copy.deepcopy(teachers.model(members[0])), 0, time.perf_counter()
+        for name, param in model.named_parameters():
+            param.requires_grad_(args.trainable is None or re.search(args.trainable, name) is not None)
         for steps in sorted(args.steps):
             model = baselines.kd_anchor(
                 model.train(), data.meta_x, data.meta_y, run.meta_logits[members], steps=steps - done,
