@@ -1,6 +1,6 @@
 """Train a WeightFormer on a pool of teachers, then evaluate it on held-out teachers.
 
-    accelerate launch examples/train.py     # offline default: MNIST-1D MLP pool, CPU, minutes
+    accelerate launch examples/train.py     # offline default: MNIST-1D MLP fine-tunes of one base, CPU, minutes
     accelerate launch --multi_gpu --num_processes 2 examples/train.py --cpu   # 2 CPU ranks (gloo)
     accelerate launch examples/train.py --config cifar10-resnet18 --teachers org/r18-a org/r18-b ...
 
@@ -46,7 +46,7 @@ FLAGS = {
     "dataset_name": dict(help="mnist1d, mnist5k or a Hub dataset id"), "train_dir": {}, "validation_dir": {},
     "image_column_name": dict(default="image"), "label_column_name": dict(default="label"),
     # Training (names of the *_no_trainer.py examples).
-    "output_dir": dict(default="outputs/weightformer-mnist1d-mlp"),
+    "output_dir": dict(help="default: outputs/weightformer-<preset name>"),
     "max_train_steps": dict(type=int), "num_train_epochs": dict(type=int),
     "per_device_train_batch_size": dict(type=int), "per_device_eval_batch_size": dict(type=int, default=1024),
     "learning_rate": dict(type=float), "weight_decay": dict(type=float), "max_grad_norm": dict(type=float),
@@ -63,7 +63,12 @@ FLAGS = {
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--config", default="mnist1d-mlp", help="preset name in hub_configs/ or a JSON file")
+    parser.add_argument(
+        "--config",
+        default="mnist1d-mlp-finetune",
+        help="preset name in hub_configs/ or a JSON file (default: fine-tunes of one base, built locally; "
+        "mnist1d-mlp: from-scratch teachers)",
+    )
     for name, options in FLAGS.items():
         parser.add_argument(f"--{name}", **options)
     config = parser.parse_known_args(argv)[0].config
@@ -71,6 +76,7 @@ def parse_args(argv=None):
     parser.set_defaults(**{k: v for k, v in preset.items() if k in FLAGS})
     args = parser.parse_args(argv)
     args.preset, args.preset_name = preset, Path(config).stem
+    args.output_dir = args.output_dir or f"outputs/weightformer-{args.preset_name}"
     return args
 
 

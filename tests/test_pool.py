@@ -66,3 +66,28 @@ def test_pool_errors_name_the_problem(tmp_path):
         pool.build_pool(_spec(regime="finetune"), _data(), _data(), data.DIGIT_NAMES, tmp_path, show_progress=False)
     with pytest.raises(data.DataError, match="mnist1d has no generator argument 'scale'"):
         data.mnist1d_tensors(10, 0, scale=0.5)
+
+
+def test_the_default_training_preset_builds_a_finetune_pool_from_its_base(tmp_path):
+    """`examples/train.py`'s default preset is a fine-tune pool: `resolve_pool` pretrains the base on the
+    preset's source task and fine-tunes every teacher from it."""
+    from weightformer_hf.hub_configs import load_preset
+
+    preset = load_preset("mnist1d-mlp-finetune")
+    assert preset["pool"]["regime"] == "finetune"
+    tiny = {
+        **preset["pool"],
+        "model": {**MLP, "in_features": 40},
+        "num_teachers": 3,
+        "base_steps": 4,
+        "finetune_steps": [2],
+        "chunk_size": 3,
+        "base_data": {**preset["pool"]["base_data"], "num_samples": 300},
+    }
+    raw = data.load_raw_splits("mnist1d", mnist1d={"num_samples": 600, "seed": 0, "meta_samples": 100})
+    teachers = pool.resolve_pool(None, {"pool": tiny}, "tiny-finetune", raw, "mnist1d", tmp_path / "pool")
+    assert len(teachers) == 3 and (tmp_path / "pool" / "base" / "model.safetensors").exists()
+    base = load_file(tmp_path / "pool" / "base" / "model.safetensors")
+    for state in teachers.state_dicts:  # two AdamW steps from the base: close to it, not equal
+        assert all((state[k] - base[k]).abs().max() <= 2 * 10**-2.5 * 1.01 + 1e-6 for k in base)
+        assert any(not torch.equal(state[k], base[k]) for k in base)

@@ -293,8 +293,8 @@ def test_bad_input_gives_one_message_and_exit_status_2(tiny, tmp_path, case, exp
 def test_presets_load_and_name_the_issue_settings():
     from weightformer_hf.hub_configs import load_preset, preset_names
 
-    required = {"mnist1d-mlp", "mnist1d-cnn", "mnist-resnet-tiny", "cifar10-resnet18", "cifar10-vit-tiny",
-                "cifar10-vgg11", "cifar100-resnet50", "cifar10-vit-b32"}  # fmt: skip
+    required = {"mnist1d-mlp", "mnist1d-mlp-finetune", "mnist1d-cnn", "mnist-resnet-tiny", "cifar10-resnet18",
+                "cifar10-vit-tiny", "cifar10-vgg11", "cifar100-resnet50", "cifar10-vit-b32"}  # fmt: skip
     assert required <= set(preset_names())
     for name in required:
         preset = load_preset(name)
@@ -302,6 +302,17 @@ def test_presets_load_and_name_the_issue_settings():
         assert preset["k_max"] <= preset["pool"]["num_teachers"] - preset["num_eval_teachers"]
         if "mnist1d" in preset:  # one full batch of the meta split per episode, at least
             assert preset["per_device_train_batch_size"] <= preset["mnist1d"]["meta_samples"], name
+
+
+def test_the_default_run_is_the_finetune_preset_and_writes_under_its_name():
+    sys.path.insert(0, str(Path(SCRIPT).parent))
+    import train
+
+    args = train.parse_args([])
+    assert args.preset_name == "mnist1d-mlp-finetune" and args.preset["pool"]["regime"] == "finetune"
+    assert args.output_dir == "outputs/weightformer-mnist1d-mlp-finetune"
+    assert train.parse_args(["--config", "mnist1d-mlp"]).output_dir == "outputs/weightformer-mnist1d-mlp"
+    assert train.parse_args(["--output_dir", "x"]).output_dir == "x"
 
 
 def test_kd_loss_and_episode_sampling():
