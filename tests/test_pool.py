@@ -91,3 +91,10 @@ def test_the_default_training_preset_builds_a_finetune_pool_from_its_base(tmp_pa
     for state in teachers.state_dicts:  # two AdamW steps from the base: close to it, not equal
         assert all((state[k] - base[k]).abs().max() <= 2 * 10**-2.5 * 1.01 + 1e-6 for k in base)
         assert any(not torch.equal(state[k], base[k]) for k in base)
+
+
+def test_a_partial_base_data_keeps_the_default_source_task_for_the_rest():
+    spec = pool.PoolSpec.from_dict({"regime": "finetune", "base_data": {"num_samples": 300}})
+    assert spec.base_data == {**pool.DEFAULT_BASE_DATA, "num_samples": 300}
+    assert pool.PoolSpec().base_data == pool.DEFAULT_BASE_DATA
+    assert pool.PoolSpec().base_data is not pool.DEFAULT_BASE_DATA  # specs never share (and mutate) the default

@@ -49,6 +49,12 @@ PROGRESS = "build.json"  # the spec of a build in progress: finished teachers ar
 RECORD = "weightformer_teacher.json"  # per teacher: its recipe, test accuracy and training seconds
 
 
+# The fine-tune regime's source task: MNIST-1D drawn with other generator settings (`mnist1d_tensors` kwargs).
+DEFAULT_BASE_DATA = {
+    "num_samples": 20000, "seed": 77, "scale_coeff": 0.6, "max_translation": 60, "corr_noise_scale": 0.4,
+}  # fmt: skip
+
+
 @dataclass
 class PoolSpec:
     """How to build a pool: the teacher architecture (`model`: `model_type` + config kwargs, or `timm`: name +
@@ -64,11 +70,7 @@ class PoolSpec:
     shared_init: bool = False
     regime: str = "scratch"  # "scratch" | "finetune"
     base_steps: int = 3000  # finetune: pretraining steps of the base on the source task
-    base_data: dict = field(
-        default_factory=lambda: {
-            "num_samples": 20000, "seed": 77, "scale_coeff": 0.6, "max_translation": 60, "corr_noise_scale": 0.4,
-        }
-    )  # fmt: skip
+    base_data: dict = field(default_factory=lambda: dict(DEFAULT_BASE_DATA))  # finetune: the source task
     finetune_log10_lr: tuple[float, float] = (-3.3, -2.5)
     finetune_steps: tuple[int, ...] = (1500, 3000)
     chunk_size: int = 32  # teachers trained at once (vmap) and saved together
@@ -79,6 +81,7 @@ class PoolSpec:
     def __post_init__(self):
         if self.regime not in ("scratch", "finetune"):
             raise WeightFormerError(f"unknown pool regime {self.regime!r}: use 'scratch' or 'finetune'")
+        self.base_data = {**DEFAULT_BASE_DATA, **self.base_data}  # a preset may override some keys only
         self.finetune_log10_lr = tuple(self.finetune_log10_lr)
         self.finetune_steps = tuple(self.finetune_steps)
 
