@@ -36,6 +36,14 @@ def main(argv=None):
     p.add_argument("--batch_size", type=int, default=256)
     p.add_argument("--alpha", type=float, default=0.3)
     p.add_argument("--temperature", type=float, default=4.0)
+    p.add_argument(
+        "--one_step",
+        type=float,
+        nargs="+",
+        metavar="LR",
+        help="instead: one plain gradient step on the first --batch_size meta examples, at each of these learning "
+        "rates (the most a single gradient-shaped update can give)",
+    )
     p.add_argument("--trainable", help="regex: only parameters whose names match are trained (default: all)")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
@@ -48,6 +56,8 @@ def main(argv=None):
     anchors = [run.row(args.k, i, "anchor", run.test_probs[m[0]], m, 0.0)["gain_recovered"] for i, m in enumerate(sets)]
     out = {"pool": args.pool, "trainable": args.trainable, "lr": args.lr, "batch_size": args.batch_size,
            "alpha": args.alpha, "anchor_G": anchors}  # fmt: skip
+    if args.one_step:
+        return _one_step(args, run, teachers, data, sets, anchors)
     for i, members in enumerate(sets):  # one run per set, evaluated at each budget on the way
         model, done, start = copy.deepcopy(teachers.model(members[0])), 0, time.perf_counter()
         for name, param in model.named_parameters():
@@ -68,6 +78,29 @@ def main(argv=None):
         print(f"{steps} steps: G {report.mean_ci(g)[0]:.3f} ± {report.mean_ci(g)[1]:.3f}, paired {paired[0]:+.3f} ± "
               f"{paired[1]:.3f}, per set " + " / ".join(f"{x:.2f}" for x in g))  # fmt: skip
     print(json.dumps(out))
+
+
+def _one_step(args, run, teachers, data, sets, anchors) -> None:
+    from weightformer_hf import training
+    from weightformer_hf.evaluation import logits_of
+
+    x, y = data.meta_x[: args.batch_size], data.meta_y[: args.batch_size]
+    gains: dict[float, list[float]] = {}
+    for i, members in enumerate(sets):
+        targets = training.ensemble_targets(run.meta_logits[members][:, : args.batch_size], args.temperature)
+        anchor = teachers.model(members[0]).train()
+        loss = training.distillation_loss(logits_of(anchor(x)), targets, y, args.alpha, args.temperature)
+        grads = torch.autograd.grad(loss, list(anchor.parameters()))
+        for lr in args.one_step:
+            model = copy.deepcopy(anchor)
+            with torch.no_grad():
+                for param, grad in zip(model.parameters(), grads):
+                    param -= lr * grad
+            g = run.row(args.k, i, "step", run.test_probs_of(model.eval()), members, 0.0)["gain_recovered"]
+            gains.setdefault(lr, []).append(g - anchors[i])
+    for lr, paired in gains.items():
+        print(f"one step, lr {lr}, batch {args.batch_size}: paired {report.mean_ci(paired)[0]:+.3f} ± "
+              f"{report.mean_ci(paired)[1]:.3f}")  # fmt: skip
 
 
 if __name__ == "__main__":
