@@ -178,3 +178,17 @@ def test_best_val_training_anchor_is_the_member_with_the_best_accuracy(monkeypat
     for step in range(20):
         members, anchor = training.sample_episode(random.Random(step), 5, 2, 4)
         assert accuracy[members[anchor]] == max(accuracy[m] for m in members)
+
+
+def test_variants_with_nothing_switched_on_compute_what_the_library_generator_does():
+    teachers = wf.TeacherSet.from_models([make_model("mlp", seed) for seed in range(3)])
+    torch.manual_seed(0)
+    base = wf.WeightFormerModel.for_teachers(teachers, hidden_size=16, intermediate_size=32)
+    for decoder in base.decoders:
+        torch.nn.init.normal_(decoder.weight, std=0.1)
+    variant = _unit_state_generator(0, False, False, teachers)
+    missing = variant.load_state_dict(base.state_dict(), strict=False).missing_keys
+    assert missing and all(k.startswith("row_coef.") for k in missing)  # only its own, zero-width, terms
+    expected, got = base(teachers, anchor=1).student_state, variant(teachers, anchor=1).student_state
+    assert all(torch.allclose(expected[k], got[k], atol=1e-6) for k in expected)
+    assert any(not torch.equal(expected[k], teachers.state_dicts[1][k]) for k in expected)  # it did change

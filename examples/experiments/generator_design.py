@@ -307,6 +307,34 @@ def _with_generator(module, cls):
     return namespace
 
 
+def _generator_pass(model, index, content, anchor, cross, message=None):
+    """`WeightFormerModel._generate_layer` up to the decoder, with `message` (C, d) added to every anchor query:
+    returns the final queries (n_chunks, C, d), the next [cross] state and the embedded tokens (K, C, n, d)."""
+    n_teachers, channels, n_chunks, _ = content.shape
+    chunk_ids = torch.arange(n_chunks, device=content.device) + model.chunk_offsets[index]
+    tokens = model.embedders[index](content) + model.chunk_embed(chunk_ids)[:, None, :].transpose(0, 1)
+    tokens = tokens + model.layer_embed.weight[index]
+    roles = torch.zeros(n_teachers, dtype=torch.long, device=tokens.device)
+    roles[anchor] = 1
+    tokens = tokens + model.role_embed(roles)[:, None, None, :]
+    queries = tokens[anchor]
+    if model.config.pool_aligned and n_teachers > 1:
+        others = torch.cat([tokens[:anchor], tokens[anchor + 1 :]]).mean(0)
+        queries = queries + model.pool_proj(others)
+    if message is not None:
+        queries = queries + message[:, None, :]
+    queries = queries.transpose(0, 1)
+    memory = tokens.permute(2, 0, 1, 3).reshape(n_chunks, n_teachers * channels, -1)
+    if model.config.use_cross_token:
+        queries = torch.cat([cross.expand(n_chunks, 1, -1), queries], dim=1)
+    for block in model.blocks:
+        queries = block(queries, memory)
+    queries = model.final_norm(queries)
+    if model.config.use_cross_token:
+        cross, queries = queries[:, 0].mean(0), queries[:, 1:]
+    return queries, cross, tokens
+
+
 def _coupled_generator():
     """A `WeightFormerModel` whose layer l sees what it decided for layer l - 1: every unit's query gets
     `inflow(W_anchor[r] @ H_prev / sqrt(C_prev))`, H_prev the previous layer's final unit states, W_anchor
@@ -341,27 +369,7 @@ def _coupled_generator():
                 if width > c_prev:  # weight (C, C_prev) first in the token
                     incoming = content[anchor].reshape(channels, -1)[:, :c_prev]
                     message = self.inflow(incoming @ previous / math.sqrt(c_prev))
-            chunk_ids = torch.arange(n_chunks, device=content.device) + self.chunk_offsets[index]
-            tokens = self.embedders[index](content) + self.chunk_embed(chunk_ids)[:, None, :].transpose(0, 1)
-            tokens = tokens + self.layer_embed.weight[index]
-            roles = torch.zeros(n_teachers, dtype=torch.long, device=tokens.device)
-            roles[anchor] = 1
-            tokens = tokens + self.role_embed(roles)[:, None, None, :]
-            queries = tokens[anchor]
-            if self.config.pool_aligned and n_teachers > 1:
-                others = torch.cat([tokens[:anchor], tokens[anchor + 1 :]]).mean(0)
-                queries = queries + self.pool_proj(others)
-            if message is not None:
-                queries = queries + message[:, None, :]
-            queries = queries.transpose(0, 1)
-            memory = tokens.permute(2, 0, 1, 3).reshape(n_chunks, n_teachers * channels, -1)
-            if self.config.use_cross_token:
-                queries = torch.cat([cross.expand(n_chunks, 1, -1), queries], dim=1)
-            for block in self.blocks:
-                queries = block(queries, memory)
-            queries = self.final_norm(queries)
-            if self.config.use_cross_token:
-                cross, queries = queries[:, 0].mean(0), queries[:, 1:]
+            queries, cross, _ = _generator_pass(self, index, content, anchor, cross, message)
             self._previous = queries.mean(0)  # (C, d): this layer's unit states, for the next layer
             decrements = self.decoders[index](queries)
             decrements = decrements.transpose(0, 1).reshape(channels, n_chunks * chunk)[:, :width]
@@ -456,28 +464,8 @@ def _unit_state_generator(rank: int, interpolate: bool, messages: bool, mix: boo
                 incoming = flat[anchor, :, start : start + c_in * rest].reshape(channels, c_in, rest).mean(-1)
                 m = self.inflow[key](incoming @ self._states[group] / math.sqrt(c_in))
                 message = m if message is None else message + m
-            chunk_ids = torch.arange(n_chunks, device=content.device) + self.chunk_offsets[index]
-            tokens = self.embedders[index](content) + self.chunk_embed(chunk_ids)[:, None, :].transpose(0, 1)
-            tokens = tokens + self.layer_embed.weight[index]
-            roles = torch.zeros(n_teachers, dtype=torch.long, device=tokens.device)
-            roles[anchor] = 1
-            tokens = tokens + self.role_embed(roles)[:, None, None, :]
+            queries, cross, tokens = _generator_pass(self, index, content, anchor, cross, message)
             keys = self.mix_key(tokens.mean(2)) if mix else None  # (K, C, d): each teacher's unit, for the mix
-            queries = tokens[anchor]
-            if self.config.pool_aligned and n_teachers > 1:
-                others = torch.cat([tokens[:anchor], tokens[anchor + 1 :]]).mean(0)
-                queries = queries + self.pool_proj(others)
-            if message is not None:
-                queries = queries + message[:, None, :]
-            queries = queries.transpose(0, 1)
-            memory = tokens.permute(2, 0, 1, 3).reshape(n_chunks, n_teachers * channels, -1)
-            if self.config.use_cross_token:
-                queries = torch.cat([cross.expand(n_chunks, 1, -1), queries], dim=1)
-            for block in self.blocks:
-                queries = block(queries, memory)
-            queries = self.final_norm(queries)
-            if self.config.use_cross_token:
-                cross, queries = queries[:, 0].mean(0), queries[:, 1:]
             decrements = self.decoders[index](queries)
             decrements = decrements.transpose(0, 1).reshape(channels, n_chunks * chunk)[:, :width]
             states = queries.mean(0)  # (C, d): this layer's unit states
