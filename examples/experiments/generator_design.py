@@ -437,9 +437,11 @@ def _unit_state_generator(rank: int, interpolate: bool, messages: bool, mix: boo
                 self._segments.append(segments)
                 self._links.append(links)
                 n = len(segments)
-                coef = nn.Linear(d, (rank if links else 0) + (2 * n if interpolate else 0) + (n if mix else 0))
-                nn.init.zeros_(coef.weight)
-                nn.init.zeros_(coef.bias)
+                width = (rank if links else 0) + (2 * n if interpolate else 0) + (n if mix else 0)
+                coef = nn.Linear(d, width) if width else nn.Identity()  # Identity: no coefficients (sliced to 0)
+                if width:
+                    nn.init.zeros_(coef.weight)
+                    nn.init.zeros_(coef.bias)
                 self.row_coef.append(coef)
                 if first is not None:
                     produced.add(first)
@@ -471,7 +473,7 @@ def _unit_state_generator(rank: int, interpolate: bool, messages: bool, mix: boo
             states = queries.mean(0)  # (C, d): this layer's unit states
             if self._out_group[index] is not None:
                 self._states[self._out_group[index]] = states
-            coef = self.row_coef[index](states)
+            coef = self.row_coef[index](states)[:, : getattr(self.row_coef[index], "out_features", 0)]
             extra = []
             if rank and self._links[index]:
                 a, coef = coef[:, :rank], coef[:, rank:]
