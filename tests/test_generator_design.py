@@ -1,5 +1,5 @@
-"""`examples/experiments/generator_design.py`: its augmentation keeps every teacher's function, and its
-generator variants start at the anchor and change what they claim to."""
+"""`examples/experiments/`: `generator_design.py`'s augmentation keeps every teacher's function and its generator
+variants start at the anchor and change what they claim to; `alignment_quality.py` matches units exactly."""
 
 from __future__ import annotations
 
@@ -192,3 +192,20 @@ def test_variants_with_nothing_switched_on_compute_what_the_library_generator_do
     expected, got = base(teachers, anchor=1).student_state, variant(teachers, anchor=1).student_state
     assert all(torch.allclose(expected[k], got[k], atol=1e-6) for k in expected)
     assert any(not torch.equal(expected[k], teachers.state_dicts[1][k]) for k in expected)  # it did change
+
+
+def test_activation_matching_recovers_a_planted_permutation():
+    import alignment_quality
+
+    from weightformer_hf.alignment import permute_tensor
+
+    teachers = wf.TeacherSet.from_models([make_model("mlp", 0)])
+    spec = teachers.family.permutation_spec(teachers.template)
+    anchor = teachers.state_dicts[0]
+    g = torch.Generator().manual_seed(1)
+    planted = {group: torch.randperm(16, generator=g) for group in ("P_net.0", "P_net.2")}
+    other = {n: permute_tensor(n, v, spec, planted) for n, v in anchor.items()}  # the same net, units shuffled
+    x = torch.randn(500, 40, generator=g)
+    perms = alignment_quality.activation_matching(spec, anchor, other, x)
+    restored = {n: permute_tensor(n, v, spec, perms) for n, v in other.items()}
+    assert all(torch.equal(restored[n], anchor[n]) for n in anchor)
