@@ -20,10 +20,10 @@ import torch
 from scipy.optimize import linear_sum_assignment
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarking import methods, plans, report  # noqa: E402
+from benchmarking import report  # noqa: E402
+from validation import load_run, validation_sets  # noqa: E402
 
 from weightformer_hf.alignment import align_to_anchor, permute_tensor  # noqa: E402
-from weightformer_hf.hub import no_progress_bars  # noqa: E402
 
 
 def hidden_activations(state: dict, x: torch.Tensor) -> list[torch.Tensor]:
@@ -63,14 +63,11 @@ def main(argv=None):
     p.add_argument("--probe", type=int, default=2000, help="meta inputs the activations are read on")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
-    plan = next(x for x in plans.full_plans() if x.name == args.pool)
-    with no_progress_bars():
-        teachers, data, _, base = plans.load(plan)
-    run = methods.PoolRun(plan, teachers, data, base, argparse.Namespace(temperature=4.0, alpha=0.9, seed=0))
+    run = load_run(args.pool)
+    teachers, data = run.teachers, run.data
     spec = teachers.family.permutation_spec(teachers.template)
     x = data.meta_x[: args.probe]
-    val = list(range(plan.num_train - args.num_val_teachers, plan.num_train))
-    sets = [val[i * args.k : (i + 1) * args.k] for i in range(len(val) // args.k)]
+    sets = validation_sets(run.plan, args.num_val_teachers, args.k)
     for kind in ("weight matching", "activation matching"):
         gains, correlations = [], []
         for i, members in enumerate(sets):

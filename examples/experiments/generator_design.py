@@ -21,6 +21,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarking import methods, plans, report  # noqa: E402
+from validation import validation_sets  # noqa: E402
 
 from weightformer_hf.hub import no_progress_bars  # noqa: E402
 from weightformer_hf.training import EpisodeConfig  # noqa: E402
@@ -124,9 +125,8 @@ def main(argv=None):
 
         data = dataclasses.replace(data, **dict(zip(("meta_x", "meta_y"), mnist1d_tensors(args.meta_samples, 4242))))
         run.meta_logits = methods.stacked_logits(teachers, data.meta_x)
-    val = list(range(plan.num_train - args.num_val_teachers, plan.num_train))
     train_ids = list(range(plan.num_train - args.num_val_teachers))[: args.num_train_teachers]
-    sets = [val[i * args.k : (i + 1) * args.k] for i in range(len(val) // args.k)]
+    sets = validation_sets(plan, args.num_val_teachers, args.k)
     recipe = methods.GeneratorRecipe(
         max_train_steps=args.gen_steps,
         learning_rate=args.lr,

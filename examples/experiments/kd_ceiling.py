@@ -20,10 +20,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarking import methods, plans, report  # noqa: E402
+from benchmarking import report  # noqa: E402
+from validation import load_run, validation_sets  # noqa: E402
 
 from weightformer_hf import baselines  # noqa: E402
-from weightformer_hf.hub import no_progress_bars  # noqa: E402
 
 
 def main(argv=None):
@@ -47,12 +47,9 @@ def main(argv=None):
     p.add_argument("--trainable", help="regex: only parameters whose names match are trained (default: all)")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
-    plan = next(x for x in plans.full_plans() if x.name == args.pool)
-    with no_progress_bars():
-        teachers, data, _, base = plans.load(plan)
-    run = methods.PoolRun(plan, teachers, data, base, argparse.Namespace(temperature=4.0, alpha=0.9, seed=0))
-    val = list(range(plan.num_train - args.num_val_teachers, plan.num_train))
-    sets = [val[i * args.k : (i + 1) * args.k] for i in range(len(val) // args.k)]
+    run = load_run(args.pool)
+    teachers, data = run.teachers, run.data
+    sets = validation_sets(run.plan, args.num_val_teachers, args.k)
     anchors = [run.row(args.k, i, "anchor", run.test_probs[m[0]], m, 0.0)["gain_recovered"] for i, m in enumerate(sets)]
     out = {"pool": args.pool, "trainable": args.trainable, "lr": args.lr, "batch_size": args.batch_size,
            "alpha": args.alpha, "anchor_G": anchors}  # fmt: skip
