@@ -70,7 +70,7 @@ class PoolSpec:
     shared_init: bool = False
     regime: str = "scratch"  # "scratch" | "finetune"
     base_steps: int = 3000  # finetune: pretraining steps of the base on the source task
-    base_data: dict = field(default_factory=lambda: dict(DEFAULT_BASE_DATA))  # finetune: the source task
+    base_data: dict = field(default_factory=dict)  # finetune: the source task, over DEFAULT_BASE_DATA
     finetune_log10_lr: tuple[float, float] = (-3.3, -2.5)
     finetune_steps: tuple[int, ...] = (1500, 3000)
     chunk_size: int = 32  # teachers trained at once (vmap) and saved together

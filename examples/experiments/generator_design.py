@@ -382,8 +382,8 @@ def _unit_state_generator(rank: int, interpolate: bool, messages: bool, mix: boo
     """A `WeightFormerModel` whose changes respect the hidden units' arbitrary order.
 
     The base decoder writes row r's change through a fixed linear map per column, but an MLP's hidden
-    columns have no fixed meaning across anchors. Two equivariant terms are added to each row's decrement
-    (both zero-initialised: the untrained generator still returns the anchor):
+    columns have no fixed meaning across anchors. Up to three terms are added to each row's decrement (all
+    zero-initialised: the untrained generator still returns the anchor):
 
     - `rank > 0`: for a tensor whose input axis is a permuted group generated earlier (an MLP's previous
       hidden layer), `a(q_r) · b(p_c)` summed over `rank`, with q_r the row's final state and p_c the state
@@ -462,7 +462,7 @@ def _unit_state_generator(rank: int, interpolate: bool, messages: bool, mix: boo
             flat = content.reshape(n_teachers, channels, n_chunks * chunk)[:, :, :width]
             links = [x for x in self._links[index] if x[4] in self._states]
             message = None
-            for key, start, c_in, rest, group in links if messages else ():
+            for key, start, c_in, rest, group in links if messages else ():  # links whose inputs were generated
                 incoming = flat[anchor, :, start : start + c_in * rest].reshape(channels, c_in, rest).mean(-1)
                 m = self.inflow[key](incoming @ self._states[group] / math.sqrt(c_in))
                 message = m if message is None else message + m
@@ -473,13 +473,12 @@ def _unit_state_generator(rank: int, interpolate: bool, messages: bool, mix: boo
             states = queries.mean(0)  # (C, d): this layer's unit states
             if self._out_group[index] is not None:
                 self._states[self._out_group[index]] = states
-            coef = self.row_coef[index](states)[:, : getattr(self.row_coef[index], "out_features", 0)]
+            row_coef = self.row_coef[index]
+            coef = row_coef(states) if isinstance(row_coef, nn.Linear) else states[:, :0]
             extra = []
             if rank and self._links[index]:
                 a, coef = coef[:, :rank], coef[:, rank:]
-                for key, start, c_in, rest, group in self._links[index]:
-                    if group not in self._states:
-                        continue
+                for key, start, c_in, rest, group in links:
                     b = self.col_proj[key](self._states[group]).view(c_in, rank, rest)
                     change = torch.einsum("rm,cmk->rck", a, b).reshape(channels, c_in * rest) / math.sqrt(rank)
                     extra.append((start, change))
