@@ -35,7 +35,7 @@ from transformers import initialization as init
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.utils import ModelOutput
 
-from ..alignment import align_to_anchor, permute_tensor, permute_trailing, rows_are_channels
+from ..alignment import align_all_to_anchor, permute_tensor, permute_trailing, rows_are_channels
 from ..allocator import release_free_memory
 from ..errors import TeacherMismatchError
 from ..families import LayerSpec
@@ -301,10 +301,7 @@ class WeightFormerModel(WeightFormerPreTrainedModel):
         if not spec:
             return [{} for _ in range(len(teachers))]
         # cached in memory (teachers.alignment_cache) and on disk (cache_root() / "alignments")
-        return [
-            {} if k == anchor else align_to_anchor(teachers, anchor, k, spec, max_iter=self.config.align_max_iter)
-            for k in range(len(teachers))
-        ]
+        return align_all_to_anchor(teachers, anchor, spec, max_iter=self.config.align_max_iter)
 
     def _layer_inputs(self, teachers: TeacherSet, anchor: int) -> Iterable[_LayerInputs]:
         """Per layer, the generator's input: aligned, normalised, chunked teacher tokens and the anchor's tensors.

@@ -24,6 +24,7 @@ import os
 import tempfile
 import warnings
 from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -146,6 +147,7 @@ def weight_matching(
     seed: int = 0,
     tol: float = 1e-3,
     stats: dict | None = None,
+    workers: int | None = None,
 ) -> dict[str, torch.Tensor]:
     """Permutations (group → index tensor) such that `other` permuted by them matches `anchor` best.
 
@@ -155,13 +157,34 @@ def weight_matching(
     costs) by less than the fraction `tol` each. With `tol > 0` rounds sweep the groups in forward order,
     then backward; `tol=0` is `ALGORITHM_VERSION` 1 exactly (seeded random order, stop only when nothing
     improves). `stats`, if given, receives the number of rounds, solves and linear assignments.
+
+    Consecutive groups of a round that share no tensor (a ViT's MLP hidden groups) are solved by `workers`
+    threads at once (default `alignment_workers()`); the answer is the same as one thread's.
     """
+    workers = alignment_workers() if workers is None else max(1, int(workers))
     # float32 on the CPU whatever the caller's autocast (training may run under bf16 autocast)
     with torch.autocast("cpu", enabled=False), torch.no_grad():
-        return _weight_matching(spec, anchor, other, max_iter, seed, tol, stats)
+        return _weight_matching(spec, anchor, other, max_iter, seed, tol, stats, workers)
 
 
-def _weight_matching(spec, anchor, other, max_iter, seed, tol, stats) -> dict[str, torch.Tensor]:
+def alignment_workers() -> int:
+    """Threads for weight matching: torch's intra-op threads (linear assignments run one per thread and
+    release the GIL, so the solves of independent groups and teacher pairs overlap)."""
+    return max(1, torch.get_num_threads())
+
+
+def _independent_runs(sequence: list[str], neighbours: Mapping[str, set[str]]) -> list[list[str]]:
+    """`sequence` cut into consecutive runs of groups that share no tensor with one another."""
+    runs: list[list[str]] = []
+    for group in sequence:
+        if runs and not any(group in neighbours[h] or h in neighbours[group] for h in runs[-1]):
+            runs[-1].append(group)
+        else:
+            runs.append([group])
+    return runs
+
+
+def _weight_matching(spec, anchor, other, max_iter, seed, tol, stats, workers) -> dict[str, torch.Tensor]:
     sizes, axes_of = _spec_groups(spec, anchor)
     if not axes_of:
         return {}
@@ -266,48 +289,65 @@ def _weight_matching(spec, anchor, other, max_iter, seed, tol, stats) -> dict[st
     solved_at: dict[str, tuple[int, ...] | None] = dict.fromkeys(names)
     value: dict[str, float] = dict.fromkeys(names, 0.0)  # each group's assigned cost at its last solve
     order = {g: sorted(neighbours[g]) for g in names}
+
+    def solve(group: str) -> tuple[torch.Tensor, float, float, float, bool]:
+        """The best assignment of `group` given its neighbours' permutations: (perm, its value, the current
+        permutation's value, the least gain that counts as an improvement, whether the argmax was one)."""
+        n = sizes[group]
+        cost = cost_of(group)
+        best = cost.argmax(dim=1)
+        shortcut = len(torch.unique(best)) == n  # every row gets its best column: that is the optimum
+        if shortcut:
+            new = best
+        else:
+            if n * n >= TRIM_MIN_NUMEL:  # wide groups: the freed buffers of earlier solves go back first
+                release_free_memory()
+            _, cols = linear_sum_assignment(cost.numpy(), maximize=True)
+            new = torch.as_tensor(cols, dtype=torch.long)
+        rows = torch.arange(n)
+        new_value, old_value = float(cost[rows, new].sum()), float(cost[rows, perms[group]].sum())
+        return new, new_value, old_value, 1e-9 * float(cost.abs().sum()), shortcut
+
     rng = np.random.default_rng(seed)
     forward = list(dict.fromkeys(g for groups, _ in spec.values() for g in groups if g is not None))
+    pool = ThreadPoolExecutor(workers) if workers > 1 else None
     rounds = []
-    for _ in range(max_iter):
-        improved = False
-        gain, solves, shortcuts = 0.0, 0, 0
-        if tol > 0:  # sweeps in forward, then backward order carry the matched input and classifier inwards
-            sequence = forward if len(rounds) % 2 == 0 else forward[::-1]
-        else:  # the order of ALGORITHM_VERSION 1
-            sequence = [names[gi] for gi in rng.permutation(len(names))]
-        for group in sequence:
-            stamp = tuple(version[h] for h in order[group])
-            if solved_at[group] == stamp:  # same inputs as at its last solve: the same assignment
-                continue
-            n = sizes[group]
-            cost = cost_of(group)
-            best = cost.argmax(dim=1)
-            if len(torch.unique(best)) == n:  # every row gets its best column: that is the optimum
-                new = best
-                shortcuts += 1
-            else:
-                if n * n >= TRIM_MIN_NUMEL:  # wide groups: the freed buffers of earlier solves go back first
-                    release_free_memory()
-                _, cols = linear_sum_assignment(cost.numpy(), maximize=True)
-                new = torch.as_tensor(cols, dtype=torch.long)
-            rows = torch.arange(n)
-            new_value, old_value = float(cost[rows, new].sum()), float(cost[rows, perms[group]].sum())
-            if new_value > old_value + 1e-9 * float(cost.abs().sum()):
-                improved = True
-            gain += new_value - old_value
-            value[group] = new_value
-            solves += 1
-            if not torch.equal(new, perms[group]):
-                version[group] += 1
-            perms[group] = new
-            solved_at[group] = tuple(version[h] for h in order[group])
-            del cost
-        scale = sum(abs(v) for v in value.values())
-        relative = gain / scale if scale else 0.0
-        rounds.append({"solves": solves, "argmax_shortcuts": shortcuts, "relative_gain": relative})
-        if not improved or (len(rounds) >= 2 and max(r["relative_gain"] for r in rounds[-2:]) < tol):
-            break
+    try:
+        for _ in range(max_iter):
+            improved = False
+            gain, solves, shortcuts = 0.0, 0, 0
+            if tol > 0:  # sweeps in forward, then backward order carry the matched input and classifier inwards
+                sequence = forward if len(rounds) % 2 == 0 else forward[::-1]
+            else:  # the order of ALGORITHM_VERSION 1
+                sequence = [names[gi] for gi in rng.permutation(len(names))]
+            for batch in _independent_runs(sequence, neighbours):
+                # groups of a run share no tensor, so none of their costs depends on another's assignment:
+                # solving them at once gives what solving them one after another gives
+                due = [g for g in batch if solved_at[g] != tuple(version[h] for h in order[g])]
+                if pool is not None and len(due) > 1:
+                    answers = list(pool.map(solve, due))
+                else:
+                    answers = [solve(g) for g in due]
+                for group, (new, new_value, old_value, least, shortcut) in zip(due, answers):
+                    if new_value > old_value + least:
+                        improved = True
+                    gain += new_value - old_value
+                    value[group] = new_value
+                    solves += 1
+                    shortcuts += shortcut
+                    if not torch.equal(new, perms[group]):
+                        version[group] += 1
+                    perms[group] = new
+                for group in due:
+                    solved_at[group] = tuple(version[h] for h in order[group])
+            scale = sum(abs(v) for v in value.values())
+            relative = gain / scale if scale else 0.0
+            rounds.append({"solves": solves, "argmax_shortcuts": shortcuts, "relative_gain": relative})
+            if not improved or (len(rounds) >= 2 and max(r["relative_gain"] for r in rounds[-2:]) < tol):
+                break
+    finally:
+        if pool is not None:
+            pool.shutdown()
     if stats is not None:
         stats.update(
             rounds=len(rounds),
@@ -409,6 +449,7 @@ def align_to_anchor(
     max_iter: int = 30,
     seed: int = 0,
     tol: float = 1e-3,
+    workers: int | None = None,
 ) -> dict[str, torch.Tensor]:
     """Permutations aligning teacher `index` of `teachers` to teacher `anchor` (`weight_matching`),
     from the set's in-memory cache, else the disk cache, else computed (and stored in both)."""
@@ -430,7 +471,7 @@ def align_to_anchor(
         if cached is not None:
             memory[key] = cached
             return cached
-    perms = weight_matching(spec, anchor_sd, other_sd, max_iter=max_iter, seed=seed, tol=tol)
+    perms = weight_matching(spec, anchor_sd, other_sd, max_iter=max_iter, seed=seed, tol=tol, workers=workers)
     if path is not None:
         _write_cached(
             path,
@@ -445,3 +486,28 @@ def align_to_anchor(
         )
     memory[key] = perms
     return perms
+
+
+def align_all_to_anchor(
+    teachers, anchor: int, spec: PermutationSpec, max_iter: int = 30, workers: int | None = None
+) -> list[dict[str, torch.Tensor]]:
+    """Per teacher, `align_to_anchor`'s permutations (empty for the anchor itself).
+
+    Pairs are independent problems: with several to compute they run in `workers` threads (default
+    `alignment_workers()`), one thread each; a single pair gets the threads for its own groups instead.
+    The permutations are those of computing the pairs one by one.
+    """
+    workers = alignment_workers() if workers is None else max(1, int(workers))
+    others = [k for k in range(len(teachers)) if k != anchor]
+    out: list[dict[str, torch.Tensor]] = [{} for _ in range(len(teachers))]
+    if len(others) < 2 or workers < 2:
+        for k in others:
+            out[k] = align_to_anchor(teachers, anchor, k, spec, max_iter=max_iter, workers=workers)
+        return out
+    if sum(int(np.prod(s)) for s in teachers.shapes.values()) >= DISK_CACHE_MIN_NUMEL:
+        content_identity(teachers, anchor, [n for n in teachers.shapes if n in spec])  # hashed once, not per pair
+    with ThreadPoolExecutor(min(workers, len(others))) as pool:
+        found = pool.map(lambda k: align_to_anchor(teachers, anchor, k, spec, max_iter=max_iter, workers=1), others)
+        for k, perms in zip(others, found):
+            out[k] = perms
+    return out
