@@ -510,4 +510,5 @@ def align_all_to_anchor(
         found = pool.map(lambda k: align_to_anchor(teachers, anchor, k, spec, max_iter=max_iter, workers=1), others)
         for k, perms in zip(others, found):
             out[k] = perms
+    release_free_memory()  # the pair threads' malloc arenas keep their freed cost matrices otherwise
     return out

@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .allocator import release_free_memory
 from .errors import TeacherMismatchError, TeacherSourceError, UnsupportedArchitectureError, WeightFormerError
 from .families import FAMILIES, Family, family_of, supported_families
 from .teachers import TeacherInfo, TeacherSet, _reorder_labels
@@ -113,7 +114,8 @@ def load_teachers(
         state_dicts = _align_label_order(prepared, state_dicts)
         first = prepared[0]
         infos = [_info(src) for src in prepared]
-        return TeacherSet(first.family, first.arch, first.labels, state_dicts, infos)
+    release_free_memory()  # the validation reads' buffers (NaN checks, hashes) go back before any real work
+    return TeacherSet(first.family, first.arch, first.labels, state_dicts, infos)
 
 
 def parse_source(spec: str, default_revision: str | None = None) -> tuple[str, str | None]:
