@@ -24,7 +24,7 @@ import os
 import tempfile
 import warnings
 from collections.abc import Mapping
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from pathlib import Path
 
 import numpy as np
@@ -158,8 +158,9 @@ def weight_matching(
     then backward; `tol=0` is `ALGORITHM_VERSION` 1 exactly (seeded random order, stop only when nothing
     improves). `stats`, if given, receives the number of rounds, solves and linear assignments.
 
-    Consecutive groups of a round that share no tensor (a ViT's MLP hidden groups) are solved by `workers`
-    threads at once (default `alignment_workers()`); the answer is the same as one thread's.
+    Consecutive groups of a round that share no tensor (a ViT's MLP hidden groups) can have their linear
+    assignments solved in `workers` threads at once (default `alignment_workers()`, 1) while the next
+    group's cost is built; the answer is the same as one thread's.
     """
     workers = alignment_workers() if workers is None else max(1, int(workers))
     # float32 on the CPU whatever the caller's autocast (training may run under bf16 autocast)
@@ -168,9 +169,18 @@ def weight_matching(
 
 
 def alignment_workers() -> int:
-    """Threads for weight matching: torch's intra-op threads (linear assignments run one per thread and
-    release the GIL, so the solves of independent groups and teacher pairs overlap)."""
-    return max(1, torch.get_num_threads())
+    """Threads for weight matching's linear assignments: `WEIGHTFORMER_HF_ALIGN_THREADS`, default 1.
+
+    An assignment runs on one thread and releases the GIL, so with 2 threads those of independent groups
+    overlap each other and the next cost: ViT-B/32 K = 4 took 37.7 s instead of 50.7 s on 2 cores. Each
+    pending assignment holds its cost matrix and scipy's float64 copy of it, which raised that run's peak
+    RSS from 1.23× to 1.91× the budget (examples/large_generation.py), so it is opt-in.
+    """
+    value = os.environ.get("WEIGHTFORMER_HF_ALIGN_THREADS", "1")
+    try:
+        return max(1, int(value))
+    except ValueError:
+        raise ValueError(f"WEIGHTFORMER_HF_ALIGN_THREADS={value!r} is not a number of threads") from None
 
 
 def _independent_runs(sequence: list[str], neighbours: Mapping[str, set[str]]) -> list[list[str]]:
@@ -290,23 +300,39 @@ def _weight_matching(spec, anchor, other, max_iter, seed, tol, stats, workers) -
     value: dict[str, float] = dict.fromkeys(names, 0.0)  # each group's assigned cost at its last solve
     order = {g: sorted(neighbours[g]) for g in names}
 
-    def solve(group: str) -> tuple[torch.Tensor, float, float, float, bool]:
-        """The best assignment of `group` given its neighbours' permutations: (perm, its value, the current
-        permutation's value, the least gain that counts as an improvement, whether the argmax was one)."""
+    def assign(group: str, cost: torch.Tensor, best: torch.Tensor | None) -> tuple:
+        """The best assignment of `group` for `cost` (`best`: the row argmax when it is already one): (perm,
+        its value, the current permutation's value, the least gain that counts as an improvement, shortcut)."""
         n = sizes[group]
-        cost = cost_of(group)
-        best = cost.argmax(dim=1)
-        shortcut = len(torch.unique(best)) == n  # every row gets its best column: that is the optimum
-        if shortcut:
+        if best is not None:
             new = best
         else:
-            if n * n >= TRIM_MIN_NUMEL:  # wide groups: the freed buffers of earlier solves go back first
-                release_free_memory()
             _, cols = linear_sum_assignment(cost.numpy(), maximize=True)
             new = torch.as_tensor(cols, dtype=torch.long)
         rows = torch.arange(n)
         new_value, old_value = float(cost[rows, new].sum()), float(cost[rows, perms[group]].sum())
-        return new, new_value, old_value, 1e-9 * float(cost.abs().sum()), shortcut
+        return new, new_value, old_value, 1e-9 * float(cost.abs().sum()), best is not None
+
+    def solve_run(due: list[str]) -> list[tuple]:
+        """`assign` for each group of `due` (groups sharing no tensor). Costs are built one at a time here
+        (their matmuls use every core already); the assignments, single-threaded and free of the GIL, run
+        in the pool while the next cost is built, at most `workers` of them pending."""
+        answers: list = []
+        for group in due:
+            n = sizes[group]
+            if pool is not None and sum(1 for a in answers if isinstance(a, Future) and not a.done()) >= workers:
+                wait([a for a in answers if isinstance(a, Future)], return_when=FIRST_COMPLETED)
+            cost = cost_of(group)
+            best = cost.argmax(dim=1)
+            best = best if len(torch.unique(best)) == n else None  # every row gets its best column: optimal
+            if best is None and n * n >= TRIM_MIN_NUMEL:  # wide groups: earlier solves' freed buffers go back
+                release_free_memory()
+            if pool is not None and best is None and len(due) > 1:
+                answers.append(pool.submit(assign, group, cost, best))
+            else:
+                answers.append(assign(group, cost, best))
+            del cost
+        return [a.result() if isinstance(a, Future) else a for a in answers]
 
     rng = np.random.default_rng(seed)
     forward = list(dict.fromkeys(g for groups, _ in spec.values() for g in groups if g is not None))
@@ -324,10 +350,7 @@ def _weight_matching(spec, anchor, other, max_iter, seed, tol, stats, workers) -
                 # groups of a run share no tensor, so none of their costs depends on another's assignment:
                 # solving them at once gives what solving them one after another gives
                 due = [g for g in batch if solved_at[g] != tuple(version[h] for h in order[g])]
-                if pool is not None and len(due) > 1:
-                    answers = list(pool.map(solve, due))
-                else:
-                    answers = [solve(g) for g in due]
+                answers = solve_run(due)
                 for group, (new, new_value, old_value, least, shortcut) in zip(due, answers):
                     if new_value > old_value + least:
                         improved = True
@@ -493,22 +516,15 @@ def align_all_to_anchor(
 ) -> list[dict[str, torch.Tensor]]:
     """Per teacher, `align_to_anchor`'s permutations (empty for the anchor itself).
 
-    Pairs are independent problems: with several to compute they run in `workers` threads (default
-    `alignment_workers()`), one thread each; a single pair gets the threads for its own groups instead.
-    The permutations are those of computing the pairs one by one.
+    Pairs are computed one after another, each with `workers` threads for its linear assignments
+    (default `alignment_workers()`). Pairs
+    side by side in threads were measured and dropped (examples/large_generation.py, 2 threads): VGG-11
+    K = 4 122 s against 130 s, but every pair's re-read tensors and cost matrices were held at once, peak
+    RSS 1.71× the budget against 1.01× (ResNet-50 K = 8: 2.56× against 1.64×).
     """
-    workers = alignment_workers() if workers is None else max(1, int(workers))
-    others = [k for k in range(len(teachers)) if k != anchor]
     out: list[dict[str, torch.Tensor]] = [{} for _ in range(len(teachers))]
-    if len(others) < 2 or workers < 2:
-        for k in others:
+    for k in range(len(teachers)):
+        if k != anchor:
             out[k] = align_to_anchor(teachers, anchor, k, spec, max_iter=max_iter, workers=workers)
-        return out
-    if sum(int(np.prod(s)) for s in teachers.shapes.values()) >= DISK_CACHE_MIN_NUMEL:
-        content_identity(teachers, anchor, [n for n in teachers.shapes if n in spec])  # hashed once, not per pair
-    with ThreadPoolExecutor(min(workers, len(others))) as pool:
-        found = pool.map(lambda k: align_to_anchor(teachers, anchor, k, spec, max_iter=max_iter, workers=1), others)
-        for k, perms in zip(others, found):
-            out[k] = perms
-    release_free_memory()  # the pair threads' malloc arenas keep their freed cost matrices otherwise
+    release_free_memory()  # the solver threads' malloc arenas keep their freed cost matrices otherwise
     return out
