@@ -209,3 +209,13 @@ def test_activation_matching_recovers_a_planted_permutation():
     perms = alignment_quality.activation_matching(spec, anchor, other, x)
     restored = {n: permute_tensor(n, v, spec, perms) for n, v in other.items()}
     assert all(torch.equal(restored[n], anchor[n]) for n in anchor)
+
+
+def test_matching_rounds_scores_recovery_of_the_planted_permutation():
+    import matching_rounds
+
+    model = make_model("timm_vgg", 0)
+    rows = matching_rounds.recovery(model, [0.0, 100.0], settings=[(30, 1e-3)])
+    exact, drowned = rows
+    assert exact["sigma"] == 0.0 and exact["recovered"] == 1.0 and exact["rounds"] >= 1
+    assert drowned["recovered"] < 0.5  # noise 100× the weights: the planted order is lost
