@@ -113,14 +113,15 @@ def main(args):
 
     generator = WeightFormerModel.for_teachers(train_teachers, **args.preset.get("generator", {}))
     generator.config.training_pool = [i.identity for i in train_teachers.infos]
-    train_dl = DataLoader(splits["meta"], batch_size=args.per_device_train_batch_size, shuffle=True, drop_last=True,
-                          collate_fn=wf_data.collate)  # fmt: skip
+    train_dl = DataLoader(wf_data.BatchedSplit(splits["meta"]), batch_size=args.per_device_train_batch_size,
+                          shuffle=True, drop_last=True, collate_fn=wf_data.collate)  # fmt: skip
     if len(train_dl) < accelerator.num_processes:
         raise WeightFormerError(
             f"--per_device_train_batch_size {args.per_device_train_batch_size} leaves fewer full batches than "
             f"processes: the meta split has {len(splits['meta'])} examples"
         )
-    test_dl = DataLoader(splits["test"], batch_size=args.per_device_eval_batch_size, collate_fn=wf_data.collate)
+    test_dl = DataLoader(wf_data.BatchedSplit(splits["test"]), batch_size=args.per_device_eval_batch_size,
+                         collate_fn=wf_data.collate)
     updates_per_epoch = math.ceil(len(train_dl) / accelerator.num_processes / args.gradient_accumulation_steps)
     if args.num_train_epochs and not args.max_train_steps:
         args.max_train_steps = args.num_train_epochs * updates_per_epoch
@@ -177,7 +178,7 @@ def main(args):
 
     # Held-out evaluation: students for several sets of teachers the generator never saw.
     unwrapped = accelerator.unwrap_model(generator)
-    meta_dl = DataLoader(splits["meta"], batch_size=256, shuffle=True, collate_fn=wf_data.collate,
+    meta_dl = DataLoader(wf_data.BatchedSplit(splits["meta"]), batch_size=256, shuffle=True, collate_fn=wf_data.collate,
                          generator=torch.Generator().manual_seed(args.seed))  # same batches on every rank
     def finetune(student, members):  # --finetune_steps: distil the generated student on its set's ensemble
         return wf.finetune_student(student, meta_dl, logits["meta"][members], args.finetune_steps,

@@ -113,3 +113,22 @@ def test_train_generator_names_a_dataloader_without_full_batches():
     loader = DataLoader(list(range(3)), batch_size=8, drop_last=True)  # 3 examples, batches of 8: none
     with pytest.raises(WeightFormerError, match="yields no batches: .* than the 3 examples"):
         training.train_generator(None, None, None, None, loader, None, None, None, 1, None)
+
+
+def test_batched_split_loader_yields_the_plain_loaders_batches(tmp_path):
+    from torch.utils.data import DataLoader
+
+    splits = data.mnist1d_splits(num_samples=300, meta_samples=100, cache_dir=tmp_path)
+    meta = data.task_splits(splits, data.signal_transform())["meta"]
+
+    def batches(dataset):
+        loader = DataLoader(dataset, batch_size=32, shuffle=True, drop_last=True, collate_fn=data.collate,
+                            generator=torch.Generator().manual_seed(0))  # fmt: skip
+        return [batch for _ in range(2) for batch in loader]
+
+    plain, batched = batches(meta), batches(data.BatchedSplit(meta))
+    assert len(plain) == len(batched) == 6
+    assert plain[0]["index"].tolist() != list(range(32))  # shuffled
+    for a, b in zip(plain, batched):
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) and a[k].dtype == b[k].dtype for k in a)
+    assert torch.equal(data.BatchedSplit(meta)[3]["inputs"], meta[3]["inputs"])

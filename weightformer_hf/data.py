@@ -317,9 +317,33 @@ def fingerprint(split: Dataset, transform: Transform) -> str:
     return f"{split._fingerprint}:{transform.identity}"
 
 
-def collate(rows: list[dict]) -> dict[str, torch.Tensor]:
-    """Stack the rows `with_transform` produced (datasets hands the DataLoader one dict per row)."""
+def collate(rows: list[dict] | dict) -> dict[str, torch.Tensor]:
+    """Stack the rows `with_transform` produced (datasets hands the DataLoader one dict per row), or pass
+    through a batch a `BatchedSplit` already read whole."""
+    if isinstance(rows, dict):
+        return {key: torch.as_tensor(value) for key, value in rows.items()}
     return {key: torch.stack([torch.as_tensor(r[key]) for r in rows]) for key in rows[0]}
+
+
+class BatchedSplit(torch.utils.data.Dataset):
+    """A transformed split that a `DataLoader` reads one batch at a time (pair it with `collate`).
+
+    The DataLoader hands `__getitems__` a batch's row indices; datasets then runs the split's transform on
+    the batch and, read through the plain split, would cut it into one dict per row for `collate` to stack
+    again: 65 ms of a 4,096-row MNIST-1D batch. Here the batch stays whole: the same rows, the same tensors.
+    """
+
+    def __init__(self, split: Dataset):
+        self.split = split
+
+    def __len__(self) -> int:
+        return len(self.split)
+
+    def __getitem__(self, index: int) -> dict:
+        return self.split[index]
+
+    def __getitems__(self, indices: list[int]) -> dict:
+        return self.split[list(indices)]
 
 
 def tensors(split: Dataset, batch_size: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
