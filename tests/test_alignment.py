@@ -204,13 +204,26 @@ def test_disk_cache_key_follows_content_and_settings(tmp_path, monkeypatch):
 
 
 class _CountingPool(alignment.ThreadPoolExecutor):
-    """A thread pool that records the group of each linear assignment submitted to it."""
+    """A thread pool that records the group of each linear assignment submitted to it and how many were
+    still pending then; each assignment takes at least `delay` seconds."""
 
     groups: list[str] = []
+    pending_at_submit: list[int] = []
+    delay = 0.0
 
     def submit(self, fn, *args, **kwargs):
+        import time
+
+        futures = self.__dict__.setdefault("futures", [])
+        _CountingPool.pending_at_submit.append(sum(not f.done() for f in futures))
         _CountingPool.groups.append(args[0])
-        return super().submit(fn, *args, **kwargs)
+
+        def slow(*a, **k):
+            time.sleep(_CountingPool.delay)
+            return fn(*a, **k)
+
+        futures.append(super().submit(slow, *args, **kwargs))
+        return futures[-1]
 
 
 def test_independent_runs_cut_where_groups_share_a_tensor():
@@ -225,7 +238,7 @@ def test_threads_find_the_one_thread_answer(family, tol, monkeypatch):
     """Independent groups' assignments solved at once (a ViT's MLP hidden groups) give exactly the serial
     answer."""
     monkeypatch.setattr(alignment, "ThreadPoolExecutor", _CountingPool)
-    _CountingPool.groups = []
+    _CountingPool.groups, _CountingPool.pending_at_submit, _CountingPool.delay = [], [], 0.0
     spec, a, b = _reference_pair(family)
     sa, sb = a.state_dict(), b.state_dict()
     serial_stats, threaded_stats = {}, {}
@@ -241,9 +254,30 @@ def test_threads_find_the_one_thread_answer(family, tol, monkeypatch):
 
 def test_assignment_threads_come_from_the_environment(monkeypatch):
     monkeypatch.delenv("WEIGHTFORMER_HF_ALIGN_THREADS", raising=False)
-    assert alignment.alignment_workers() == 1  # opt-in: pending assignments hold memory
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 16)
+    assert alignment.alignment_workers() == 4  # capped: each pending assignment holds its cost matrix
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    assert alignment.alignment_workers() == 2
+    monkeypatch.setenv("WEIGHTFORMER_HF_ALIGN_THREADS", "1")
+    assert alignment.alignment_workers() == 1
     monkeypatch.setenv("WEIGHTFORMER_HF_ALIGN_THREADS", "3")
     assert alignment.alignment_workers() == 3
     monkeypatch.setenv("WEIGHTFORMER_HF_ALIGN_THREADS", "two")
     with pytest.raises(ValueError, match="WEIGHTFORMER_HF_ALIGN_THREADS='two'"):
         alignment.alignment_workers()
+
+
+def test_pending_assignments_are_bounded_by_the_threads(monkeypatch):
+    """Each pending assignment holds its cost matrix: the next cost waits while `workers` are in flight."""
+    monkeypatch.setattr(alignment, "ThreadPoolExecutor", _CountingPool)
+    _CountingPool.groups, _CountingPool.pending_at_submit, _CountingPool.delay = [], [], 0.05
+    import timm
+
+    vit = {"img_size": 16, "patch_size": 4, "in_chans": 1, "embed_dim": 16, "depth": 6, "num_heads": 2}
+    a, b = (timm.create_model("vit_tiny_patch16_224", num_classes=10, **vit) for _ in range(2))
+    spec = wf.TeacherSet.from_models([a]).family.permutation_spec(a)
+    serial = weight_matching(spec, a.state_dict(), b.state_dict(), workers=1)
+    slow = weight_matching(spec, a.state_dict(), b.state_dict(), workers=2)
+    assert len(_CountingPool.groups) >= 6  # the 6 blocks' MLP groups, in one run
+    assert max(_CountingPool.pending_at_submit) == 1  # never a third cost beside two pending assignments
+    assert all(torch.equal(serial[g], slow[g]) for g in serial)

@@ -159,8 +159,8 @@ def weight_matching(
     improves). `stats`, if given, receives the number of rounds, solves and linear assignments.
 
     Consecutive groups of a round that share no tensor (a ViT's MLP hidden groups) can have their linear
-    assignments solved in `workers` threads at once (default `alignment_workers()`, 1) while the next
-    group's cost is built; the answer is the same as one thread's.
+    assignments solved in `workers` threads at once (default `alignment_workers()`) while the next group's
+    cost is built; the answer is the same as one thread's.
     """
     workers = alignment_workers() if workers is None else max(1, int(workers))
     # float32 on the CPU whatever the caller's autocast (training may run under bf16 autocast)
@@ -169,14 +169,17 @@ def weight_matching(
 
 
 def alignment_workers() -> int:
-    """Threads for weight matching's linear assignments: `WEIGHTFORMER_HF_ALIGN_THREADS`, default 1.
+    """Threads for weight matching's linear assignments: `WEIGHTFORMER_HF_ALIGN_THREADS`, else torch's
+    intra-op threads, at most 4.
 
-    An assignment runs on one thread and releases the GIL, so with 2 threads those of independent groups
-    overlap each other and the next cost: ViT-B/32 K = 4 took 37.7 s instead of 50.7 s on 2 cores. Each
-    pending assignment holds its cost matrix and scipy's float64 copy of it, which raised that run's peak
-    RSS from 1.23× to 1.91× the budget (examples/large_generation.py), so it is opt-in.
+    An assignment runs on one thread and releases the GIL, so those of groups that share no tensor overlap
+    each other and the next cost: ViT-B/32 K = 4 took 38.2 s instead of 47.8 s on 2 cores, at the same peak
+    RSS (1.24× and 1.35× the budget; examples/large_generation.py). Each pending assignment holds its cost
+    matrix and scipy's float64 copy of it, hence the cap; `WEIGHTFORMER_HF_ALIGN_THREADS=1` turns it off.
     """
-    value = os.environ.get("WEIGHTFORMER_HF_ALIGN_THREADS", "1")
+    value = os.environ.get("WEIGHTFORMER_HF_ALIGN_THREADS")
+    if value is None:
+        return max(1, min(4, torch.get_num_threads()))
     try:
         return max(1, int(value))
     except ValueError:
@@ -320,8 +323,9 @@ def _weight_matching(spec, anchor, other, max_iter, seed, tol, stats, workers) -
         answers: list = []
         for group in due:
             n = sizes[group]
-            if pool is not None and sum(1 for a in answers if isinstance(a, Future) and not a.done()) >= workers:
-                wait([a for a in answers if isinstance(a, Future)], return_when=FIRST_COMPLETED)
+            pending = [a for a in answers if isinstance(a, Future) and not a.done()]
+            if len(pending) >= workers:  # bounded memory: each pending assignment holds its cost matrix
+                wait(pending, return_when=FIRST_COMPLETED)
             cost = cost_of(group)
             best = cost.argmax(dim=1)
             best = best if len(torch.unique(best)) == n else None  # every row gets its best column: optimal
@@ -516,11 +520,11 @@ def align_all_to_anchor(
 ) -> list[dict[str, torch.Tensor]]:
     """Per teacher, `align_to_anchor`'s permutations (empty for the anchor itself).
 
-    Pairs are computed one after another, each with `workers` threads for its linear assignments
-    (default `alignment_workers()`). Pairs
-    side by side in threads were measured and dropped (examples/large_generation.py, 2 threads): VGG-11
-    K = 4 122 s against 130 s, but every pair's re-read tensors and cost matrices were held at once, peak
-    RSS 1.71× the budget against 1.01× (ResNet-50 K = 8: 2.56× against 1.64×).
+    Pairs are computed one after another, each with `workers` threads for its linear assignments (default
+    `alignment_workers()`). Pairs side by side in threads were measured and dropped (examples/
+    large_generation.py, 2 threads): VGG-11 K = 4 122 s against 127 s, but every pair's re-read tensors and
+    cost matrices were held at once, peak RSS 1.71× the budget against 1.02× (ResNet-50 K = 8: 2.56× against
+    1.64×).
     """
     out: list[dict[str, torch.Tensor]] = [{} for _ in range(len(teachers))]
     for k in range(len(teachers)):
