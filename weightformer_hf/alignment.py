@@ -340,17 +340,20 @@ def _weight_matching(spec, anchor, other, max_iter, seed, tol, stats, workers) -
 
     rng = np.random.default_rng(seed)
     forward = list(dict.fromkeys(g for groups, _ in spec.values() for g in groups if g is not None))
-    pool = ThreadPoolExecutor(workers) if workers > 1 else None
+    # sweeps in forward, then backward order carry the matched input and classifier inwards (cut into runs once)
+    sweeps = [_independent_runs(forward, neighbours), _independent_runs(forward[::-1], neighbours)]
+    parallel = tol <= 0 or any(len(run) > 1 for run in sweeps[0])  # else no run has two groups to overlap
+    pool = ThreadPoolExecutor(workers) if workers > 1 and parallel else None
     rounds = []
     try:
         for _ in range(max_iter):
             improved = False
             gain, solves, shortcuts = 0.0, 0, 0
-            if tol > 0:  # sweeps in forward, then backward order carry the matched input and classifier inwards
-                sequence = forward if len(rounds) % 2 == 0 else forward[::-1]
+            if tol > 0:
+                runs = sweeps[len(rounds) % 2]
             else:  # the order of ALGORITHM_VERSION 1
-                sequence = [names[gi] for gi in rng.permutation(len(names))]
-            for batch in _independent_runs(sequence, neighbours):
+                runs = _independent_runs([names[gi] for gi in rng.permutation(len(names))], neighbours)
+            for batch in runs:
                 # groups of a run share no tensor, so none of their costs depends on another's assignment:
                 # solving them at once gives what solving them one after another gives
                 due = [g for g in batch if solved_at[g] != tuple(version[h] for h in order[g])]
