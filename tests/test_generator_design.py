@@ -50,7 +50,6 @@ def test_rescaling_refuses_architectures_it_is_not_exact_for():
         generator_design._augment_episodes_by_rescaling(teachers, 0.5, seed=0)
 
 
-
 def test_coupled_layers_see_the_previous_layers_states():
     import generator_design
 
@@ -126,6 +125,7 @@ def test_anchor_only_reads_the_anchor_and_distils_towards_the_whole_set(monkeypa
     generator = wf.WeightFormerModel.for_teachers(teachers, hidden_size=16, intermediate_size=32)
     read = []
     forward = generator.forward
+
     def recording(ts, anchor=0):
         read.append([info.identity for info in ts.infos])
         return forward(ts, anchor)
@@ -219,3 +219,32 @@ def test_matching_rounds_scores_recovery_of_the_planted_permutation():
     exact, drowned = rows
     assert exact["sigma"] == 0.0 and exact["recovered"] == 1.0 and exact["rounds"] >= 1
     assert drowned["recovered"] < 0.5  # noise 100× the weights: the planted order is lost
+
+
+def test_probe_bilinear_generator_starts_at_the_anchor_and_its_changes_follow_the_input_units_activations():
+    import generator_design
+
+    teachers = wf.TeacherSet.from_models([make_model("mlp", seed) for seed in range(3)])
+    probes = torch.randn(7, 40)
+    torch.manual_seed(0)
+    cls = generator_design._probe_bilinear_generator(2, probes, 4.0)
+    generator = cls.for_teachers(teachers, hidden_size=16, intermediate_size=32)
+    anchor_state = teachers.model(1).state_dict()
+    untrained = generator.generate_student(teachers, anchor=1).state_dict()
+    assert all(torch.equal(v, anchor_state[k]) for k, v in untrained.items())  # the anchor, bit for bit
+    assert sorted(generator.row_coef) == ["1", "2"]  # net.2 and net.4 read hidden units; net.0 reads inputs
+    with torch.no_grad():
+        for coef in generator.row_coef.values():
+            torch.nn.init.normal_(coef.weight, std=0.5)
+    state = generator(teachers, anchor=1).student_state
+    assert torch.equal(state["net.0.weight"], anchor_state["net.0.weight"])
+    change = state["net.2.weight"] - anchor_state["net.2.weight"]
+    assert torch.linalg.matrix_rank(change, rtol=1e-4).item() == 2
+    hidden = generator_design._mlp_activations(teachers.template, anchor_state, probes)["P_net.0"]
+    with torch.no_grad():  # each row's change is a mix of the input units' projected activations U h_c
+        columns = generator.col_proj["1"](hidden)
+        fit = torch.linalg.lstsq(columns, change.T).solution
+    assert torch.allclose(columns @ fit, change.T, atol=1e-5)
+    assert not torch.allclose(torch.randn(16, 2) @ fit, change.T, atol=1e-2)  # the fit can fail
+    expected = torch.relu(probes @ anchor_state["net.0.weight"].T + anchor_state["net.0.bias"]).T
+    assert torch.allclose(hidden, expected)

@@ -108,6 +108,17 @@ def main(argv=None):
         help="the anchor of each training episode: a random member (default) or the member with the best "
         "meta-split accuracy, the anchor a user with validation data passes",
     )
+    p.add_argument(
+        "--probe_bilinear",
+        type=int,
+        default=0,
+        help="data-aware equivariant decoding of this rank: a weight that reads hidden units changes by "
+        "a(q_r) · U h_c, h_c the anchor's activations of input unit c on `--probes` fixed meta inputs (a "
+        "unit descriptor whose axes mean the same in every anchor), U learned; every row's query also gets "
+        "its own unit's activations (the classifier's rows: its logits and the set's ensemble − anchor "
+        "probabilities) on the probes; 0 = off",
+    )
+    p.add_argument("--probes", type=int, default=512, help="meta inputs read by --probe_bilinear")
     p.add_argument("--tag", required=True)
     p.add_argument("--no_record", action="store_true")
     args = p.parse_args(argv)
@@ -152,6 +163,9 @@ def main(argv=None):
         methods.wf = _with_generator(methods.wf, _coupled_generator())
     if args.bilinear_rank or args.interpolate or args.mix_teachers:
         cls = _unit_state_generator(args.bilinear_rank, args.interpolate, args.unit_messages, args.mix_teachers)
+        methods.wf = _with_generator(methods.wf, cls)
+    if args.probe_bilinear:
+        cls = _probe_bilinear_generator(args.probe_bilinear, data.meta_x[: args.probes], args.temperature)
         methods.wf = _with_generator(methods.wf, cls)
     anchors = [run.row(args.k, i, "anchor", run.test_probs[m[0]], m, 0.0)["gain_recovered"] for i, m in enumerate(sets)]
     curve = []
@@ -217,6 +231,8 @@ def main(argv=None):
         "unit_messages": args.unit_messages,
         "mix_teachers": args.mix_teachers,
         "anchor_only": args.anchor_only,
+        "probe_bilinear": args.probe_bilinear,
+        "probes": args.probes if args.probe_bilinear else 0,
         "train_anchor": args.train_anchor,
         "meta_samples": args.meta_samples or len(data.meta_x),
         "config": recipe.config,
@@ -504,6 +520,106 @@ def _unit_state_generator(rank: int, interpolate: bool, messages: bool, mix: boo
             return decrements, cross
 
     return UnitStateWeightFormer
+
+
+def _mlp_activations(template, state, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    """`(C, P)` per hidden group (post-ReLU outputs of `net.i`, keyed `P_net.i`) and the logits (`"logits"`)
+    of the ReLU MLP `template` with weights `state` on inputs `x` `(P, features)`."""
+    import torch.nn.functional as F
+    from torch import nn
+
+    out, h, last = {}, x, None
+    for i, module in enumerate(template.net):
+        if isinstance(module, nn.Linear):
+            h, last = F.linear(h, state[f"net.{i}.weight"].float(), state[f"net.{i}.bias"].float()), i
+        elif isinstance(module, nn.ReLU):
+            h = F.relu(h)
+            out[f"P_net.{last}"] = h.T
+    out["logits"] = h.T
+    return out
+
+
+def _probe_bilinear_generator(rank: int, probes: torch.Tensor, temperature: float):
+    """A `WeightFormerModel` whose changes of weights that read hidden units follow what those units compute.
+
+    For every layer, each row's query gets `message(d_r)`, d_r the anchor's outputs of that row's unit on the
+    fixed `probes` (over the layer's RMS; the classifier's rows also get the set's ensemble − anchor
+    probabilities at `temperature`). A weight `(C, C_in)` that reads a hidden group also changes by
+    `a(q_r) · U h_c / sqrt(rank)`, h_c the anchor's activations of input unit c on the probes: the probe axis
+    means the same in every anchor, so U can name "units that fire on these inputs" where the decoder's
+    fixed per-column maps can only name "column 17". `a` is zero-initialised: the untrained generator still
+    returns the anchor. ReLU MLPs (the MNIST-1D pools) only.
+    """
+    import math
+
+    from torch import nn
+    from weightformer_hf.modeling.modeling_weightformer import WeightFormerModel
+
+    n_probes = probes.shape[0]
+
+    class ProbeBilinearWeightFormer(WeightFormerModel):
+        @classmethod
+        def for_teachers(cls, teachers, **kwargs):
+            model = super().for_teachers(teachers, **kwargs)
+            model._link(teachers)
+            return model
+
+        def _link(self, teachers):
+            if teachers.arch.get("config", {}).get("model_type") != "wf_mlp":
+                raise SystemExit("--probe_bilinear reads the ReLU MLPs of the MNIST-1D pools only")
+            d, std = self.config.hidden_size, self.config.initializer_range
+            spec = teachers.family.permutation_spec(teachers.template)
+            layers, _ = teachers.layers
+            self._rows, self._reads = [], []  # per layer: output group (None: logits), (read group, start, c_in)
+            self.row_message, self.row_coef, self.col_proj = nn.ModuleList(), nn.ModuleDict(), nn.ModuleDict()
+            for index, layer in enumerate(layers):
+                groups = spec[layer.tensors[0].name][0]
+                self._rows.append(groups[0])
+                message = nn.Linear(n_probes * (1 if groups[0] is not None else 2), d)
+                nn.init.normal_(message.weight, std=std)
+                nn.init.zeros_(message.bias)
+                self.row_message.append(message)
+                reads = groups[1] if len(groups) > 1 else None
+                self._reads.append((reads, 0, teachers.shapes[layer.tensors[0].name][1]) if reads else None)
+                if reads:
+                    self.row_coef[str(index)] = nn.Linear(d, rank)
+                    nn.init.zeros_(self.row_coef[str(index)].weight)
+                    nn.init.zeros_(self.row_coef[str(index)].bias)
+                    self.col_proj[str(index)] = nn.Linear(n_probes, rank, bias=False)
+                    nn.init.normal_(self.col_proj[str(index)].weight, std=1 / math.sqrt(n_probes))
+
+        def forward(self, teachers, anchor=0):
+            with torch.no_grad():
+                acts = [_mlp_activations(teachers.template, sd, probes) for sd in teachers.state_dicts]
+                own = acts[anchor]
+                self._unit = {g: h / h.pow(2).mean().sqrt().clamp_min(1e-6) for g, h in own.items()}
+                probs = torch.stack([a["logits"] / temperature for a in acts]).softmax(dim=1)
+                error = probs.mean(0) - probs[anchor]
+                self._error = error / error.pow(2).mean().sqrt().clamp_min(1e-6) if len(acts) > 1 else error
+            try:
+                return super().forward(teachers, anchor)
+            finally:
+                self._unit, self._error = {}, None
+
+        def _generate_layer(self, index, layer, inputs, anchor, cross):
+            content = inputs.content
+            n_teachers, channels, n_chunks, chunk = content.shape
+            width = self.config.student_layers[index]["width"]
+            group = self._rows[index]
+            rows = self._unit[group] if group is not None else torch.cat([self._unit["logits"], self._error], 1)
+            queries, cross, _ = _generator_pass(self, index, content, anchor, cross, self.row_message[index](rows))
+            decrements = self.decoders[index](queries)
+            decrements = decrements.transpose(0, 1).reshape(channels, n_chunks * chunk)[:, :width]
+            if self._reads[index] is not None:
+                reads, start, c_in = self._reads[index]
+                a = self.row_coef[str(index)](queries.mean(0))  # (C, rank)
+                columns = self.col_proj[str(index)](self._unit[reads])  # (C_in, rank)
+                change = a @ columns.T / math.sqrt(rank)
+                pad = (start, width - start - c_in)
+                decrements = decrements + torch.nn.functional.pad(change, pad)
+            return decrements, cross
+
+    return ProbeBilinearWeightFormer
 
 
 if __name__ == "__main__":
