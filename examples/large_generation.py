@@ -6,7 +6,8 @@ For each case the teachers (random weights, 1000 classes) are saved with `timm.m
 temporary folder; then fresh child processes run `load_teachers` + `WeightFormerModel.for_teachers` +
 `generate_student` (teachers weight-matched to the anchor, `align_teachers=True`), first with an empty
 alignment cache ("cold"), then again with the cache the first run wrote ("warm"). Peak RSS is Linux
-`VmHWM` of the child, counted from the end of its imports, against the budget one teacher + K × the
+`VmHWM` of the child, counted from the end of its imports (timm's included: `load_teachers` would
+otherwise import it inside the measured span), against the budget one teacher + K × the
 largest layer + the generator's parameters. Writes `results/large_generation.json` and prints a table.
 """
 
@@ -38,6 +39,7 @@ def _vm_hwm() -> int:
 
 def child(paths: list[str]) -> None:
     """Runs in a fresh process: imports, then load + generate, reporting seconds and peak RSS."""
+    import timm  # noqa: F401  (the teachers' library: its import, 20 MiB, is an import, not generation)
     import torch
 
     import weightformer_hf as wf

@@ -248,3 +248,27 @@ def test_probe_bilinear_generator_starts_at_the_anchor_and_its_changes_follow_th
     assert not torch.allclose(torch.randn(16, 2) @ fit, change.T, atol=1e-2)  # the fit can fail
     expected = torch.relu(probes @ anchor_state["net.0.weight"].T + anchor_state["net.0.bias"]).T
     assert torch.allclose(hidden, expected)
+
+
+def test_probe_bilinear_grad_step_moves_each_row_along_the_anchors_normalised_gradient():
+    import generator_design
+
+    teachers = wf.TeacherSet.from_models([make_model("mlp", seed) for seed in range(3)])
+    probes, labels = torch.randn(9, 40), torch.randint(0, 10, (9,))
+    torch.manual_seed(0)
+    cls = generator_design._probe_bilinear_generator(2, probes, 4.0, True, labels, 0.3)
+    generator = cls.for_teachers(teachers, hidden_size=16, intermediate_size=32)
+    anchor_state = teachers.model(0).state_dict()
+    assert all(torch.equal(v, anchor_state[k]) for k, v in generator.generate_student(teachers).state_dict().items())
+    with torch.no_grad():
+        for step in generator.step_size.values():
+            step.bias.fill_(1.0)  # a unit step (in normalised units) on every row of every tensor
+    state = generator(teachers).student_state
+    params = {n: anchor_state[n].clone().requires_grad_() for n in teachers.shapes}
+    targets = torch.stack([teachers.model(i)(probes).logits for i in range(3)]).detach()
+    logits = torch.func.functional_call(teachers.model(0), params, (probes,)).logits
+    grads = torch.autograd.grad(training.kd_loss(logits, targets, labels, 0.3, 4.0), list(params.values()))
+    for (name, anchor_value), grad in zip(params.items(), grads):
+        scale = torch.stack([teachers.state_dicts[i][name] for i in range(3)]).pow(2).mean().sqrt()
+        expected = anchor_value.detach() - scale * grad / grad.pow(2).mean().sqrt()
+        assert torch.allclose(state[name], expected, atol=1e-5), name

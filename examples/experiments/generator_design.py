@@ -119,6 +119,13 @@ def main(argv=None):
         "probabilities) on the probes; 0 = off",
     )
     p.add_argument("--probes", type=int, default=512, help="meta inputs read by --probe_bilinear")
+    p.add_argument(
+        "--grad_step",
+        action="store_true",
+        help="with --probe_bilinear: each row of every tensor also moves along the anchor's gradient of the "
+        "training objective on the probes (each tensor's gradient over its RMS), by a step the generator "
+        "predicts per row and tensor from the row's state (zero-initialised): a learned, preconditioned step",
+    )
     p.add_argument("--tag", required=True)
     p.add_argument("--no_record", action="store_true")
     args = p.parse_args(argv)
@@ -165,7 +172,10 @@ def main(argv=None):
         cls = _unit_state_generator(args.bilinear_rank, args.interpolate, args.unit_messages, args.mix_teachers)
         methods.wf = _with_generator(methods.wf, cls)
     if args.probe_bilinear:
-        cls = _probe_bilinear_generator(args.probe_bilinear, data.meta_x[: args.probes], args.temperature)
+        probes = (data.meta_x[: args.probes], data.meta_y[: args.probes])
+        cls = _probe_bilinear_generator(
+            args.probe_bilinear, probes[0], args.temperature, args.grad_step, probes[1], args.alpha
+        )
         methods.wf = _with_generator(methods.wf, cls)
     anchors = [run.row(args.k, i, "anchor", run.test_probs[m[0]], m, 0.0)["gain_recovered"] for i, m in enumerate(sets)]
     curve = []
@@ -233,6 +243,7 @@ def main(argv=None):
         "anchor_only": args.anchor_only,
         "probe_bilinear": args.probe_bilinear,
         "probes": args.probes if args.probe_bilinear else 0,
+        "grad_step": args.grad_step,
         "train_anchor": args.train_anchor,
         "meta_samples": args.meta_samples or len(data.meta_x),
         "config": recipe.config,
@@ -539,7 +550,14 @@ def _mlp_activations(template, state, x: torch.Tensor) -> dict[str, torch.Tensor
     return out
 
 
-def _probe_bilinear_generator(rank: int, probes: torch.Tensor, temperature: float):
+def _probe_bilinear_generator(
+    rank: int,
+    probes: torch.Tensor,
+    temperature: float,
+    grad_step: bool = False,
+    probe_labels: torch.Tensor | None = None,
+    alpha: float = 0.3,
+):
     """A `WeightFormerModel` whose changes of weights that read hidden units follow what those units compute.
 
     For every layer, each row's query gets `message(d_r)`, d_r the anchor's outputs of that row's unit on the
@@ -549,6 +567,10 @@ def _probe_bilinear_generator(rank: int, probes: torch.Tensor, temperature: floa
     means the same in every anchor, so U can name "units that fire on these inputs" where the decoder's
     fixed per-column maps can only name "column 17". `a` is zero-initialised: the untrained generator still
     returns the anchor. ReLU MLPs (the MNIST-1D pools) only.
+
+    `grad_step`: every row of every tensor also moves by `s(q_r) · g_r`, g the anchor's gradient of the
+    training objective (`kd_loss` at `alpha`, `temperature`, on the probes and `probe_labels`) over each
+    tensor's RMS, s zero-initialised (one step per row and tensor): a learned, preconditioned gradient step.
     """
     import math
 
@@ -572,6 +594,7 @@ def _probe_bilinear_generator(rank: int, probes: torch.Tensor, temperature: floa
             layers, _ = teachers.layers
             self._rows, self._reads = [], []  # per layer: output group (None: logits), (read group, start, c_in)
             self.row_message, self.row_coef, self.col_proj = nn.ModuleList(), nn.ModuleDict(), nn.ModuleDict()
+            self.step_size = nn.ModuleDict()
             for index, layer in enumerate(layers):
                 groups = spec[layer.tensors[0].name][0]
                 self._rows.append(groups[0])
@@ -581,6 +604,10 @@ def _probe_bilinear_generator(rank: int, probes: torch.Tensor, temperature: floa
                 self.row_message.append(message)
                 reads = groups[1] if len(groups) > 1 else None
                 self._reads.append((reads, 0, teachers.shapes[layer.tensors[0].name][1]) if reads else None)
+                if grad_step:
+                    self.step_size[str(index)] = nn.Linear(d, len(layer.tensors))
+                    nn.init.zeros_(self.step_size[str(index)].weight)
+                    nn.init.zeros_(self.step_size[str(index)].bias)
                 if reads:
                     self.row_coef[str(index)] = nn.Linear(d, rank)
                     nn.init.zeros_(self.row_coef[str(index)].weight)
@@ -596,10 +623,24 @@ def _probe_bilinear_generator(rank: int, probes: torch.Tensor, temperature: floa
                 probs = torch.stack([a["logits"] / temperature for a in acts]).softmax(dim=1)
                 error = probs.mean(0) - probs[anchor]
                 self._error = error / error.pow(2).mean().sqrt().clamp_min(1e-6) if len(acts) > 1 else error
+            self._grads = self._anchor_gradients(teachers, anchor, acts) if grad_step else {}
             try:
                 return super().forward(teachers, anchor)
             finally:
-                self._unit, self._error = {}, None
+                self._unit, self._error, self._grads = {}, None, {}
+
+        def _anchor_gradients(self, teachers, anchor, acts):
+            """Per tensor name, the anchor's gradient of the objective on the probes, over its RMS."""
+            from weightformer_hf.training import kd_loss
+
+            state = teachers.state_dicts[anchor]
+            params = {n: state[n].detach().float().requires_grad_() for n in teachers.shapes}
+            with torch.enable_grad():
+                logits = _mlp_activations(teachers.template, params, probes)["logits"].T
+                targets = torch.stack([a["logits"].T for a in acts])
+                loss = kd_loss(logits, targets, probe_labels, alpha, temperature)
+                grads = torch.autograd.grad(loss, list(params.values()))
+            return {n: g / g.pow(2).mean().sqrt().clamp_min(1e-12) for n, g in zip(params, grads)}
 
         def _generate_layer(self, index, layer, inputs, anchor, cross):
             content = inputs.content
@@ -617,6 +658,12 @@ def _probe_bilinear_generator(rank: int, probes: torch.Tensor, temperature: floa
                 change = a @ columns.T / math.sqrt(rank)
                 pad = (start, width - start - c_in)
                 decrements = decrements + torch.nn.functional.pad(change, pad)
+            if self._grads:
+                steps = self.step_size[str(index)](queries.mean(0))  # (C, tensors of the layer)
+                rows = [self._grads[t.name].reshape(channels, -1) for t in layer.tensors]
+                widths = [r.shape[1] for r in rows]
+                step = torch.cat([steps[:, i, None].expand(-1, w) for i, w in enumerate(widths)], 1)
+                decrements = decrements + step * torch.cat(rows, 1)
             return decrements, cross
 
     return ProbeBilinearWeightFormer
