@@ -45,15 +45,35 @@ def main(argv=None):
         "rates (the most a single gradient-shaped update can give)",
     )
     p.add_argument("--trainable", help="regex: only parameters whose names match are trained (default: all)")
+    p.add_argument(
+        "--meta_samples",
+        type=int,
+        default=0,
+        help="distil on a fresh MNIST-1D draw of this many samples (seed 4242), as generator_design.py's flag; "
+        "0 = the meta split",
+    )
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     run = load_run(args.pool)
     teachers, data = run.teachers, run.data
     sets = validation_sets(run.plan, args.num_val_teachers, args.k)
+    meta_logits = run.meta_logits
+    if args.meta_samples:
+        import dataclasses
+
+        from benchmarking.methods import model_logits
+
+        from weightformer_hf.data import mnist1d_tensors
+
+        data = dataclasses.replace(data, **dict(zip(("meta_x", "meta_y"), mnist1d_tensors(args.meta_samples, 4242))))
+        meta_logits = {m: model_logits(teachers.model(m), data.meta_x) for s in sets for m in s}  # the sets' only
+        meta_logits = _Stack(meta_logits)
     anchors = [run.row(args.k, i, "anchor", run.test_probs[m[0]], m, 0.0)["gain_recovered"] for i, m in enumerate(sets)]
     out = {"pool": args.pool, "trainable": args.trainable, "lr": args.lr, "batch_size": args.batch_size,
-           "alpha": args.alpha, "anchor_G": anchors}  # fmt: skip
+           "alpha": args.alpha, "meta_samples": args.meta_samples or len(data.meta_x), "anchor_G": anchors}  # fmt: skip
     if args.one_step:
+        if args.meta_samples:
+            raise SystemExit("--one_step reads the meta split; it does not combine with --meta_samples")
         return _one_step(args, run, teachers, data, sets, anchors)
     for i, members in enumerate(sets):  # one run per set, evaluated at each budget on the way
         model, done, start = copy.deepcopy(teachers.model(members[0])), 0, time.perf_counter()
@@ -61,7 +81,7 @@ def main(argv=None):
             param.requires_grad_(args.trainable is None or re.search(args.trainable, name) is not None)
         for steps in sorted(args.steps):
             model = baselines.kd_anchor(
-                model.train(), data.meta_x, data.meta_y, run.meta_logits[members], steps=steps - done,
+                model.train(), data.meta_x, data.meta_y, meta_logits[members], steps=steps - done,
                 learning_rate=args.lr, batch_size=args.batch_size, temperature=args.temperature, alpha=args.alpha,
                 seed=done,
             )  # fmt: skip
@@ -75,6 +95,16 @@ def main(argv=None):
         print(f"{steps} steps: G {report.mean_ci(g)[0]:.3f} ± {report.mean_ci(g)[1]:.3f}, paired {paired[0]:+.3f} ± "
               f"{paired[1]:.3f}, per set " + " / ".join(f"{x:.2f}" for x in g))  # fmt: skip
     print(json.dumps(out))
+
+
+class _Stack:
+    """`stack[members]`: the `(K, N, C)` logits of those teachers, from a dict of the teachers computed."""
+
+    def __init__(self, logits: dict[int, torch.Tensor]):
+        self.logits = logits
+
+    def __getitem__(self, members: list[int]) -> torch.Tensor:
+        return torch.stack([self.logits[m] for m in members])
 
 
 def _one_step(args, run, teachers, data, sets, anchors) -> None:
