@@ -272,3 +272,21 @@ def test_probe_bilinear_grad_step_moves_each_row_along_the_anchors_normalised_gr
         scale = torch.stack([teachers.state_dicts[i][name] for i in range(3)]).pow(2).mean().sqrt()
         expected = anchor_value.detach() - scale * grad / grad.pow(2).mean().sqrt()
         assert torch.allclose(state[name], expected, atol=1e-5), name
+
+
+def test_probe_bilinear_ablation_parts_switch_the_bilinear_change_off():
+    import generator_design
+
+    teachers = wf.TeacherSet.from_models([make_model("mlp", seed) for seed in range(2)])
+    probes = torch.randn(5, 40)
+    changed = {}
+    for parts in ("both", "messages"):
+        torch.manual_seed(0)
+        cls = generator_design._probe_bilinear_generator(2, probes, 4.0, parts=parts)
+        generator = cls.for_teachers(teachers, hidden_size=16, intermediate_size=32)
+        with torch.no_grad():
+            for coef in generator.row_coef.values():
+                torch.nn.init.normal_(coef.weight, std=0.5)
+        anchor = teachers.model(0).state_dict()["net.2.weight"]
+        changed[parts] = not torch.equal(generator(teachers).student_state["net.2.weight"], anchor)
+    assert changed == {"both": True, "messages": False}  # the decoders are still zero: only the bilinear term acts

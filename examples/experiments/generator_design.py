@@ -120,6 +120,12 @@ def main(argv=None):
     )
     p.add_argument("--probes", type=int, default=512, help="meta inputs read by --probe_bilinear")
     p.add_argument(
+        "--probe_parts",
+        choices=["both", "decoding", "messages"],
+        default="both",
+        help="ablation of --probe_bilinear: only the bilinear change (`decoding`) or only the rows' messages",
+    )
+    p.add_argument(
         "--grad_step",
         action="store_true",
         help="with --probe_bilinear: each row of every tensor also moves along the anchor's gradient of the "
@@ -174,7 +180,7 @@ def main(argv=None):
     if args.probe_bilinear:
         probes = (data.meta_x[: args.probes], data.meta_y[: args.probes])
         cls = _probe_bilinear_generator(
-            args.probe_bilinear, probes[0], args.temperature, args.grad_step, probes[1], args.alpha
+            args.probe_bilinear, probes[0], args.temperature, args.grad_step, probes[1], args.alpha, args.probe_parts
         )
         methods.wf = _with_generator(methods.wf, cls)
     anchors = [run.row(args.k, i, "anchor", run.test_probs[m[0]], m, 0.0)["gain_recovered"] for i, m in enumerate(sets)]
@@ -244,6 +250,7 @@ def main(argv=None):
         "probe_bilinear": args.probe_bilinear,
         "probes": args.probes if args.probe_bilinear else 0,
         "grad_step": args.grad_step,
+        "probe_parts": args.probe_parts,
         "train_anchor": args.train_anchor,
         "meta_samples": args.meta_samples or len(data.meta_x),
         "config": recipe.config,
@@ -557,6 +564,7 @@ def _probe_bilinear_generator(
     grad_step: bool = False,
     probe_labels: torch.Tensor | None = None,
     alpha: float = 0.3,
+    parts: str = "both",
 ):
     """A `WeightFormerModel` whose changes of weights that read hidden units follow what those units compute.
 
@@ -571,6 +579,7 @@ def _probe_bilinear_generator(
     `grad_step`: every row of every tensor also moves by `s(q_r) · g_r`, g the anchor's gradient of the
     training objective (`kd_loss` at `alpha`, `temperature`, on the probes and `probe_labels`) over each
     tensor's RMS, s zero-initialised (one step per row and tensor): a learned, preconditioned gradient step.
+    `parts` ("both", "decoding", "messages") keeps one of the two terms only, for ablations.
     """
     import math
 
@@ -648,10 +657,11 @@ def _probe_bilinear_generator(
             width = self.config.student_layers[index]["width"]
             group = self._rows[index]
             rows = self._unit[group] if group is not None else torch.cat([self._unit["logits"], self._error], 1)
-            queries, cross, _ = _generator_pass(self, index, content, anchor, cross, self.row_message[index](rows))
+            message = self.row_message[index](rows) if parts != "decoding" else None
+            queries, cross, _ = _generator_pass(self, index, content, anchor, cross, message)
             decrements = self.decoders[index](queries)
             decrements = decrements.transpose(0, 1).reshape(channels, n_chunks * chunk)[:, :width]
-            if self._reads[index] is not None:
+            if self._reads[index] is not None and parts != "messages":
                 reads, start, c_in = self._reads[index]
                 a = self.row_coef[str(index)](queries.mean(0))  # (C, rank)
                 columns = self.col_proj[str(index)](self._unit[reads])  # (C_in, rank)
