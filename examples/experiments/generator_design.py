@@ -12,6 +12,7 @@ made on these runs stay out of the benchmark's test numbers. Every run appends o
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 import time
@@ -412,6 +413,22 @@ def _coupled_generator():
     return CoupledWeightFormer
 
 
+@functools.cache
+def _linked_weightformer():
+    """`WeightFormerModel` whose `for_teachers` also calls `model._link(teachers)`, where a variant adds the
+    modules that depend on the teachers' layers."""
+    from weightformer_hf.modeling.modeling_weightformer import WeightFormerModel
+
+    class LinkedWeightFormer(WeightFormerModel):
+        @classmethod
+        def for_teachers(cls, teachers, **kwargs):
+            model = super().for_teachers(teachers, **kwargs)
+            model._link(teachers)
+            return model
+
+    return LinkedWeightFormer
+
+
 def _unit_state_generator(rank: int, interpolate: bool, messages: bool, mix: bool = False):
     """A `WeightFormerModel` whose changes respect the hidden units' arbitrary order.
 
@@ -429,15 +446,8 @@ def _unit_state_generator(rank: int, interpolate: bool, messages: bool, mix: boo
     import math
 
     from torch import nn
-    from weightformer_hf.modeling.modeling_weightformer import WeightFormerModel
 
-    class UnitStateWeightFormer(WeightFormerModel):
-        @classmethod
-        def for_teachers(cls, teachers, **kwargs):
-            model = super().for_teachers(teachers, **kwargs)
-            model._link(teachers)
-            return model
-
+    class UnitStateWeightFormer(_linked_weightformer()):
         def _link(self, teachers):
             d, std = self.config.hidden_size, self.config.initializer_range
             spec = teachers.family.permutation_spec(teachers.template)
@@ -584,17 +594,10 @@ def _probe_bilinear_generator(
     import math
 
     from torch import nn
-    from weightformer_hf.modeling.modeling_weightformer import WeightFormerModel
 
     n_probes = probes.shape[0]
 
-    class ProbeBilinearWeightFormer(WeightFormerModel):
-        @classmethod
-        def for_teachers(cls, teachers, **kwargs):
-            model = super().for_teachers(teachers, **kwargs)
-            model._link(teachers)
-            return model
-
+    class ProbeBilinearWeightFormer(_linked_weightformer()):
         def _link(self, teachers):
             if teachers.arch.get("config", {}).get("model_type") != "wf_mlp":
                 raise SystemExit("--probe_bilinear reads the ReLU MLPs of the MNIST-1D pools only")
