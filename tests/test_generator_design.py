@@ -290,3 +290,20 @@ def test_probe_bilinear_ablation_parts_switch_the_bilinear_change_off():
         anchor = teachers.model(0).state_dict()["net.2.weight"]
         changed[parts] = not torch.equal(generator(teachers).student_state["net.2.weight"], anchor)
     assert changed == {"both": True, "messages": False}  # the decoders are still zero: only the bilinear term acts
+
+
+def test_probe_bilinear_refuses_teachers_that_are_not_the_relu_mlps_and_says_so():
+    import generator_design
+
+    teachers = wf.TeacherSet.from_models([make_model("cnn1d", seed) for seed in range(2)])
+    cls = generator_design._probe_bilinear_generator(2, torch.randn(3, 40), 4.0)
+    with pytest.raises(SystemExit, match="--probe_bilinear reads the ReLU MLPs"):
+        cls.for_teachers(teachers, hidden_size=16, intermediate_size=32)
+
+
+def test_kd_ceiling_refuses_one_step_with_more_samples_before_loading_anything(monkeypatch):
+    import kd_ceiling
+
+    monkeypatch.setattr(kd_ceiling, "load_run", lambda pool: pytest.fail("the pool was loaded"))
+    with pytest.raises(SystemExit, match="--one_step reads the meta split"):
+        kd_ceiling.main(["--one_step", "0.1", "--meta_samples", "1000"])

@@ -53,6 +53,8 @@ def main(argv=None):
         "0 = the meta split",
     )
     args = p.parse_args(argv)
+    if args.one_step and args.meta_samples:  # before the pool is loaded
+        raise SystemExit("--one_step reads the meta split; it does not combine with --meta_samples")
     torch.set_num_threads(1)
     run = load_run(args.pool)
     teachers, data = run.teachers, run.data
@@ -72,8 +74,6 @@ def main(argv=None):
     out = {"pool": args.pool, "trainable": args.trainable, "lr": args.lr, "batch_size": args.batch_size,
            "alpha": args.alpha, "meta_samples": args.meta_samples or len(data.meta_x), "anchor_G": anchors}  # fmt: skip
     if args.one_step:
-        if args.meta_samples:
-            raise SystemExit("--one_step reads the meta split; it does not combine with --meta_samples")
         return _one_step(args, run, teachers, data, sets, anchors)
     for i, members in enumerate(sets):  # one run per set, evaluated at each budget on the way
         model, done, start = copy.deepcopy(teachers.model(members[0])), 0, time.perf_counter()
