@@ -22,7 +22,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarking import methods, plans, report  # noqa: E402
-from validation import validation_sets  # noqa: E402
+from validation import validation_sets, with_fresh_meta  # noqa: E402
 
 from weightformer_hf.hub import no_progress_bars  # noqa: E402
 from weightformer_hf.training import EpisodeConfig  # noqa: E402
@@ -144,11 +144,7 @@ def main(argv=None):
     bench = argparse.Namespace(temperature=4.0, alpha=0.9, seed=args.seed)
     run = methods.PoolRun(plan, teachers, data, base, bench)
     if args.meta_samples:
-        import dataclasses
-
-        from weightformer_hf.data import mnist1d_tensors
-
-        data = dataclasses.replace(data, **dict(zip(("meta_x", "meta_y"), mnist1d_tensors(args.meta_samples, 4242))))
+        data = with_fresh_meta(data, args.meta_samples)
         run.meta_logits = methods.stacked_logits(teachers, data.meta_x)
     train_ids = list(range(plan.num_train - args.num_val_teachers))[: args.num_train_teachers]
     sets = validation_sets(plan, args.num_val_teachers, args.k)

@@ -21,7 +21,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarking import report  # noqa: E402
-from validation import load_run, validation_sets  # noqa: E402
+from validation import load_run, validation_sets, with_fresh_meta  # noqa: E402
 
 from weightformer_hf import baselines  # noqa: E402
 
@@ -61,15 +61,12 @@ def main(argv=None):
     sets = validation_sets(run.plan, args.num_val_teachers, args.k)
     meta_logits = run.meta_logits
     if args.meta_samples:
-        import dataclasses
+        from benchmarking.methods import stacked_logits
 
-        from benchmarking.methods import model_logits
-
-        from weightformer_hf.data import mnist1d_tensors
-
-        data = dataclasses.replace(data, **dict(zip(("meta_x", "meta_y"), mnist1d_tensors(args.meta_samples, 4242))))
-        meta_logits = {m: model_logits(teachers.model(m), data.meta_x) for s in sets for m in s}  # the sets' only
-        meta_logits = _Stack(meta_logits)
+        data = with_fresh_meta(data, args.meta_samples)
+        val = teachers.subset(range(sets[0][0], sets[-1][-1] + 1))  # the validation teachers only, not all 280
+        fresh = stacked_logits(val, data.meta_x)
+        meta_logits = {m: fresh[m - sets[0][0]] for s in sets for m in s}
     anchors = [run.row(args.k, i, "anchor", run.test_probs[m[0]], m, 0.0)["gain_recovered"] for i, m in enumerate(sets)]
     out = {"pool": args.pool, "trainable": args.trainable, "lr": args.lr, "batch_size": args.batch_size,
            "alpha": args.alpha, "meta_samples": args.meta_samples or len(data.meta_x), "anchor_G": anchors}  # fmt: skip
@@ -81,7 +78,7 @@ def main(argv=None):
             param.requires_grad_(args.trainable is None or re.search(args.trainable, name) is not None)
         for steps in sorted(args.steps):
             model = baselines.kd_anchor(
-                model.train(), data.meta_x, data.meta_y, meta_logits[members], steps=steps - done,
+                model.train(), data.meta_x, data.meta_y, _stack(meta_logits, members), steps=steps - done,
                 learning_rate=args.lr, batch_size=args.batch_size, temperature=args.temperature, alpha=args.alpha,
                 seed=done,
             )  # fmt: skip
@@ -97,14 +94,9 @@ def main(argv=None):
     print(json.dumps(out))
 
 
-class _Stack:
-    """`stack[members]`: the `(K, N, C)` logits of those teachers, from a dict of the teachers computed."""
-
-    def __init__(self, logits: dict[int, torch.Tensor]):
-        self.logits = logits
-
-    def __getitem__(self, members: list[int]) -> torch.Tensor:
-        return torch.stack([self.logits[m] for m in members])
+def _stack(logits, members: list[int]) -> torch.Tensor:
+    """The `(K, N, C)` logits of `members`, from the pool's stacked logits or a dict of some teachers'."""
+    return torch.stack([logits[m] for m in members])
 
 
 def _one_step(args, run, teachers, data, sets, anchors) -> None:

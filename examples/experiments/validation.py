@@ -25,3 +25,13 @@ def validation_sets(plan: plans.PoolPlan, num_val_teachers: int, k: int) -> list
     """Disjoint sets of `k` of the last `num_val_teachers` training teachers."""
     val = list(range(plan.num_train - num_val_teachers, plan.num_train))
     return [val[i * k : (i + 1) * k] for i in range(len(val) // k)]
+
+
+def with_fresh_meta(data, samples: int):
+    """`data` with its meta split replaced by a fresh MNIST-1D draw of `samples` labelled samples (seed 4242,
+    which no teacher trained on): the `--meta_samples` protocol of the design experiments."""
+    import dataclasses
+
+    from weightformer_hf.data import mnist1d_tensors
+
+    return dataclasses.replace(data, **dict(zip(("meta_x", "meta_y"), mnist1d_tensors(samples, 4242))))
