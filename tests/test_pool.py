@@ -98,3 +98,38 @@ def test_a_partial_base_data_keeps_the_default_source_task_for_the_rest():
     assert spec.base_data == {**pool.DEFAULT_BASE_DATA, "num_samples": 300}
     assert pool.PoolSpec().base_data == pool.DEFAULT_BASE_DATA
     assert pool.PoolSpec().base_data is not pool.DEFAULT_BASE_DATA  # specs never share (and mutate) the default
+
+
+def test_image_finetune_pools_pretrain_on_scikit_learns_digits():
+    """The source task of MNIST-5k fine-tune pools: the 1,797 real 8×8 digits, upsampled to 28×28 and read
+    through the teachers' transform; a dataset without a source task is refused by name."""
+    from sklearn.datasets import load_digits
+
+    raw = load_digits()
+    splits = data.digits_splits()
+    first = splits["train"][0]
+    assert len(splits["train"]) == 1797 and first["image"].size == (28, 28) and first["image"].mode == "L"
+    # the upsampling keeps the digit, upright: shrunk back to 8×8 it matches its source, not the source transposed
+    big = torch.as_tensor(list(first["image"].getdata()), dtype=torch.float32).view(1, 1, 28, 28)
+    small = torch.nn.functional.interpolate(big, size=(8, 8), mode="area").flatten()
+    source = torch.as_tensor(raw.images[0], dtype=torch.float32)
+    corr = [float(torch.corrcoef(torch.stack([small, s.flatten()]))[0, 1]) for s in (source, source.T)]
+    assert first["label"] == raw.target[0] and corr[0] > 0.95 > corr[1]
+    assert 0 <= float(big.min()) and float(big.max()) <= 255.0 * float(source.max()) / 16
+    transform = data.Transform(lambda ims: torch.stack([torch.zeros(1, 28, 28) + im.getpixel((14, 14)) for im in ims]),
+                               "centre-pixel")  # fmt: skip
+    x, y = pool.finetune_source(_spec(regime="finetune"), "mnist5k", transform)
+    assert x.shape == (1797, 1, 28, 28) and torch.equal(y, torch.as_tensor(raw.target))
+    assert float(x[0, 0, 0, 0]) == splits["train"][0]["image"].getpixel((14, 14))
+    with pytest.raises(WeightFormerError, match="source task for mnist1d and mnist5k only, not for 'cifar10'"):
+        pool.finetune_source(_spec(regime="finetune"), "cifar10", transform)
+
+
+def test_an_image_finetune_pool_records_its_source_task(tmp_path):
+    spec = _spec(num_teachers=1, regime="finetune", base_steps=2, finetune_steps=(2,))
+    pool.build_pool(spec, _data(), _data(), data.DIGIT_NAMES, tmp_path, "mnist5k", show_progress=False,
+                    source=_data(seed=1))  # fmt: skip
+    base = json.loads((tmp_path / "base" / pool.RECORD).read_text())
+    assert base["source"] == "scikit-learn's 8x8 digits upsampled to 28x28"
+    card = (tmp_path / "teacher-00" / "README.md").read_text()
+    assert "pretrained 2 steps on scikit-learn's 8x8 digits upsampled to 28x28" in card

@@ -147,6 +147,22 @@ def mnist5k_splits(meta_size: int = 1000, test_size: int = 1000, seed: int = 0) 
     return DatasetDict(train=second["train"], meta=second["test"], test=first["test"])
 
 
+def digits_splits() -> DatasetDict:
+    """scikit-learn's 1,797 real 8×8 handwritten digits, upsampled to 28×28 (bilinear), as one `train` split of
+    `image`/`label`: another digits task than MNIST (other writers, resolution and stroke), the source task
+    on which image fine-tune pools pretrain their base."""
+    from PIL import Image as PILImage
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    pixels = (digits.images * (255.0 / 16.0)).round().astype(np.uint8)  # 0..16 ink levels
+    images = [PILImage.fromarray(p, mode="L").resize((28, 28), PILImage.BILINEAR) for p in pixels]
+    features = Features({IMAGE_COLUMN: Image(), "label": ClassLabel(names=DIGIT_NAMES)})
+    return DatasetDict(
+        train=Dataset.from_dict({IMAGE_COLUMN: images, "label": digits.target.astype(np.int64)}, features=features)
+    )
+
+
 # -------------------------------------------------------------------------------------- any dataset
 def load_image_splits(
     dataset_name: str | None = None,

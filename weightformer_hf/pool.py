@@ -9,10 +9,11 @@ Regimes (`PoolSpec.regime`):
 - `scratch`: each teacher from its own initialisation and data order (or one shared initialisation,
   `shared_init`), recipe AdamW lr 2e-3, weight decay 1e-4, one-cycle, batch 128 (measured-baselines.md:
   85.0 % after 6k steps on MNIST-1D).
-- `finetune`: one base pretrained on a *source* task that differs from the target (MNIST-1D drawn with other
-  generator arguments: `base_data`), then each teacher fine-tuned from it on the target with its own data
-  order, learning rate 10^U[`finetune_log10_lr`] and length drawn from `finetune_steps`: the model-soup
-  setting most Hub users are in.
+- `finetune`: one base pretrained on a *source* task that differs from the target (`finetune_source`:
+  MNIST-1D drawn with other generator arguments, `base_data`; for image pools, scikit-learn's 8×8 digits
+  upsampled to 28×28), then each teacher fine-tuned from it on the target with its own data order, learning
+  rate 10^U[`finetune_log10_lr`] and length drawn from `finetune_steps`: the model-soup setting most Hub users
+  are in.
 
 Teachers without BatchNorm train many at once under `torch.func.vmap` (`teacher_training.train_models`), on
 one thread: for these small matmuls a second thread costs more in hand-offs than it gives on a shared 2-core
@@ -37,7 +38,17 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoModel, AutoModelForImageClassification
 
-from .data import cache_root, image_transform, label_names_of, mnist1d_tensors, signal_transform, task_splits, tensors
+from .data import (
+    Transform,
+    cache_root,
+    digits_splits,
+    image_transform,
+    label_names_of,
+    mnist1d_tensors,
+    signal_transform,
+    task_splits,
+    tensors,
+)
 from .errors import TeacherSourceError, WeightFormerError
 from .evaluation import logits_of
 from .hub import load_teachers, no_progress_bars
@@ -92,6 +103,25 @@ class PoolSpec:
 
     def to_dict(self) -> dict:
         return json.loads(json.dumps(asdict(self)))  # tuples as lists, so saved and fresh specs compare equal
+
+
+# What each dataset's fine-tune pools pretrain their base on (see `finetune_source`).
+SOURCE_TASKS = {
+    "mnist1d": "a shifted MNIST-1D (other generator arguments)",
+    "mnist5k": "scikit-learn's 8x8 digits upsampled to 28x28",
+}
+
+
+def finetune_source(spec: PoolSpec, dataset: str, transform: Transform) -> tuple[torch.Tensor, torch.Tensor]:
+    """`(inputs, labels)` of the task a fine-tune pool's base is pretrained on, through the teachers'
+    `transform`: MNIST-1D drawn with `spec.base_data` for MNIST-1D pools, scikit-learn's digits for MNIST-5k."""
+    if dataset == "mnist1d":
+        return mnist1d_tensors(**spec.base_data)
+    if dataset == "mnist5k":
+        return tensors(task_splits(digits_splits(), transform)["train"])
+    raise TeacherSourceError(
+        f"fine-tune pools have a source task for {' and '.join(SOURCE_TASKS)} only, not for {dataset!r}"
+    )
 
 
 def teacher_recipes(spec: PoolSpec) -> list[dict]:
@@ -184,7 +214,7 @@ def write_model_card(folder: Path, name: str, spec: PoolSpec, dataset: str, reco
         tags=["weightformer", "weightformer-teacher", dataset],
     )
     if spec.regime == "finetune":
-        origin = f"fine-tuned from the pool's `base/` (pretrained {spec.base_steps} steps on a shifted {dataset})"
+        origin = f"fine-tuned from the pool's `base/` (pretrained {spec.base_steps} steps on {SOURCE_TASKS[dataset]})"
     else:
         origin = f"trained from seed {record['init_seed']}" + (" (shared initialisation)" if spec.shared_init else "")
     body = (
@@ -266,7 +296,7 @@ def build_pool(
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # see the module docstring
     try:
-        base = _base_model(spec, label_names, pool_dir, source, timm_data_config, show_progress)
+        base = _base_model(spec, label_names, pool_dir, source, dataset, timm_data_config, show_progress)
         todo = [r for r in recipes if not (pool_dir / r["name"] / RECORD).exists()]
         chunks = []
         for steps in sorted({r["steps"] for r in todo}):
@@ -305,7 +335,7 @@ def _base_record(pool_dir: Path) -> dict | None:
     return json.loads(path.read_text()) if path.exists() else None
 
 
-def _base_model(spec, label_names, pool_dir, source, timm_data_config, show_progress) -> nn.Module | None:
+def _base_model(spec, label_names, pool_dir, source, dataset, timm_data_config, show_progress) -> nn.Module | None:
     """The fine-tune regime's pretrained base: loaded when an earlier build saved it, else trained on `source`."""
     if spec.regime != "finetune":
         return None
@@ -323,7 +353,8 @@ def _base_model(spec, label_names, pool_dir, source, timm_data_config, show_prog
     train_models([model], *source, spec.base_steps, batch_size=spec.batch_size, lr=spec.learning_rate,
                  weight_decay=spec.weight_decay, data_seeds=[spec.seed + 999_999], progress=bar)  # fmt: skip
     bar.close()
-    record = {"steps": spec.base_steps, "learning_rate": spec.learning_rate, "source": spec.base_data,
+    described = spec.base_data if dataset == "mnist1d" else SOURCE_TASKS.get(dataset, "the source given")
+    record = {"steps": spec.base_steps, "learning_rate": spec.learning_rate, "source": described,
               "seconds": time.perf_counter() - start}  # fmt: skip
 
     def write(tmp: Path) -> None:
@@ -395,11 +426,7 @@ def resolve_pool(
         else:
             transform = signal_transform()
         task = task_splits(raw, transform)
-        source = None
-        if spec.regime == "finetune":
-            if dataset != "mnist1d":
-                raise TeacherSourceError("fine-tune pools are built on mnist1d only (their base's source task)")
-            source = mnist1d_tensors(**spec.base_data)
+        source = finetune_source(spec, dataset, transform) if spec.regime == "finetune" else None
         build_pool(
             spec,
             tensors(task["train"]),

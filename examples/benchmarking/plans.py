@@ -17,8 +17,8 @@ from pathlib import Path
 
 import torch
 
-from weightformer_hf.data import cache_root, mnist1d_tensors
-from weightformer_hf.pool import PoolSpec, build_pool, load_pool, pool_is_built, teacher_paths
+from weightformer_hf.data import cache_root
+from weightformer_hf.pool import PoolSpec, build_pool, finetune_source, load_pool, pool_is_built, teacher_paths
 from weightformer_hf.training import heldout_sets
 
 LABELS = [str(i) for i in range(10)]
@@ -163,6 +163,16 @@ def full_plans() -> list[PoolPlan]:
             3,
             dataset="mnist5k",
         ),
+        PoolPlan(  # the Hub user's case: fine-tunes of one pretrained timm model (base: scikit-learn's digits)
+            "mnist_timm_resnet_finetune",
+            PoolSpec(
+                resnet, num_teachers=36, seed=90_000, regime="finetune", base_steps=1500, finetune_steps=(200, 400)
+            ),
+            24,
+            (2, 4),
+            3,
+            dataset="mnist5k",
+        ),
     ]
 
 
@@ -233,20 +243,22 @@ def task_data(plan: PoolPlan, teachers=None) -> Split:
     (3,000 train, 1,000 meta, 1,000 test) through the teachers' own transform."""
     from weightformer_hf import data
 
-    if plan.dataset == "mnist1d":
-        raw, transform = data.mnist1d_splits(), data.signal_transform()
-    else:
-        raw = data.mnist5k_splits()
-        extra = teachers.infos[0].extra if teachers is not None else _declared_transform(plan)
-        transform = data.image_transform(extra)
-    task = data.task_splits(raw, transform)
+    raw = data.mnist1d_splits() if plan.dataset == "mnist1d" else data.mnist5k_splits()
+    task = data.task_splits(raw, input_transform(plan, teachers))
     return Split(*data.tensors(task["train"]), *data.tensors(task["meta"]), *data.tensors(task["test"]))
 
 
-def _declared_transform(plan: PoolPlan) -> dict:
+def input_transform(plan: PoolPlan, teachers=None):
+    """How the plan's teachers read their inputs: their recorded transform, else the one the plan declares."""
+    from weightformer_hf import data
+
+    if plan.dataset == "mnist1d":
+        return data.signal_transform()
+    if teachers is not None:
+        return data.image_transform(teachers.infos[0].extra)
     if "timm" in plan.spec.model:
-        return {"pretrained_cfg": TIMM_DATA_CONFIG}
-    return {"preprocessor_config": plan.spec.image_processor}
+        return data.image_transform({"pretrained_cfg": TIMM_DATA_CONFIG})
+    return data.image_transform({"preprocessor_config": plan.spec.image_processor})
 
 
 def build(plan: PoolPlan, log=print, show_progress: bool = True) -> dict:
@@ -256,7 +268,7 @@ def build(plan: PoolPlan, log=print, show_progress: bool = True) -> dict:
     if not pool_is_built(plan.spec, folder, dataset):
         log(f"[{plan.name}] building {plan.num_teachers} teachers in {folder} ...")
         data = task_data(plan)
-        source = mnist1d_tensors(**plan.spec.base_data) if plan.finetune else None
+        source = finetune_source(plan.spec, dataset, input_transform(plan)) if plan.finetune else None
         build_pool(
             plan.spec,
             (data.train_x, data.train_y),
