@@ -22,7 +22,15 @@ sys.path.insert(0, str(REPO / "examples"))
 
 TOP_KEYS = {"machine", "wall_seconds", "pools", "rows", "costs", "notes", "commands"}
 ROW_KEYS = {"pool", "k", "heldout_set", "method", "accuracy", "nll", "ece", "gain_recovered", "seconds", "members"}
-POOLS = {"mlp_scratch", "mlp_finetune", "cnn_scratch", "mlp_shared_init", "mnist_timm_resnet", "mnist_hf_vit"}
+POOLS = {
+    "mlp_scratch",
+    "mlp_finetune",
+    "cnn_scratch",
+    "mlp_shared_init",
+    "mnist_timm_resnet",
+    "mnist_hf_vit",
+    "mnist_timm_resnet_finetune",
+}
 COMMON = {"single_mean", "single_best_val", "single_long", "ensemble", "uniform_soup", "greedy_soup",
           "aligned_average", "kd_anchor_1k", "kd_converged", "weightformer", "weightformer_best_val_anchor",
           "weightformer_in_pool",
@@ -63,7 +71,7 @@ def test_outputs_and_schema(quick_run):
         assert len(row["members"]) == row["k"] == len(set(row["members"]))
     for pool in POOLS:
         methods = {r["method"] for r in result["rows"] if r["pool"] == pool}
-        assert methods == COMMON | (FINETUNE_ONLY if pool == "mlp_finetune" else set()), pool
+        assert methods == COMMON | (FINETUNE_ONLY if pool.endswith("finetune") else set()), pool
         # the step-time ratio is taken at the batch the generator trained on: 4,096, capped at the meta split
         # on the MNIST-5k pools (1,000 meta images)
         trained, timed = result["costs"]["generator_training"][pool], result["costs"]["train_step"][pool]

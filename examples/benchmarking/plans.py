@@ -219,6 +219,14 @@ def quick_plans() -> list[PoolPlan]:
             1,
             dataset="mnist5k",
         ),
+        PoolPlan(
+            "mnist_timm_resnet_finetune",
+            PoolSpec(resnet, num_teachers=5, seed=90_000, regime="finetune", base_steps=10, finetune_steps=(5,)),
+            3,
+            (2,),
+            1,
+            dataset="mnist5k",
+        ),
     ]
 
 
