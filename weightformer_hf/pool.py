@@ -107,7 +107,7 @@ class PoolSpec:
 
 # What each dataset's fine-tune pools pretrain their base on (see `finetune_source`).
 SOURCE_TASKS = {
-    "mnist1d": "a shifted MNIST-1D (other generator arguments)",
+    "mnist1d": "a shifted MNIST-1D",
     "mnist5k": "scikit-learn's 8x8 digits upsampled to 28x28",
 }
 

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import torch
 
+from weightformer_hf.pool import SOURCE_TASKS
+
 from .methods import METHODS
 
 PAIRED_AGAINST = ["single_best_val", "greedy_soup", "uniform_soup", "kd_anchor_1k"]
@@ -113,7 +115,7 @@ def markdown(result: dict, command: str) -> str:
         recipe = p["recipe"]
         if recipe["regime"] == "finetune":
             what = (
-                f"fine-tunes of one base ({recipe['base_steps']} steps on a shifted MNIST-1D), lr 10^U"
+                f"fine-tunes of one base ({recipe['base_steps']} steps on {SOURCE_TASKS[p['dataset']]}), lr 10^U"
                 f"{list(recipe['finetune_log10_lr'])}, {'/'.join(map(str, recipe['finetune_steps']))} steps"
             )
         else:
