@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -110,7 +111,7 @@ def test_image_finetune_pools_pretrain_on_scikit_learns_digits():
     first = splits["train"][0]
     assert len(splits["train"]) == 1797 and first["image"].size == (28, 28) and first["image"].mode == "L"
     # the upsampling keeps the digit, upright: shrunk back to 8×8 it matches its source, not the source transposed
-    big = torch.as_tensor(list(first["image"].getdata()), dtype=torch.float32).view(1, 1, 28, 28)
+    big = torch.as_tensor(np.asarray(first["image"]), dtype=torch.float32).view(1, 1, 28, 28)
     small = torch.nn.functional.interpolate(big, size=(8, 8), mode="area").flatten()
     source = torch.as_tensor(raw.images[0], dtype=torch.float32)
     corr = [float(torch.corrcoef(torch.stack([small, s.flatten()]))[0, 1]) for s in (source, source.T)]
