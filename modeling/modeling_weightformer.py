@@ -24,7 +24,7 @@ import copy
 import math
 import weakref
 from collections import OrderedDict
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -61,8 +61,9 @@ class WeightFormerOutput(ModelOutput):
 class _LayerInputs:
     """What the generator reads of one layer (no gradients): see `WeightFormerModel._layer_inputs`.
 
-    Cached inputs keep the anchor's tensors; streamed ones (`streamed=True`) read them when the layer is
-    decoded and let the generator drop `content` once it is embedded, so one layer's teacher tensors are
+    Cached inputs keep every teacher's tokens (`content`) and the anchor's tensors. Streamed ones
+    (`streamed=True`) keep neither: `teacher_content(k)` builds one teacher's tokens when the layer is
+    embedded, and the anchor's tensors are read when it is decoded, so one teacher's share of one layer is
     in memory at a time.
     """
 
@@ -72,6 +73,8 @@ class _LayerInputs:
     dtypes: dict[str, torch.dtype] | None  # the anchor's own dtypes, which the student keeps (cached)
     anchor_state: Mapping[str, torch.Tensor] | None = None  # where streamed inputs read the anchor from
     streamed: bool = False
+    teacher_content: Callable[[int], torch.Tensor] | None = None  # streamed: k -> (C, n_chunks, chunk)
+    num_teachers: int = 0
 
     def anchor(self, layer: LayerSpec, device: torch.device) -> tuple[dict[str, torch.Tensor], dict[str, torch.dtype]]:
         """The anchor's tensors of `layer`, float32 on `device`, and their own dtypes."""
@@ -355,30 +358,51 @@ class WeightFormerModel(WeightFormerPreTrainedModel):
     def _one_layer_inputs(self, teachers, anchor, index, layer, perms, spec, keep) -> _LayerInputs:
         device = self.cross_init.device
         n_chunks, chunk = chunk_layout(self.config.student_layers[index]["width"], self.config.chunk_size)
-        content, scales = _layer_content(layer, teachers.state_dicts, perms, spec, device, n_chunks * chunk)
-        content = content.view(len(teachers), layer.channels, n_chunks, chunk)
-        anchor_state = teachers.state_dicts[anchor]
+        states = teachers.state_dicts
+        tensor_scales = _tensor_scales(layer, states, perms, spec, device)
+        scales = torch.cat([scale.expand(w) for scale, w in zip(tensor_scales, _tensor_widths(layer, states[0]))])
+
+        def teacher_content(k: int, out: torch.Tensor | None = None) -> torch.Tensor:
+            out = _teacher_content(layer, states[k], perms[k], spec, device, n_chunks * chunk, tensor_scales, out)
+            return out.view(layer.channels, n_chunks, chunk)
+
+        anchor_state = states[anchor]
         if keep:
+            content = torch.empty(len(teachers), layer.channels, n_chunks * chunk, device=device)
+            for k in range(len(teachers)):
+                teacher_content(k, out=content[k])
+            content = content.view(len(teachers), layer.channels, n_chunks, chunk)
             inputs = _LayerInputs(content, scales, None, None, anchor_state=anchor_state)
             inputs.anchor_tensors, inputs.dtypes = inputs.anchor(layer, device)
             inputs.anchor_state = None  # a cache entry holds no reference to a teacher
             return inputs
-        return _LayerInputs(content, scales, None, None, anchor_state=anchor_state, streamed=True)
+        return _LayerInputs(None, scales, None, None, anchor_state, True, teacher_content, len(teachers))
 
     def _generate_layer(
         self, index: int, layer: LayerSpec, inputs: _LayerInputs, anchor: int, cross: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """One layer's decrements `(channels, width)` (negated changes, normalised units) and the next [cross]
         state, from the layer's chunked tokens `inputs.content` `(K, C, n_chunks, chunk)` (streamed inputs
-        give their content up once it is embedded)."""
-        content = inputs.content
-        if inputs.streamed:
-            inputs.content = None
-        n_teachers, channels, n_chunks, chunk = content.shape
+        build and embed one teacher's tokens at a time)."""
         width = self.config.student_layers[index]["width"]
-        chunk_ids = torch.arange(n_chunks, device=content.device) + self.chunk_offsets[index]
-        tokens = self.embedders[index](content) + self.chunk_embed(chunk_ids)[:, None, :].transpose(0, 1)
-        del content
+        n_chunks, chunk = chunk_layout(width, self.config.chunk_size)
+        channels, embed = layer.channels, self.embedders[index]
+        # Teacher by teacher in both paths, so that a streamed layer (which builds one teacher's raw tokens at a
+        # time: embedded, they are d / chunk as large) gets the very bits a cached one does.
+        if inputs.streamed:
+            n_teachers, content_of = inputs.num_teachers, inputs.teacher_content
+        else:
+            n_teachers, content_of = inputs.content.shape[0], inputs.content.__getitem__
+        embedded = None
+        for k in range(n_teachers):
+            one = embed(content_of(k))
+            if embedded is None:
+                embedded = one.new_empty((n_teachers, *one.shape))
+            embedded[k] = one
+            del one
+        chunk_ids = torch.arange(n_chunks, device=embedded.device) + self.chunk_offsets[index]
+        tokens = embedded + self.chunk_embed(chunk_ids)[:, None, :].transpose(0, 1)
+        del embedded
         tokens = tokens + self.layer_embed.weight[index]
         roles = torch.zeros(n_teachers, dtype=torch.long, device=tokens.device)
         roles[anchor] = 1
@@ -500,62 +524,75 @@ def _differentiable_batch_norm_class(cls: type) -> type:
 _BLOCK_BYTES = 4 * 2**20
 
 
-def _layer_content(
+def _tensor_widths(layer: LayerSpec, state: Mapping[str, torch.Tensor]) -> list[int]:
+    """Columns each tensor of `layer` takes in a channel token."""
+    return [math.prod(tensor_shape(state, t.name)) // layer.channels for t in layer.tensors]
+
+
+def _aligned_rows(t, state, perm, spec, channels: int, device) -> Iterator[tuple[slice | torch.Tensor, torch.Tensor]]:
+    """One teacher's tensor `t` aligned to the anchor, as pieces `(rows, block)`: `block` `(n, width)` float32
+    lands on `rows` of the layer's `(C, width)` layout. Tensors whose rows are channels come in blocks of rows
+    (lazy teachers read just those rows from disk), others whole; so memory holds one block or one tensor."""
+    width = math.prod(tensor_shape(state, t.name)) // channels
+    if t.channel_axis == 0 and rows_are_channels(t.name, spec, channels):
+        group = spec[t.name][0][0] if t.name in spec else None
+        # content row r is the teacher's row perm[r]: its row s lands on row argsort(perm)[s]
+        landing = torch.argsort(perm[group]).to(device) if group in perm else None
+        rows = max(1, _BLOCK_BYTES // (4 * max(1, width)))
+        for r in range(0, channels, rows):
+            block = permute_trailing(t.name, tensor_rows(state, t.name, r, r + rows), spec, perm)
+            block = block.reshape(-1, width).to(device=device, dtype=torch.float32)
+            yield (slice(r, r + rows) if landing is None else landing[r : r + rows]), block
+    else:
+        moved = permute_tensor(t.name, state[t.name], spec, perm).movedim(t.channel_axis, 0)
+        yield slice(None), moved.reshape(channels, width).to(device=device, dtype=torch.float32)
+
+
+def _tensor_scales(layer: LayerSpec, state_dicts, perms, spec, device) -> list[torch.Tensor]:
+    """Per tensor of `layer`, its RMS over all teachers (1 for positive tensors, which enter as logs): a
+    symmetric function of the set, so the order of the teachers does not matter. Reads every teacher's tensor
+    once, in aligned blocks, and keeps none of it."""
+    scales = []
+    for t, width in zip(layer.tensors, _tensor_widths(layer, state_dicts[0])):
+        if t.positive:
+            scales.append(torch.ones((), device=device))
+            continue
+        sum_sq = torch.zeros((), dtype=torch.float64, device=device)
+        for k, state in enumerate(state_dicts):
+            for _, block in _aligned_rows(t, state, perms[k], spec, layer.channels, device):
+                sum_sq += block.pow(2).sum(dtype=torch.float64)
+        numel = len(state_dicts) * layer.channels * width
+        scales.append((sum_sq / numel).sqrt().float().clamp_min(1e-6))
+    return scales
+
+
+def _teacher_content(
     layer: LayerSpec,
-    state_dicts: Sequence[Mapping[str, torch.Tensor]],
-    perms: Sequence[Mapping[str, torch.Tensor]],
+    state: Mapping[str, torch.Tensor],
+    perm: Mapping[str, torch.Tensor],
     spec,
     device: torch.device,
     padded_width: int,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per teacher, the layer's aligned channel tokens `(K, C, padded_width)`, normalised and zero-padded,
-    and the per-column scales `(W,)`.
-
-    Each tensor is divided by its RMS over all teachers (a symmetric function of the set, so the order of
-    the teachers does not matter); positive tensors enter as logs, unscaled. Tensors are written straight
-    into the result, one at a time; tensors whose rows are channels go in blocks of rows (lazy teachers read
-    just those rows from disk, and each block lands on its aligned rows), so besides the result memory holds
-    one block, or one tensor of the other kind.
-    """
-    channels = layer.channels
-    content = torch.zeros(len(state_dicts), channels, padded_width, device=device)
-    scales, start = [], 0
-    for t in layer.tensors:
-        sum_sq = torch.zeros((), dtype=torch.float64, device=device)
-        for k, state in enumerate(state_dicts):
-            shape = tensor_shape(state, t.name)
-            width = math.prod(shape) // channels
-            target = content[k, :, start : start + width]
-            if t.channel_axis == 0 and rows_are_channels(t.name, spec, channels):
-                group = spec[t.name][0][0] if t.name in spec else None
-                # content row r is the teacher's row perm[r]: its row s lands on row argsort(perm)[s]
-                landing = torch.argsort(perms[k][group]).to(device) if group in perms[k] else None
-                rows = max(1, _BLOCK_BYTES // (4 * max(1, width)))
-                for r in range(0, channels, rows):
-                    block = permute_trailing(t.name, tensor_rows(state, t.name, r, r + rows), spec, perms[k])
-                    block = block.reshape(-1, width).to(device=device, dtype=torch.float32)
-                    if landing is None:
-                        target[r : r + rows] = block
-                    else:
-                        target.index_copy_(0, landing[r : r + rows], block)
-                    if not t.positive:
-                        sum_sq += block.pow(2).sum(dtype=torch.float64)
+    scales: Sequence[torch.Tensor],
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """One teacher's aligned channel tokens `(C, padded_width)` of `layer`, each tensor divided by its `scales`
+    entry (positive tensors: logs), zero-padded; written into `out` when given."""
+    out = torch.zeros(layer.channels, padded_width, device=device) if out is None else out.zero_()
+    start = 0
+    for t, scale, width in zip(layer.tensors, scales, _tensor_widths(layer, state)):
+        target = out[:, start : start + width]
+        for rows, block in _aligned_rows(t, state, perm, spec, layer.channels, device):
+            if isinstance(rows, slice):
+                target[rows] = block
             else:
-                moved = permute_tensor(t.name, state[t.name], spec, perms[k]).movedim(t.channel_axis, 0)
-                target.copy_(moved.reshape(channels, width))
-                del moved
-                if not t.positive:
-                    sum_sq += target.pow(2).sum(dtype=torch.float64)
-        region = content[:, :, start : start + width]
+                target.index_copy_(0, rows, block)
         if t.positive:
-            region.clamp_(min=1e-12).log_()
-            scale = torch.ones((), device=device)
+            target.clamp_(min=1e-12).log_()
         else:
-            scale = (sum_sq / region.numel()).sqrt().float().clamp_min(1e-6)
-            region.div_(scale)
-        scales.append(scale.expand(width))
+            target.div_(scale)
         start += width
-    return content, torch.cat(scales)
+    return out
 
 
 def _apply_changes(
