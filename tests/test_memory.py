@@ -163,3 +163,36 @@ def test_lazy_teachers_stream_layer_by_layer_and_give_the_in_memory_student(tmp_
     for name, tensor in expected.items():
         assert torch.equal(streamed[name], tensor), name
     assert any(not torch.equal(streamed[n], lazy.state_dicts[1][n]) for n in streamed)  # it did generate
+
+
+def test_a_streamed_layer_holds_one_teachers_raw_tokens_at_a_time(tmp_path):
+    """Streamed generation builds each teacher's raw tokens, embeds them and lets them go before it builds the
+    next teacher's; a cached layer holds all K (the memory `examples/large_generation.py` measures)."""
+    import weakref
+
+    from weightformer_hf.modeling import modeling_weightformer as mw
+
+    lazy = load_teachers(_saved(tmp_path, n=3))
+    generator = wf.WeightFormerModel.for_teachers(lazy, **SMALL)
+    alive, built = [], []
+    original = mw._teacher_content
+
+    def spy(layer, *args, **kwargs):
+        out = original(layer, *args, **kwargs)
+        # the layer's earlier teachers' raw tokens still in memory (by storage: the cached path writes views)
+        alive.append(sum(ref() is not None for name, ref in built if name == layer.name))
+        built.append((layer.name, weakref.ref(out if out._base is None else out._base)))
+        return out
+
+    mw.clear_token_cache()
+    mw._teacher_content = spy
+    try:
+        generator.generate_student(lazy, anchor=0)
+        layers = len(lazy.layers[0])
+        assert len(built) == 3 * layers and max(alive) == 0
+        built.clear(), alive.clear()
+        generator.generate_student(lazy.to("cpu"), anchor=0)  # in memory: cached, all K raw tokens kept
+        assert len(built) == 3 * layers and max(alive) == 2
+    finally:
+        mw._teacher_content = original
+        mw.clear_token_cache()
