@@ -376,7 +376,10 @@ class WeightFormerModel(WeightFormerPreTrainedModel):
             inputs.anchor_tensors, inputs.dtypes = inputs.anchor(layer, device)
             inputs.anchor_state = None  # a cache entry holds no reference to a teacher
             return inputs
-        return _LayerInputs(None, scales, None, None, anchor_state, True, teacher_content, len(teachers))
+        return _LayerInputs(
+            None, scales, None, None, anchor_state, streamed=True, teacher_content=teacher_content,
+            num_teachers=len(teachers),
+        )  # fmt: skip
 
     def _generate_layer(
         self, index: int, layer: LayerSpec, inputs: _LayerInputs, anchor: int, cross: torch.Tensor
