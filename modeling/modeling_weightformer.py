@@ -358,27 +358,36 @@ class WeightFormerModel(WeightFormerPreTrainedModel):
     def _one_layer_inputs(self, teachers, anchor, index, layer, perms, spec, keep) -> _LayerInputs:
         device = self.cross_init.device
         n_chunks, chunk = chunk_layout(self.config.student_layers[index]["width"], self.config.chunk_size)
-        states = teachers.state_dicts
-        tensor_scales = _tensor_scales(layer, states, perms, spec, device)
-        scales = torch.cat([scale.expand(w) for scale, w in zip(tensor_scales, _tensor_widths(layer, states[0]))])
-
-        def teacher_content(k: int, out: torch.Tensor | None = None) -> torch.Tensor:
-            out = _teacher_content(layer, states[k], perms[k], spec, device, n_chunks * chunk, tensor_scales, out)
-            return out.view(layer.channels, n_chunks, chunk)
-
+        states, padded, channels = teachers.state_dicts, n_chunks * chunk, layer.channels
         anchor_state = states[anchor]
-        if keep:
-            content = torch.empty(len(teachers), layer.channels, n_chunks * chunk, device=device)
-            for k in range(len(teachers)):
-                teacher_content(k, out=content[k])
-            content = content.view(len(teachers), layer.channels, n_chunks, chunk)
-            inputs = _LayerInputs(content, scales, None, None, anchor_state=anchor_state)
+        if keep:  # one pass: every teacher's raw tokens are written while the RMS sums accumulate
+            content = torch.zeros(len(teachers), channels, padded, device=device)
+            sums = [torch.zeros((), dtype=torch.float64, device=device) for _ in layer.tensors]
+            for k, state in enumerate(states):
+                _write_raw_tokens(layer, state, perms[k], spec, device, content[k], sums)
+            tensor_scales = _rms_scales(layer, states, sums, device)
+            _normalise_tokens(layer, states[0], content, tensor_scales)
+            content = content.view(len(teachers), channels, n_chunks, chunk)
+            inputs = _LayerInputs(content, _column_scales(layer, states[0], tensor_scales), None, None, anchor_state)
             inputs.anchor_tensors, inputs.dtypes = inputs.anchor(layer, device)
             inputs.anchor_state = None  # a cache entry holds no reference to a teacher
             return inputs
+        # streamed: a first pass reads every teacher for the RMS sums and keeps nothing; each teacher's tokens
+        # are then built when the layer is embedded
+        sums = [torch.zeros((), dtype=torch.float64, device=device) for _ in layer.tensors]
+        for k, state in enumerate(states):
+            _write_raw_tokens(layer, state, perms[k], spec, device, None, sums)
+        tensor_scales = _rms_scales(layer, states, sums, device)
+
+        def teacher_content(k: int) -> torch.Tensor:
+            out = torch.zeros(channels, padded, device=device)
+            _write_raw_tokens(layer, states[k], perms[k], spec, device, out, None)
+            _normalise_tokens(layer, states[k], out, tensor_scales)
+            return out.view(channels, n_chunks, chunk)
+
         return _LayerInputs(
-            None, scales, None, None, anchor_state, streamed=True, teacher_content=teacher_content,
-            num_teachers=len(teachers),
+            None, _column_scales(layer, states[0], tensor_scales), None, None, anchor_state, streamed=True,
+            teacher_content=teacher_content, num_teachers=len(teachers),
         )  # fmt: skip
 
     def _generate_layer(
@@ -551,51 +560,45 @@ def _aligned_rows(t, state, perm, spec, channels: int, device) -> Iterator[tuple
         yield slice(None), moved.reshape(channels, width).to(device=device, dtype=torch.float32)
 
 
-def _tensor_scales(layer: LayerSpec, state_dicts, perms, spec, device) -> list[torch.Tensor]:
-    """Per tensor of `layer`, its RMS over all teachers (1 for positive tensors, which enter as logs): a
-    symmetric function of the set, so the order of the teachers does not matter. Reads every teacher's tensor
-    once, in aligned blocks, and keeps none of it."""
-    scales = []
-    for t, width in zip(layer.tensors, _tensor_widths(layer, state_dicts[0])):
-        if t.positive:
-            scales.append(torch.ones((), device=device))
-            continue
-        sum_sq = torch.zeros((), dtype=torch.float64, device=device)
-        for k, state in enumerate(state_dicts):
-            for _, block in _aligned_rows(t, state, perms[k], spec, layer.channels, device):
-                sum_sq += block.pow(2).sum(dtype=torch.float64)
-        numel = len(state_dicts) * layer.channels * width
-        scales.append((sum_sq / numel).sqrt().float().clamp_min(1e-6))
-    return scales
+def _write_raw_tokens(layer: LayerSpec, state, perm, spec, device, out: torch.Tensor | None, sums) -> None:
+    """Write one teacher's aligned tensors of `layer`, not yet normalised, into its tokens `out` `(C, padded)`
+    (None: write nothing), and add each non-positive tensor's sum of squares to `sums[i]` (None: skip)."""
+    start = 0
+    for i, (t, width) in enumerate(zip(layer.tensors, _tensor_widths(layer, state))):
+        target = None if out is None else out[:, start : start + width]
+        for rows, block in _aligned_rows(t, state, perm, spec, layer.channels, device):
+            if target is not None and isinstance(rows, slice):
+                target[rows] = block
+            elif target is not None:
+                target.index_copy_(0, rows, block)
+            if sums is not None and not t.positive:
+                sums[i] += block.pow(2).sum(dtype=torch.float64)
+        start += width
 
 
-def _teacher_content(
-    layer: LayerSpec,
-    state: Mapping[str, torch.Tensor],
-    perm: Mapping[str, torch.Tensor],
-    spec,
-    device: torch.device,
-    padded_width: int,
-    scales: Sequence[torch.Tensor],
-    out: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """One teacher's aligned channel tokens `(C, padded_width)` of `layer`, each tensor divided by its `scales`
-    entry (positive tensors: logs), zero-padded; written into `out` when given."""
-    out = torch.zeros(layer.channels, padded_width, device=device) if out is None else out.zero_()
+def _rms_scales(layer: LayerSpec, state_dicts, sums, device) -> list[torch.Tensor]:
+    """Per tensor of `layer`, its RMS over all teachers from the sums of squares (1 for positive tensors, which
+    enter as logs): a symmetric function of the set, so the order of the teachers does not matter."""
+    count = len(state_dicts) * layer.channels
+    return [
+        torch.ones((), device=device) if t.positive else (total / (count * width)).sqrt().float().clamp_min(1e-6)
+        for t, total, width in zip(layer.tensors, sums, _tensor_widths(layer, state_dicts[0]))
+    ]
+
+
+def _normalise_tokens(layer: LayerSpec, state, tokens: torch.Tensor, scales: Sequence[torch.Tensor]) -> None:
+    """In place, on tokens `(..., C, padded)`: each tensor's columns divided by its scale (positive tensors:
+    their logs)."""
     start = 0
     for t, scale, width in zip(layer.tensors, scales, _tensor_widths(layer, state)):
-        target = out[:, start : start + width]
-        for rows, block in _aligned_rows(t, state, perm, spec, layer.channels, device):
-            if isinstance(rows, slice):
-                target[rows] = block
-            else:
-                target.index_copy_(0, rows, block)
-        if t.positive:
-            target.clamp_(min=1e-12).log_()
-        else:
-            target.div_(scale)
+        region = tokens[..., start : start + width]
+        region.clamp_(min=1e-12).log_() if t.positive else region.div_(scale)
         start += width
-    return out
+
+
+def _column_scales(layer: LayerSpec, state, scales: Sequence[torch.Tensor]) -> torch.Tensor:
+    """`(W,)`: tensor units per normalised unit, per token column."""
+    return torch.cat([scale.expand(width) for scale, width in zip(scales, _tensor_widths(layer, state))])
 
 
 def _apply_changes(

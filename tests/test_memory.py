@@ -175,17 +175,17 @@ def test_a_streamed_layer_holds_one_teachers_raw_tokens_at_a_time(tmp_path):
     lazy = load_teachers(_saved(tmp_path, n=3))
     generator = wf.WeightFormerModel.for_teachers(lazy, **SMALL)
     alive, built = [], []
-    original = mw._teacher_content
+    original = mw._write_raw_tokens
 
-    def spy(layer, *args, **kwargs):
-        out = original(layer, *args, **kwargs)
-        # the layer's earlier teachers' raw tokens still in memory (by storage: the cached path writes views)
-        alive.append(sum(ref() is not None for name, ref in built if name == layer.name))
-        built.append((layer.name, weakref.ref(out if out._base is None else out._base)))
-        return out
+    def spy(layer, state, perm, spec, device, out, sums):
+        original(layer, state, perm, spec, device, out, sums)
+        if out is not None:  # (the streamed first pass only sums squares)
+            # the layer's earlier teachers' raw tokens still in memory (by storage: the cached path writes views)
+            alive.append(sum(ref() is not None for name, ref in built if name == layer.name))
+            built.append((layer.name, weakref.ref(out if out._base is None else out._base)))
 
     mw.clear_token_cache()
-    mw._teacher_content = spy
+    mw._write_raw_tokens = spy
     try:
         generator.generate_student(lazy, anchor=0)
         layers = len(lazy.layers[0])
@@ -194,5 +194,5 @@ def test_a_streamed_layer_holds_one_teachers_raw_tokens_at_a_time(tmp_path):
         generator.generate_student(lazy.to("cpu"), anchor=0)  # in memory: cached, all K raw tokens kept
         assert len(built) == 3 * layers and max(alive) == 2
     finally:
-        mw._teacher_content = original
+        mw._write_raw_tokens = original
         mw.clear_token_cache()
