@@ -134,3 +134,10 @@ def test_an_image_finetune_pool_records_its_source_task(tmp_path):
     assert base["source"] == "scikit-learn's 8x8 digits upsampled to 28x28"
     card = (tmp_path / "teacher-00" / "README.md").read_text()
     assert "pretrained 2 steps on scikit-learn's 8x8 digits upsampled to 28x28" in card
+    # a dataset the library has no source task for: the caller's source is used and named as such
+    pool.build_pool(spec, _data(), _data(), data.DIGIT_NAMES, tmp_path / "other", "cifar10", show_progress=False,
+                    source=_data(seed=1))  # fmt: skip
+    assert json.loads((tmp_path / "other" / "base" / pool.RECORD).read_text())["source"] == (
+        "a source task given by the caller"
+    )
+    assert "steps on a source task given by the caller" in (tmp_path / "other" / "teacher-00" / "README.md").read_text()

@@ -112,6 +112,11 @@ SOURCE_TASKS = {
 }
 
 
+def source_task(dataset: str) -> str:
+    """What a fine-tune pool of `dataset` pretrained its base on, in words (for records, cards and reports)."""
+    return SOURCE_TASKS.get(dataset, "a source task given by the caller")
+
+
 def finetune_source(spec: PoolSpec, dataset: str, transform: Transform) -> tuple[torch.Tensor, torch.Tensor]:
     """`(inputs, labels)` of the task a fine-tune pool's base is pretrained on, through the teachers'
     `transform`: MNIST-1D drawn with `spec.base_data` for MNIST-1D pools, scikit-learn's digits for MNIST-5k."""
@@ -214,7 +219,7 @@ def write_model_card(folder: Path, name: str, spec: PoolSpec, dataset: str, reco
         tags=["weightformer", "weightformer-teacher", dataset],
     )
     if spec.regime == "finetune":
-        origin = f"fine-tuned from the pool's `base/` (pretrained {spec.base_steps} steps on {SOURCE_TASKS[dataset]})"
+        origin = f"fine-tuned from the pool's `base/` (pretrained {spec.base_steps} steps on {source_task(dataset)})"
     else:
         origin = f"trained from seed {record['init_seed']}" + (" (shared initialisation)" if spec.shared_init else "")
     body = (
@@ -353,7 +358,7 @@ def _base_model(spec, label_names, pool_dir, source, dataset, timm_data_config, 
     train_models([model], *source, spec.base_steps, batch_size=spec.batch_size, lr=spec.learning_rate,
                  weight_decay=spec.weight_decay, data_seeds=[spec.seed + 999_999], progress=bar)  # fmt: skip
     bar.close()
-    described = spec.base_data if dataset == "mnist1d" else SOURCE_TASKS.get(dataset, "the source given")
+    described = spec.base_data if dataset == "mnist1d" else source_task(dataset)
     record = {"steps": spec.base_steps, "learning_rate": spec.learning_rate, "source": described,
               "seconds": time.perf_counter() - start}  # fmt: skip
 

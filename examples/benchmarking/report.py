@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from weightformer_hf.pool import SOURCE_TASKS
+from weightformer_hf.pool import source_task
 
 from .methods import METHODS
 
@@ -115,7 +115,7 @@ def markdown(result: dict, command: str) -> str:
         recipe = p["recipe"]
         if recipe["regime"] == "finetune":
             what = (
-                f"fine-tunes of one base ({recipe['base_steps']} steps on {SOURCE_TASKS[p['dataset']]}), lr 10^U"
+                f"fine-tunes of one base ({recipe['base_steps']} steps on {source_task(p['dataset'])}), lr 10^U"
                 f"{list(recipe['finetune_log10_lr'])}, {'/'.join(map(str, recipe['finetune_steps']))} steps"
             )
         else:
