@@ -126,10 +126,12 @@ def run_pool(plan: plans.PoolPlan, args, costs: dict, notes: dict, pools: dict) 
     name = plan.name
     log(f"[{name}] teacher test accuracy mean {100 * pools[name]['mean_teacher_test_accuracy']:.2f}%")
 
-    train_ids = list(range(plan.num_train))
+    train_ids = plan.train_ids
     heldout = plan.heldout_sets()
     recipe = generator_recipe(args, plan)
-    generator, gen_stats = methods.train(plan, teachers, train_ids, data, run.meta_logits, recipe, log)
+    generator, gen_stats = methods.train(plan, teachers, train_ids, data, run.meta_logits, recipe, log,
+                                         validation_sets=plan.validation_sets(),
+                                         prepare=run.prepare if run.bn else None)  # fmt: skip
     seen = gen_stats.pop("seen_combinations")
     in_pool = plan.in_pool_sets(args.seed, seen=seen)
     costs["generator_training"][name] = gen_stats
@@ -174,8 +176,13 @@ def run_pool(plan: plans.PoolPlan, args, costs: dict, notes: dict, pools: dict) 
         }  # fmt: skip
     costs["time_ratios"][name] = ratios
     new = {k: sum(frozenset(m) not in seen for m in sets) for k, sets in in_pool.items()}
+    val = gen_stats.get("validation")
+    kept = (f"; {plan.num_val} validation teachers ({val['sets']} sets on the meta split) chose the generator of "
+            f"step {val['kept_step']} (step 0: the anchor itself), checked every {val['eval_steps']} steps"
+            if val else "")  # fmt: skip
     notes[name] = [
-        f"{plan.num_teachers} teachers ({plan.num_train} train the generator for {gen_stats['steps']} episodes); "
+        f"{plan.num_teachers} teachers ({len(train_ids)} train the generator for {gen_stats['steps']} episodes"
+        f"{kept}); "
         f"held-out sets per K: { {k: len(v) for k, v in heldout.items()} }, disjoint within each K; in-pool sets "
         "that were never an episode of the generator's training: "
         + ", ".join(f"K={k}: {n}/{len(in_pool[k])}" for k, n in new.items())

@@ -37,6 +37,11 @@ FLAGS = {
     "k_min": dict(type=int), "k_max": dict(type=int),
     "alpha": dict(type=float), "temperature": dict(type=float),
     "num_eval_teachers": dict(type=int), "eval_k": dict(type=int), "num_heldout_sets": dict(type=int),
+    "num_val_teachers": dict(type=int, default=0,
+                             help="training teachers kept out of training to choose the generator to keep: the "
+                                  "lowest validation loss of step 0 (every anchor unchanged), every --eval_steps "
+                                  "and the last step (0: keep the last step)"),
+    "eval_steps": dict(type=int, help="steps between validation checks (default: a tenth of the run)"),
     "finetune_steps": dict(type=int, default=0), "finetune_learning_rate": dict(type=float, default=3e-4),
     "kd_baseline_steps": dict(type=int, default=1000,
                               help="score the anchor after this many KD steps next to each student (0: off)"),
@@ -106,7 +111,32 @@ def main(args):
         }  # fmt: skip
     set_seed(args.seed)  # after a possible pool build, so a first run equals later runs
     train_idx, eval_idx = wf.split_pool(len(teachers), args.num_eval_teachers, args.seed)
-    wf.check_k(len(train_idx), len(eval_idx), args.k_min, args.k_max, args.eval_k)
+    val_idx = []
+    if args.num_val_teachers:
+        kept, held = wf.split_pool(len(train_idx), args.num_val_teachers, args.seed + 1)
+        train_idx, val_idx = [train_idx[i] for i in kept], [train_idx[i] for i in held]
+    wf.check_k(len(train_idx), len(eval_idx), args.k_min, args.k_max, args.eval_k, len(val_idx))
+    def meta_batches():  # the same batches on every rank and at every call (a resumed run sees the same)
+        return DataLoader(wf_data.BatchedSplit(splits["meta"]), batch_size=256, shuffle=True,
+                          collate_fn=wf_data.collate, generator=torch.Generator().manual_seed(args.seed))
+
+    meta_dl = meta_batches()
+
+    def recompute_bn(student):
+        return wf.recompute_bn_stats(student, meta_batches(), num_batches=20)
+
+    validation = None
+    if val_idx:  # on (at most 10,000 rows of) the meta split: the teachers, not the data, are new there
+        val_sets = wf.validation_sets(range(len(val_idx)), {2, args.eval_k}, seed=args.seed)
+        if not val_sets:
+            raise WeightFormerError("--num_val_teachers needs at least 2 validation teachers to make a set")
+        rows = min(len(splits["meta"]), 10_000)
+        val_x, val_y = wf_data.tensors(splits["meta"].select(range(rows)))
+        validation = wf.ValidationTeachers(
+            teachers.subset(val_idx).to(accelerator.device), val_sets, val_x, val_y,
+            logits["meta"][val_idx, :rows], wf.EpisodeConfig(alpha=args.alpha, temperature=args.temperature),
+            prepare_student=recompute_bn if args.recompute_bn_stats else None,
+        )  # fmt: skip
     train_teachers = teachers.subset(train_idx).to(accelerator.device)  # tokens are built on the device
     targets = wf.TeacherTargets(train_teachers, logits["meta"][train_idx].to(accelerator.device),
                                 args.online_augmentation, accelerator.device)  # fmt: skip
@@ -144,6 +174,7 @@ def main(args):
         latest = args.resume_from_checkpoint == "latest"
         path = wf.latest_checkpoint(checkpoints) if latest else Path(args.resume_from_checkpoint)
         accelerator.load_state(str(path))
+        progress.load_best(path)
         accelerator.print(f"resumed from {path} at step {progress.step}")
 
     def save_checkpoint():  # saved aside, renamed when complete: a kill never leaves half a checkpoint
@@ -151,6 +182,7 @@ def main(args):
         accelerator.save_state(str(tmp))
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
+            progress.save_best(tmp)  # the best generator so far (with --num_val_teachers), as safetensors
             shutil.rmtree(final := checkpoints / tmp.name[1:-4], ignore_errors=True)  # a re-run of this step
             os.replace(tmp, final)
             wf.prune_checkpoints(checkpoints, keep=3)
@@ -159,16 +191,26 @@ def main(args):
         accelerator.print(f"step {step}: loss {loss:.6f} (mean over {accelerator.num_processes} process(es))")
         accelerator.log({"train/loss": loss, "lr": scheduler.get_last_lr()[0]}, step=step)
 
+    def on_validate(step, scores, is_best):
+        accelerator.print(f"step {step}: validation loss {scores['loss']:.6f}, accuracy {scores['accuracy']:.4f}"
+                          f"{' (best so far)' if is_best else ''}")  # fmt: skip
+        accelerator.log({f"eval/{k}": v for k, v in scores.items()}, step=step)
+
     accelerator.print(
-        f"***** Running training: {len(train_idx)} training / {len(eval_idx)} held-out teachers, "
+        f"***** Running training: {len(train_idx)} training / {len(val_idx)} validation / {len(eval_idx)} held-out "
+        "teachers, "
         f"{args.max_train_steps} steps, {accelerator.num_processes} process(es) *****"
     )
     episodes = wf.EpisodeConfig(args.k_min, args.k_max, args.alpha, args.temperature, args.seed)
     local = wf.train_generator(
         accelerator, generator, optimizer, scheduler, train_dl, train_teachers, targets, episodes,
         args.max_train_steps, progress, args.max_grad_norm, args.logging_steps, args.checkpointing_steps,
-        save_checkpoint, log,
+        save_checkpoint, log, validation=validation, eval_steps=args.eval_steps or max(1, args.max_train_steps // 10),
+        on_validate=on_validate,
     )  # fmt: skip
+    if validation is not None:
+        accelerator.print(f"kept the generator of step {progress.best_step} (validation loss {progress.best_loss:.6f}"
+                          f"{'; step 0 returns every anchor unchanged' if progress.best_step == 0 else ''})")
     # One write per line: print() writes the text and its newline separately, so two ranks sharing a pipe
     # could interleave into "[rank 1/2] ...[rank 0/2] ..." on one line (a pipe write under 4 KiB is atomic).
     sys.stdout.flush()
@@ -178,14 +220,9 @@ def main(args):
 
     # Held-out evaluation: students for several sets of teachers the generator never saw.
     unwrapped = accelerator.unwrap_model(generator)
-    meta_dl = DataLoader(wf_data.BatchedSplit(splits["meta"]), batch_size=256, shuffle=True, collate_fn=wf_data.collate,
-                         generator=torch.Generator().manual_seed(args.seed))  # same batches on every rank
     def finetune(student, members):  # --finetune_steps: distil the generated student on its set's ensemble
         return wf.finetune_student(student, meta_dl, logits["meta"][members], args.finetune_steps,
                                    args.finetune_learning_rate, args.alpha, args.temperature, accelerator.device)
-
-    def recompute_bn(student):
-        return wf.recompute_bn_stats(student, meta_dl, num_batches=20)
 
     meta = {}  # the meta split as tensors, read only if the KD baseline runs
 
@@ -206,6 +243,9 @@ def main(args):
         baselines={f"kd_anchor_{args.kd_baseline_steps}": kd_anchor_baseline} if args.kd_baseline_steps else None,
     )
     results.update(train_teachers=train_teachers.names, finetune_steps=args.finetune_steps, train_steps=progress.step)
+    if validation is not None:
+        results.update(validation_teachers=teachers.subset(val_idx).names, kept_step=progress.best_step,
+                       validation_curve=progress.validation)  # fmt: skip
     accelerator.log(wf.tracker_metrics(results), step=progress.step)
     accelerator.wait_for_everyone()
     unwrapped.config.heldout_results = {k: v for k, v in results.items() if k != "heldout_sets"}

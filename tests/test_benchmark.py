@@ -91,7 +91,7 @@ def test_figures_match_the_pool_manifest(quick_run):
         for pool, entry in result["pools"].items():
             plan = by_name[pool]
             manifest = json.loads((plan.folder() / "pool.json").read_text())
-            assert entry["num_train_teachers"] == plan.num_train
+            assert entry["num_train_teachers"] == len(plan.train_ids)
             assert entry["num_heldout_teachers"] == plan.num_teachers - plan.num_train
             acc = manifest["test_accuracy"]
             for row in (r for r in result["rows"] if r["pool"] == pool and r["method"] == "single_mean"):

@@ -142,7 +142,9 @@ def _optimizer_state(checkpoint: Path) -> dict:
 def test_resume_after_kill_continues_with_identical_state(tiny, tmp_path):
     from safetensors.torch import load_file
 
-    flags = ["--max_train_steps", "60", "--checkpointing_steps", "4", "--num_heldout_sets", "1"]
+    # with validation teachers, so the best generator so far and the validation curve must survive the kill too
+    flags = ["--max_train_steps", "60", "--checkpointing_steps", "4", "--num_heldout_sets", "1",
+             "--num_val_teachers", "2", "--k_max", "2", "--eval_steps", "6"]  # fmt: skip
     full = tmp_path / "full"
     assert run(tiny, *flags, "--output_dir", full).returncode == 0
 
@@ -167,6 +169,12 @@ def test_resume_after_kill_continues_with_identical_state(tiny, tmp_path):
             assert torch.equal(state_a[key][name], state_b[key][name]), (key, name)
     weights_a, weights_b = load_file(full / "model.safetensors"), load_file(killed / "model.safetensors")
     assert all(torch.equal(weights_a[k], weights_b[k]) for k in weights_a)
+    results_a, results_b = (json.loads((d / "eval_results.json").read_text()) for d in (full, killed))
+    curve = results_a["validation_curve"]
+    assert [c[0] for c in curve] == list(range(0, 61, 6)) and results_b["validation_curve"] == curve
+    assert results_a["kept_step"] == results_b["kept_step"] == min(curve, key=lambda c: c[1])[0]
+    assert (final_a / "best_generator.safetensors").is_file()
+    assert f"kept the generator of step {results_a['kept_step']}" in resumed.stdout
 
 
 def test_sigterm_saves_a_checkpoint(tiny, tmp_path):
@@ -267,6 +275,9 @@ def _save_image_folder(folder: Path) -> None:
         ("k_too_large", "K is larger than the pool"),
         ("no_label_column", "has no label column 'fine_label'"),
         ("batch_too_large", "--per_device_train_batch_size 1024 leaves fewer full batches than processes"),
+        ("one_validation_teacher", "--num_val_teachers needs at least 2 validation teachers"),
+        ("validation_leaves_too_few", "k_max=3 but only 2 training teachers (6 in the pool, 2 held out for "
+                                      "evaluation, 2 kept for validation)"),
     ],
 )
 def test_bad_input_gives_one_message_and_exit_status_2(tiny, tmp_path, case, expected):
@@ -278,6 +289,10 @@ def test_bad_input_gives_one_message_and_exit_status_2(tiny, tmp_path, case, exp
         args = ["--teachers", tmp_path / "pool"]
     elif case == "k_too_large":
         args = ["--k_max", "5"]  # 6 teachers, 2 held out: 4 to train on
+    elif case == "one_validation_teacher":
+        args = ["--num_val_teachers", "1", "--k_max", "2"]
+    elif case == "validation_leaves_too_few":
+        args = ["--num_val_teachers", "2"]  # 4 training teachers, 2 validate: 2 left for k_max 3
     elif case == "batch_too_large":
         args = ["--per_device_train_batch_size", "1024"]  # the tiny meta split has 512 examples
     else:

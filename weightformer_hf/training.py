@@ -53,15 +53,17 @@ def split_pool(num_teachers: int, num_eval: int, seed: int = 0) -> tuple[list[in
     return sorted(order[num_eval:]), sorted(order[:num_eval])
 
 
-def check_k(num_train: int, num_eval: int, k_min: int, k_max: int, eval_k: int) -> None:
-    """Raise `PoolConfigError` with the numbers when K does not fit the training or evaluation teachers."""
+def check_k(num_train: int, num_eval: int, k_min: int, k_max: int, eval_k: int, num_val: int = 0) -> None:
+    """Raise `PoolConfigError` with the numbers when K does not fit the training or evaluation teachers
+    (`num_val`: validation teachers, taken from the training teachers)."""
     if not 1 <= k_min <= k_max:
         raise PoolConfigError(f"need 1 <= k_min <= k_max, got k_min={k_min}, k_max={k_max}")
     if k_max > num_train:
+        validating = f", {num_val} kept for validation" if num_val else ""
         raise PoolConfigError(
             f"K is larger than the pool: k_max={k_max} but only {num_train} training teachers "
-            f"({num_train + num_eval} in the pool, {num_eval} held out for evaluation); lower --k_max or "
-            "add teachers"
+            f"({num_train + num_eval + num_val} in the pool, {num_eval} held out for evaluation{validating}); "
+            "lower --k_max or add teachers"
         )
     if eval_k > num_eval:
         raise PoolConfigError(
@@ -100,6 +102,18 @@ def heldout_sets(eval_indices: Sequence[int], k: int, num_sets: int, seed: int =
             seen.add(tuple(candidate))
             members.append(candidate)
     return [(m, rng.randrange(k)) for m in members]
+
+
+def validation_sets(
+    indices: Sequence[int], ks: Iterable[int], sets_per_k: int = 6, seed: int = 0
+) -> list[tuple[list[int], int]]:
+    """Sets of validation teachers for `ValidationTeachers`: up to `sets_per_k` distinct sets of each K in
+    `ks` that fits (`heldout_sets`), each set once with every member as its anchor, so no one anchor decides."""
+    out = []
+    for k in sorted(set(ks)):
+        if 2 <= k <= len(indices):
+            out += [(m, a) for m, _ in heldout_sets(indices, k, sets_per_k, seed=seed + k) for a in range(k)]
+    return out
 
 
 # ----------------------------------------------------------------------------------- the objective
@@ -208,6 +222,80 @@ class EpisodeConfig:
     seed: int = 0
 
 
+# ------------------------------------------------------------------------------- validation teachers
+class ValidationTeachers:
+    """Teacher sets kept out of training that choose which generator to keep (`load_best_model_at_end`).
+
+    `scores(generator)` makes a student for each set and returns its `loss`, the training objective
+    (`kd_loss` with the episodes' alpha and temperature), and its `accuracy`, both averaged over the sets, on
+    `inputs`: the validation data, usually the meta split the generator trains on. The teachers are what is
+    new to the generator, so a generator that memorises its training teachers scores worse here. The loss
+    chooses. The untrained generator returns each set's anchor unchanged, so step 0 is a candidate: where
+    training does not help on teachers it never saw, the anchor is what comes out.
+
+    `teachers` holds the validation teachers only; `sets` are (member indices into it, anchor position);
+    `logits` `(len(teachers), N, C)` are their logits on `inputs`. `prepare_student(student)`, when given,
+    runs on each generated student before it is scored, as it will run before the student is used (e.g.
+    `recompute_bn_stats`); without it the students run functionally, as in training.
+    """
+
+    def __init__(
+        self,
+        teachers: TeacherSet,
+        sets: Sequence[tuple[list[int], int]],
+        inputs: torch.Tensor,
+        labels: torch.Tensor,
+        logits: torch.Tensor,
+        episodes: EpisodeConfig,
+        batch_size: int = 2048,
+        prepare_student: Callable[[nn.Module], nn.Module] | None = None,
+    ):
+        if not sets:
+            raise PoolConfigError("validation needs at least one set of validation teachers")
+        if logits.shape[:2] != (len(teachers), len(inputs)) or len(labels) != len(inputs):
+            raise PoolConfigError(
+                f"validation logits {tuple(logits.shape)} do not match {len(teachers)} validation teachers "
+                f"and {len(inputs)} inputs ({len(labels)} labels)"
+            )
+        self.teachers, self.sets = teachers, [(list(m), a) for m, a in sets]
+        self.inputs, self.labels, self.logits = inputs, labels, logits
+        self.episodes, self.batch_size, self.prepare_student = episodes, batch_size, prepare_student
+
+    @torch.no_grad()
+    def scores(self, generator: nn.Module) -> dict[str, float]:
+        """`{"loss", "accuracy"}` of the students `generator` makes, averaged over the sets (the generator's
+        train/eval mode is restored)."""
+        from .modeling import run_student
+
+        was_training = generator.training
+        generator.eval()
+        loss = correct = 0.0
+        try:
+            for members, anchor in self.sets:
+                subset = self.teachers.subset(members)
+                if self.prepare_student is None:
+                    state = generator(subset, anchor=anchor).student_state
+                    device = next(iter(state.values())).device
+
+                    def forward(x, subset=subset, state=state):
+                        return run_student(subset, state, x)
+                else:
+                    device = next(generator.parameters()).device
+                    forward = self.prepare_student(generator.generate_student(subset, anchor, device=device))
+                for i in range(0, len(self.inputs), self.batch_size):
+                    x = self.inputs[i : i + self.batch_size].to(device)
+                    logits = logits_of(forward(x)).float()
+                    targets = self.logits[members, i : i + self.batch_size].to(device)
+                    labels = self.labels[i : i + self.batch_size].to(device)
+                    batch = kd_loss(logits, targets, labels, self.episodes.alpha, self.episodes.temperature)
+                    loss += batch.item() * len(x)
+                    correct += (logits.argmax(-1) == labels).sum().item()
+        finally:
+            generator.train(was_training)
+        n = len(self.sets) * len(self.inputs)
+        return {"loss": loss / n, "accuracy": correct / n}
+
+
 def optimizer_and_scheduler(
     generator: nn.Module,
     learning_rate: float,
@@ -245,6 +333,9 @@ def train_generator(
     save_checkpoint: Callable[[], None] | None = None,
     on_log: Callable[[int, float], None] | None = None,
     show_progress: bool = True,
+    validation: ValidationTeachers | None = None,
+    eval_steps: int | None = None,
+    on_validate: Callable[[int, dict[str, float], bool], None] | None = None,
 ) -> list[float]:
     """Episodic training of `generator` (objects already `accelerator.prepare`d) until `max_train_steps`.
 
@@ -254,6 +345,10 @@ def train_generator(
     SIGTERM/SIGINT set accelerate's trigger, so every rank stops at the same step: the checkpoint is saved
     (`save_checkpoint`) and `SystemExit(128 + signal)` is raised. `on_log(step, loss)` receives the loss
     averaged over ranks every `logging_steps`. Returns this rank's episode losses.
+
+    With `validation`, the generator is scored at step 0 (the untrained generator: every anchor unchanged),
+    every `eval_steps` and at the last step; `on_validate(step, scores, is_best)` sees each. At the end the
+    weights of the lowest validation loss are loaded back into the generator (the step is `progress.best_step`).
     """
     import signal
 
@@ -273,6 +368,19 @@ def train_generator(
         total=max_train_steps, initial=progress.step, disable=not (show_progress and accelerator.is_main_process)
     )
     micro, window, local = progress.step * accumulation, [], []
+    model = accelerator.unwrap_model(generator)
+
+    def validate() -> None:  # scores averaged over ranks, so every rank keeps the same step
+        scores = validation.scores(model)
+        values = torch.tensor(list(scores.values()), dtype=torch.float64, device=accelerator.device)
+        values = accelerator.reduce(values, "mean")
+        scores = dict(zip(scores, values.tolist()))
+        is_best = progress.record(progress.step, scores, model)
+        if on_validate is not None:
+            on_validate(progress.step, scores, is_best)
+
+    if validation is not None and not progress.validation:
+        validate()
     try:
         while progress.step < max_train_steps:
             if hasattr(train_dataloader, "set_epoch"):
@@ -302,6 +410,10 @@ def train_generator(
                         if on_log is not None:
                             on_log(progress.step, sum(window) / len(window))
                         window = []
+                    if validation is not None and (
+                        progress.step == max_train_steps or (eval_steps and progress.step % eval_steps == 0)
+                    ):
+                        validate()
                     if checkpointing_steps and progress.step % checkpointing_steps == 0 and save_checkpoint:
                         save_checkpoint()
                 if accelerator.check_trigger():
@@ -318,6 +430,8 @@ def train_generator(
         bar.close()
         for sig, handler in previous.items():  # past the loop nobody checks the trigger: signals act at once
             signal.signal(sig, handler)
+    if validation is not None and progress.best_state is not None:
+        model.load_state_dict(progress.best_state)
     return local
 
 
@@ -620,13 +734,57 @@ def prune_checkpoints(folder: str | Path, keep: int = 3) -> None:
 
 
 class TrainingProgress:
-    """Optimizer steps done; `accelerator.register_for_checkpointing` stores it in every checkpoint."""
+    """Optimizer steps done and, with validation teachers, every validation loss and the best generator so
+    far (its step, loss and weights). `accelerator.register_for_checkpointing` stores the numbers in every
+    checkpoint; the weights go beside them as safetensors (`save_best` / `load_best`), never in a pickle."""
+
+    BEST_FILE = "best_generator.safetensors"
 
     def __init__(self):
         self.step = 0
+        self.best_step: int | None = None
+        self.best_loss = math.inf
+        self.best_state: dict[str, torch.Tensor] | None = None
+        self.validation: list[tuple[int, float, float]] = []  # (step, mean validation loss, accuracy)
+
+    def record(self, step: int, scores: dict[str, float], generator: nn.Module) -> bool:
+        """Note validation scores; keep a CPU copy of the weights when the loss is the best (ties keep the
+        earlier step: fewer episodes, or the anchor itself). Returns whether it was."""
+        loss = scores["loss"]
+        self.validation.append((step, loss, scores["accuracy"]))
+        if not loss < self.best_loss:
+            return False
+        self.best_step, self.best_loss = step, loss
+        self.best_state = {k: v.detach().to("cpu", copy=True) for k, v in generator.state_dict().items()}
+        return True
+
+    def save_best(self, folder: str | Path) -> None:
+        """Write the best weights into a checkpoint folder (nothing without validation)."""
+        if self.best_state is not None:
+            save_file({k: v.contiguous() for k, v in self.best_state.items()}, str(Path(folder) / self.BEST_FILE))
+
+    def load_best(self, folder: str | Path) -> None:
+        """Read back what `save_best` wrote, after `accelerator.load_state` restored the numbers."""
+        if self.best_step is None:
+            return
+        path = Path(folder) / self.BEST_FILE
+        if not path.is_file():
+            raise WeightFormerError(
+                f"checkpoint {str(folder)!r} records a best generator at step {self.best_step} but has no "
+                f"{self.BEST_FILE}: the checkpoint is incomplete; resume from an earlier one"
+            )
+        self.best_state = load_file(str(path))
 
     def state_dict(self) -> dict:
-        return {"step": self.step}
+        return {"step": self.step, "best_step": self.best_step, "best_loss": self.best_loss,
+                "validation_steps": [s for s, _, _ in self.validation],
+                "validation_losses": [v for _, v, _ in self.validation],
+                "validation_accuracies": [a for _, _, a in self.validation]}  # fmt: skip
 
     def load_state_dict(self, state: dict) -> None:
         self.step = int(state["step"])
+        self.best_step = state.get("best_step")
+        self.best_loss = float(state.get("best_loss", math.inf))
+        self.best_state = None
+        self.validation = list(zip(state.get("validation_steps", []), state.get("validation_losses", []),
+                                   state.get("validation_accuracies", [])))  # fmt: skip

@@ -81,10 +81,13 @@ def meta_loader(data: Split, batch_size: int, seed: int, shuffle: bool = True, d
 
 
 def train(plan: PoolPlan, teachers: wf.TeacherSet, train_ids: list[int], data: Split, meta_logits: torch.Tensor,
-          recipe: GeneratorRecipe, log=print, on_eval=None):  # fmt: skip
+          recipe: GeneratorRecipe, log=print, on_eval=None, validation_sets=None, prepare=None):  # fmt: skip
     """`training.train_generator` on the training teachers only. Returns `(generator, stats)`;
     `stats["seen_combinations"]` holds the member sets it trained on (popped before saving).
-    `on_eval=(every, fn)` calls `fn(generator, step)` every `every` steps (a held-out curve)."""
+    `on_eval=(every, fn)` calls `fn(generator, step)` every `every` steps (a held-out curve).
+    `validation_sets` (pool indices, anchor position), when given, choose the generator to keep on the meta
+    split: the best of step 0, every twelfth of the run and the last step, each student scored after
+    `prepare(student)` (the BatchNorm re-estimation every generated student gets before it is scored)."""
     torch.manual_seed(recipe.episodes.seed)
     accelerator = Accelerator(cpu=True, gradient_accumulation_steps=recipe.gradient_accumulation_steps)
     train_teachers = teachers.subset(train_ids)
@@ -97,6 +100,14 @@ def train(plan: PoolPlan, teachers: wf.TeacherSet, train_ids: list[int], data: S
     generator, optimizer, loader, scheduler = accelerator.prepare(generator, optimizer, loader, scheduler)
     targets = training.TeacherTargets(train_teachers, meta_logits[train_ids])
     every = max(1, recipe.max_train_steps // 6)
+    validation, eval_steps, curve = None, max(1, recipe.max_train_steps // 12), []
+    if validation_sets:
+        val_ids = sorted({m for members, _ in validation_sets for m in members})
+        where = {t: i for i, t in enumerate(val_ids)}
+        validation = training.ValidationTeachers(
+            teachers.subset(val_ids), [([where[m] for m in members], a) for members, a in validation_sets],
+            data.meta_x, data.meta_y, meta_logits[val_ids], recipe.episodes, prepare_student=prepare,
+        )  # fmt: skip
     if on_eval is not None:
         every = math.gcd(every, on_eval[0])
     start = time.perf_counter()
@@ -108,10 +119,16 @@ def train(plan: PoolPlan, teachers: wf.TeacherSet, train_ids: list[int], data: S
         if on_eval is not None and step % on_eval[0] == 0:
             on_eval[1](accelerator.unwrap_model(generator), step)
 
+    def on_validate(step: int, scores: dict, is_best: bool) -> None:
+        curve.append((step, scores["loss"], scores["accuracy"]))
+        log(f"[{plan.name}] step {step}: validation loss {scores['loss']:.4f}, accuracy {scores['accuracy']:.4f}"
+            f"{' (best so far)' if is_best else ''}")  # fmt: skip
+
+    progress = training.TrainingProgress()
     local = training.train_generator(
         accelerator, generator, optimizer, scheduler, loader, train_teachers, targets, recipe.episodes,
-        recipe.max_train_steps, training.TrainingProgress(), recipe.max_grad_norm, logging_steps=every,
-        show_progress=False, on_log=on_log,
+        recipe.max_train_steps, progress, recipe.max_grad_norm, logging_steps=every, show_progress=False,
+        on_log=on_log, validation=validation, eval_steps=eval_steps, on_validate=on_validate,
     )  # fmt: skip
     seconds = time.perf_counter() - start
     seen = set()
@@ -128,7 +145,9 @@ def train(plan: PoolPlan, teachers: wf.TeacherSet, train_ids: list[int], data: S
         "batch_size": training_batch_size(recipe.batch_size, data),
         "recipe": {**asdict(recipe)},
         "seen_combinations": seen,
-    }
+        **({"validation": {"teachers": val_ids, "sets": len(validation_sets), "eval_steps": eval_steps,
+                           "kept_step": progress.best_step, "curve": curve}} if validation else {}),
+    }  # fmt: skip
 
 
 @torch.no_grad()

@@ -19,7 +19,7 @@ import torch
 
 from weightformer_hf.data import cache_root
 from weightformer_hf.pool import PoolSpec, build_pool, finetune_source, load_pool, pool_is_built, teacher_paths
-from weightformer_hf.training import heldout_sets
+from weightformer_hf.training import heldout_sets, validation_sets
 
 LABELS = [str(i) for i in range(10)]
 MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
@@ -44,9 +44,11 @@ VIT_PROCESSOR = {
 class PoolPlan:
     """One benchmark pool: its `PoolSpec`, the dataset, and how it is split.
 
-    The first `num_train` teachers train the generator; the others are held out and cut, for each K, into up
-    to `sets_per_k` disjoint sets (disjoint from the training teachers and from the other sets of that K; sets
-    of different K may share teachers).
+    The first `num_train` teachers are the generator's: the last `num_val` of them are validation teachers
+    that choose which generator to keep (`training.ValidationTeachers`: the best of step 0, every
+    `eval_steps` and the last step), the others train it. The teachers after `num_train` are held out and cut,
+    for each K, into up to `sets_per_k` disjoint sets (disjoint from the generator's teachers and from the
+    other sets of that K; sets of different K may share teachers).
     """
 
     name: str
@@ -57,6 +59,7 @@ class PoolPlan:
     dataset: str = "mnist1d"  # mnist1d | mnist5k
     long_factor: float = 4.0  # single_long trains this many times the teachers' budget
     gen_steps: int = 3000  # generator episodes (full run), chosen on the pool's validation split
+    num_val: int = 0  # validation teachers among the first num_train (0: keep the last step)
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -70,6 +73,19 @@ class PoolPlan:
     def folder(self) -> Path:
         key = json.dumps({"spec": self.spec.to_dict(), "dataset": self.dataset}, sort_keys=True)
         return cache_root() / "benchmark" / "pools" / f"{self.name}-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
+
+    @property
+    def train_ids(self) -> list[int]:
+        """The teachers the generator trains on."""
+        return list(range(self.num_train - self.num_val))
+
+    @property
+    def val_ids(self) -> list[int]:
+        return list(range(self.num_train - self.num_val, self.num_train))
+
+    def validation_sets(self) -> list[tuple[list[int], int]]:
+        """Sets of validation teachers (pool indices) and anchor positions (`training.validation_sets`)."""
+        return validation_sets(self.val_ids, self.ks)
 
     def heldout_sets(self) -> dict[int, list[list[int]]]:
         """Per K, the disjoint held-out sets (`training.heldout_sets`, the sampler `examples/train.py` uses),
@@ -90,13 +106,14 @@ class PoolPlan:
         seen = seen or set()
         out = {}
         for k in self.ks:
-            if k > self.num_train:
+            n = len(self.train_ids)
+            if k > n:
                 continue
-            wanted = min(self.sets_per_k, math.comb(self.num_train, k))
+            wanted = min(self.sets_per_k, math.comb(n, k))
             sets: list[list[int]] = []
             tries = 0
             while len(sets) < wanted:
-                members = rng.sample(range(self.num_train), k)
+                members = rng.sample(range(n), k)
                 tries += 1
                 if frozenset(members) in seen and tries < 20_000:
                     continue
@@ -108,7 +125,8 @@ class PoolPlan:
     def summary(self, manifest: dict) -> dict:
         """The `pools` entry of benchmark.json."""
         return {
-            "num_train_teachers": self.num_train,
+            "num_train_teachers": len(self.train_ids),
+            "num_validation_teachers": self.num_val,
             "num_heldout_teachers": self.num_teachers - self.num_train,
             "heldout_sets": {str(k): len(v) for k, v in self.heldout_sets().items()},
             "dataset": self.dataset,
@@ -145,8 +163,16 @@ def full_plans() -> list[PoolPlan]:
             16,
             (2, 4),
             3,
+            num_val=4,
         ),
-        PoolPlan("mlp_shared_init", PoolSpec(MLP, num_teachers=28, seed=50_000, shared_init=True), 16, (2, 4), 3),
+        PoolPlan(
+            "mlp_shared_init",
+            PoolSpec(MLP, num_teachers=28, seed=50_000, shared_init=True),
+            16,
+            (2, 4),
+            3,
+            num_val=4,
+        ),
         PoolPlan(
             "mnist_timm_resnet",
             PoolSpec(resnet, num_teachers=10, train_steps=800, seed=50_000),
@@ -154,6 +180,7 @@ def full_plans() -> list[PoolPlan]:
             (2, 4),
             3,
             dataset="mnist5k",
+            num_val=2,
         ),
         PoolPlan(
             "mnist_hf_vit",
@@ -162,6 +189,7 @@ def full_plans() -> list[PoolPlan]:
             (2, 4),
             3,
             dataset="mnist5k",
+            num_val=2,
         ),
         PoolPlan(  # the Hub user's case: fine-tunes of one pretrained timm model (base: scikit-learn's digits)
             "mnist_timm_resnet_finetune",
@@ -172,6 +200,7 @@ def full_plans() -> list[PoolPlan]:
             (2, 4),
             3,
             dataset="mnist5k",
+            num_val=6,
         ),
     ]
 
@@ -199,6 +228,7 @@ def quick_plans() -> list[PoolPlan]:
             4,
             (2,),
             1,
+            num_val=2,
         ),
         PoolPlan(
             "mlp_shared_init", PoolSpec(mlp, num_teachers=6, train_steps=200, seed=50_000, shared_init=True), 4, (2,), 1

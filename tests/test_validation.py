@@ -1,0 +1,125 @@
+"""Validation teachers choose the generator to keep (`training.ValidationTeachers`, `train_generator`).
+
+Tiny MLP teachers on random data, trained in-process: what is asserted is which step is kept and that its
+weights, not the last ones, come back, including step 0, which returns every anchor unchanged.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from accelerate import Accelerator
+from torch.utils.data import DataLoader
+
+from weightformer_hf import TeacherSet, WeightFormerModel, training
+from weightformer_hf.errors import WeightFormerError
+from weightformer_hf.reference_models import MLPClassifier, MLPClassifierConfig
+
+LABELS = {i: str(i) for i in range(10)}
+EPISODES = training.EpisodeConfig(k_min=2, k_max=3, alpha=0.9, temperature=4.0, seed=0)
+
+
+@pytest.fixture()
+def pool():
+    """6 teachers (4 train, 2 validate), 256 inputs, their logits, and a loader of `{"inputs", "labels", "index"}`."""
+    torch.manual_seed(0)
+    models = [MLPClassifier(MLPClassifierConfig(in_features=12, hidden_sizes=(16,), id2label=LABELS)).eval()
+              for _ in range(6)]  # fmt: skip
+    teachers = TeacherSet.from_models(models)
+    x, y = torch.randn(256, 12), torch.randint(0, 10, (256,))
+    with torch.no_grad():
+        logits = torch.stack([m(x).logits for m in models])
+    rows = [{"inputs": x[i], "labels": y[i], "index": torch.tensor(i)} for i in range(256)]
+    loader = DataLoader(rows, batch_size=64, shuffle=True, drop_last=True, generator=torch.Generator().manual_seed(0))
+    val = training.ValidationTeachers(teachers.subset([4, 5]), [([0, 1], 0), ([0, 1], 1)], x, y, logits[4:], EPISODES)
+    return teachers, x, y, logits, loader, val
+
+
+def _train(pool, learning_rate: float, steps: int = 12, eval_steps: int = 4):
+    teachers, _, _, logits, loader, val = pool
+    torch.manual_seed(0)
+    accelerator = Accelerator(cpu=True)
+    train = teachers.subset([0, 1, 2, 3])
+    generator = WeightFormerModel.for_teachers(train, hidden_size=16, num_attention_heads=2, intermediate_size=32)
+    optimizer, scheduler = training.optimizer_and_scheduler(generator, learning_rate, 0.0, "constant", 0, steps)
+    generator, optimizer, loader, scheduler = accelerator.prepare(generator, optimizer, loader, scheduler)
+    progress, seen = training.TrainingProgress(), []
+    training.train_generator(
+        accelerator, generator, optimizer, scheduler, loader, train, training.TeacherTargets(train, logits[:4]),
+        EPISODES, steps, progress, show_progress=False, validation=val, eval_steps=eval_steps,
+        on_validate=lambda step, loss, best: seen.append((step, loss, best)),
+    )  # fmt: skip
+    return accelerator.unwrap_model(generator), progress, seen
+
+
+def test_the_untrained_generators_validation_loss_is_its_anchors_kd_loss(pool):
+    teachers, x, y, logits, _, val = pool
+    generator = WeightFormerModel.for_teachers(teachers, hidden_size=16, num_attention_heads=2, intermediate_size=32)
+    expected = [training.kd_loss(logits[4 + a], logits[4:], y, 0.9, 4.0).item() for a in (0, 1)]
+    accuracy = sum((logits[4 + a].argmax(-1) == y).float().mean().item() for a in (0, 1)) / 2
+    scores = val.scores(generator)
+    assert scores["loss"] == pytest.approx(sum(expected) / 2, rel=1e-6) and scores["accuracy"] == accuracy
+    assert generator.training  # its mode is restored
+
+
+def test_a_prepared_student_is_scored_as_prepared(pool):
+    teachers, x, y, logits, _, val = pool
+    generator = WeightFormerModel.for_teachers(teachers, hidden_size=16, num_attention_heads=2, intermediate_size=32)
+    prepared = []
+
+    def silence_the_last_layer(student):  # any change the scores must see
+        prepared.append(student)
+        student.state_dict()[next(reversed(student.state_dict()))].zero_()
+        return student
+
+    val.prepare_student = silence_the_last_layer
+    scores = val.scores(generator)
+    assert len(prepared) == 2
+    with torch.no_grad():
+        expected = [training.kd_loss(silence_the_last_layer(teachers.model(4 + a)).eval()(x).logits, logits[4:], y,
+                                     0.9, 4.0).item() for a in (0, 1)]  # fmt: skip
+    assert scores["loss"] == pytest.approx(sum(expected) / 2, rel=1e-6)
+
+
+def test_a_run_that_only_hurts_keeps_step_0_and_returns_the_anchors(pool):
+    teachers = pool[0]
+    generator, progress, seen = _train(pool, learning_rate=1.0)  # far too large: every step makes it worse
+    assert [s for s, _, _ in seen] == [0, 4, 8, 12] and [b for _, _, b in seen] == [True, False, False, False]
+    assert progress.best_step == 0 and progress.step == 12
+    val_set = teachers.subset([4, 5])
+    for anchor in (0, 1):
+        student = generator.generate_student(val_set, anchor=anchor)
+        for name, value in student.state_dict().items():
+            assert torch.equal(value, val_set.state_dicts[anchor][name]), name
+
+
+def test_a_run_that_helps_keeps_its_lowest_validation_loss_and_those_weights(pool):
+    generator, progress, seen = _train(pool, learning_rate=3e-3)
+    losses = [scores["loss"] for _, scores, _ in seen]
+    assert progress.validation == [(s, scores["loss"], scores["accuracy"]) for s, scores, _ in seen]
+    best = min(range(len(losses)), key=losses.__getitem__)
+    assert progress.best_step == seen[best][0] > 0 and progress.best_loss == losses[best]
+    assert all(torch.equal(v, progress.best_state[k]) for k, v in generator.state_dict().items())
+    assert pool[5].scores(generator)["loss"] == pytest.approx(progress.best_loss, rel=1e-6)
+
+
+def test_progress_round_trips_through_a_checkpoint_folder(pool, tmp_path):
+    _, progress, _ = _train(pool, learning_rate=3e-3, steps=4, eval_steps=2)
+    progress.save_best(tmp_path)
+    restored = training.TrainingProgress()
+    restored.load_state_dict(progress.state_dict())
+    restored.load_best(tmp_path)
+    assert (restored.step, restored.best_step, restored.best_loss) == (4, progress.best_step, progress.best_loss)
+    assert restored.validation == progress.validation
+    assert all(torch.equal(v, progress.best_state[k]) for k, v in restored.best_state.items())
+    (tmp_path / training.TrainingProgress.BEST_FILE).unlink()
+    with pytest.raises(WeightFormerError, match=f"records a best generator at step {progress.best_step} but has no"):
+        restored.load_best(tmp_path)
+
+
+def test_validation_sets_give_every_member_a_turn_as_anchor():
+    sets = training.validation_sets([7, 8, 9, 10], ks=(2, 4, 6))  # 6 does not fit in 4 teachers
+    pairs = [s for s in sets if len(s[0]) == 2]
+    assert len(pairs) == 12 and len({tuple(m) for m, _ in pairs}) == 6  # all 6 pairs, both anchors each
+    assert sorted(a for m, a in sets if len(m) == 4) == [0, 1, 2, 3]
+    assert training.validation_sets([3], ks=(2,)) == []
