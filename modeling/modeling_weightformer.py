@@ -378,6 +378,7 @@ class WeightFormerModel(WeightFormerPreTrainedModel):
         for k, state in enumerate(states):
             _write_raw_tokens(layer, state, perms[k], spec, device, None, sums)
         tensor_scales = _rms_scales(layer, states, sums, device)
+        release_free_memory()  # the pass's row blocks stay resident otherwise, under the layer's token buffers
 
         def teacher_content(k: int) -> torch.Tensor:
             out = torch.zeros(channels, padded, device=device)
@@ -408,17 +409,25 @@ class WeightFormerModel(WeightFormerPreTrainedModel):
         embedded = None
         for k in range(n_teachers):
             one = embed(content_of(k))
-            if embedded is None:
-                embedded = one.new_empty((n_teachers, *one.shape))
+            if embedded is None:  # stored chunk-major (n, K, C, d): the blocks' `memory` below is a view of it
+                embedded = one.new_empty((n_chunks, n_teachers, channels, one.shape[-1])).permute(1, 2, 0, 3)
             embedded[k] = one
             del one
         chunk_ids = torch.arange(n_chunks, device=embedded.device) + self.chunk_offsets[index]
-        tokens = embedded + self.chunk_embed(chunk_ids)[:, None, :].transpose(0, 1)
-        del embedded
-        tokens = tokens + self.layer_embed.weight[index]
-        roles = torch.zeros(n_teachers, dtype=torch.long, device=tokens.device)
+        roles = torch.zeros(n_teachers, dtype=torch.long, device=embedded.device)
         roles[anchor] = 1
-        tokens = tokens + self.role_embed(roles)[:, None, None, :]  # (K, C, n, d)
+        additions = (
+            self.chunk_embed(chunk_ids)[:, None, :].transpose(0, 1),
+            self.layer_embed.weight[index],
+            self.role_embed(roles)[:, None, None, :],
+        )
+        # in place without autograd (generation): no token-sized intermediate sums, the same bits
+        in_place = not (torch.is_grad_enabled() and (embedded.requires_grad or any(a.requires_grad for a in additions)))
+        tokens = embedded
+        del embedded
+        for addition in additions:
+            tokens = tokens.add_(addition) if in_place else tokens + addition
+        # tokens: (K, C, n, d)
 
         queries = tokens[anchor]
         if self.config.pool_aligned and n_teachers > 1:
@@ -430,8 +439,13 @@ class WeightFormerModel(WeightFormerPreTrainedModel):
         if self.config.use_cross_token:
             cross_in = cross.expand(n_chunks, 1, -1)
             queries = torch.cat([cross_in, queries], dim=1)
+        if inputs.streamed:  # large layers: the raw tokens' and the pooling's freed buffers go back first
+            release_free_memory()
         for block in self.blocks:
             queries = block(queries, memory)
+        del memory
+        if inputs.streamed:  # and the blocks' before the decoded layer is taken
+            release_free_memory()
         queries = self.final_norm(queries)
         if self.config.use_cross_token:
             cross, queries = queries[:, 0].mean(0), queries[:, 1:]
