@@ -284,8 +284,6 @@ def _weight_matching(spec, anchor, other, max_iter, seed, tol, stats, workers) -
             cost.addmm_(*(low_rank[group][0], low_rank[group][1].T))
         for pair, position in pairs[group]:
             cost += contribution(pair, position, n)
-            if n * n >= TRIM_MIN_NUMEL:  # wide groups: each re-read pair's freed copies go back before the next
-                release_free_memory()
         for name in generic[group]:
             groups, reshape = spec[name]
             wa = _view(anchor[name].detach().to(device="cpu", dtype=torch.float32), reshape)
