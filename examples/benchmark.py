@@ -71,6 +71,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="the generator's KD weight (1 - gen_alpha weighs CE on the meta labels)",
     )
     g.add_argument("--temperature", type=float, default=4.0)
+    g.add_argument("--val_data_fraction", type=float, default=0.0,
+                   help="pools with validation teachers: this share of the meta split is kept out of the generator's "
+                        "training and scores them (default 0: they are scored on the rows it trains on)")
     g.add_argument("--seed", type=int, default=0)
     b = p.add_argument_group("baselines")
     b.add_argument("--kd_steps", type=int, help="steps of kd_anchor_1k (default 1000; quick 20)")
@@ -108,7 +111,7 @@ def generator_recipe(args, plan: plans.PoolPlan) -> methods.GeneratorRecipe:
         steps = plan.gen_steps if args.gen_steps is None else args.gen_steps
     recipe = methods.GeneratorRecipe(
         max_train_steps=steps, learning_rate=args.gen_lr, batch_size=args.gen_batch_size,
-        num_warmup_steps=max(1, steps // 20),
+        num_warmup_steps=max(1, steps // 20), val_data_fraction=args.val_data_fraction,
         episodes=EpisodeConfig(args.k_min, args.k_max, args.gen_alpha, args.temperature, args.seed),
     )  # fmt: skip
     if args.generator_config:
@@ -177,7 +180,8 @@ def run_pool(plan: plans.PoolPlan, args, costs: dict, notes: dict, pools: dict) 
     costs["time_ratios"][name] = ratios
     new = {k: sum(frozenset(m) not in seen for m in sets) for k, sets in in_pool.items()}
     val = gen_stats.get("validation")
-    kept = (f"; {plan.num_val} validation teachers ({val['sets']} sets on the meta split) chose the generator of "
+    where = "the meta split" if not val or val["rows_trained_on"] else f"{val['rows']} meta rows it never trained on"
+    kept = (f"; {plan.num_val} validation teachers ({val['sets']} sets on {where}) chose the generator of "
             f"step {val['kept_step']} (step 0: the anchor itself), checked every {val['eval_steps']} steps"
             if val else "")  # fmt: skip
     notes[name] = [

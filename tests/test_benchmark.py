@@ -194,3 +194,28 @@ def test_combine_merges_runs_of_separate_pools(quick_run, tmp_path):
     assert [r["method"] for r in merged["rows"]] == [r["method"] for r in result["rows"]]
     assert set(merged["pools"]) == set(result["pools"])
     assert "Command: `run 0 ; run 1`" in (tmp_path / "merged" / "benchmark.md").read_text()
+
+
+def test_validation_teachers_choose_the_kept_step(quick_run):
+    _, result, _ = quick_run
+    trained = result["costs"]["generator_training"]
+    assert [pool for pool in trained if "validation" in trained[pool]] == ["cnn_scratch"]  # the quick plan's only
+    val = trained["cnn_scratch"]["validation"]
+    steps = [c[0] for c in val["curve"]]
+    assert steps == sorted(steps) and steps[0] == 0 and steps[-1] == trained["cnn_scratch"]["steps"]
+    assert val["kept_step"] == min(val["curve"], key=lambda c: c[1])[0]  # the lowest loss, earliest on ties
+    assert val["teachers"] == [2, 3] and val["rows_trained_on"]  # the last 2 of its 4 generator teachers
+
+
+def test_validation_rows_are_kept_out_of_the_generators_batches():
+    import torch
+    from benchmarking import methods, plans
+
+    data = plans.Split(*(torch.arange(n).float() for n in (5, 5)), torch.randn(50, 3), torch.arange(50) % 10,
+                       torch.zeros(1), torch.zeros(1))  # fmt: skip
+    trained_on, held = methods.meta_rows(data, 0.2)
+    assert len(held) == 10 and sorted(trained_on + held) == list(range(50))
+    assert methods.meta_rows(data, 0.0) == (list(range(50)), [])
+    seen = {int(i) for batch in methods.meta_loader(data, 8, seed=0, rows=trained_on) for i in batch["index"]}
+    assert seen <= set(trained_on) and len(seen) == 40  # 5 full batches of 8: every row, none held out
+    assert all(torch.equal(b["inputs"], data.meta_x[b["index"]]) for b in methods.meta_loader(data, 8, 0, rows=held))

@@ -63,19 +63,28 @@ class GeneratorRecipe:
     batch_size: int = 256
     gradient_accumulation_steps: int = 1  # episodes (teacher sets) per optimizer step
     episodes: training.EpisodeConfig = field(default_factory=training.EpisodeConfig)
+    val_data_fraction: float = 0.0  # meta rows kept for validation only (0: validate on the rows it trains on)
 
 
-def training_batch_size(batch_size: int, data: Split) -> int:
-    """The meta batch an episode really gets: `batch_size`, capped at the meta split."""
-    return min(batch_size, len(data.meta_x))
+def training_batch_size(batch_size: int, data: Split, fraction: float = 0.0) -> int:
+    """The meta batch an episode really gets: `batch_size`, capped at the meta rows it trains on."""
+    return min(batch_size, len(data.meta_x) - int(fraction * len(data.meta_x)))
 
 
-def meta_loader(data: Split, batch_size: int, seed: int, shuffle: bool = True, drop_last: bool = True) -> DataLoader:
-    """The meta split as the `{"inputs", "labels", "index"}` batches `examples/train.py` reads; a batch size
-    above the split's size (the 4,096 default on the tiny `--quick` pools) is capped at the whole split."""
-    pairs = enumerate(zip(data.meta_x, data.meta_y))
-    rows = [{"inputs": x, "labels": y, "index": torch.tensor(i)} for i, (x, y) in pairs]
-    batch_size = training_batch_size(batch_size, data)
+def meta_rows(data: Split, val_data_fraction: float) -> tuple[list[int], list[int]]:
+    """(rows the generator trains on, rows kept for validation only) of the meta split, a fixed shuffle."""
+    order = torch.randperm(len(data.meta_x), generator=torch.Generator().manual_seed(4321)).tolist()
+    held = int(val_data_fraction * len(order))
+    return sorted(order[held:]), sorted(order[:held])
+
+
+def meta_loader(data: Split, batch_size: int, seed: int, shuffle: bool = True, drop_last: bool = True,
+                rows: list[int] | None = None) -> DataLoader:  # fmt: skip
+    """The meta split (or its `rows`) as the `{"inputs", "labels", "index"}` batches `examples/train.py` reads;
+    a batch size above the rows (the 4,096 default on the tiny `--quick` pools) is capped at all of them."""
+    rows = range(len(data.meta_x)) if rows is None else rows
+    rows = [{"inputs": data.meta_x[i], "labels": data.meta_y[i], "index": torch.tensor(i)} for i in rows]
+    batch_size = min(batch_size, len(rows))
     return DataLoader(rows, batch_size=batch_size, shuffle=shuffle, drop_last=drop_last, collate_fn=wf.data.collate,
                       generator=torch.Generator().manual_seed(seed))  # fmt: skip
 
@@ -86,7 +95,8 @@ def train(plan: PoolPlan, teachers: wf.TeacherSet, train_ids: list[int], data: S
     `stats["seen_combinations"]` holds the member sets it trained on (popped before saving).
     `on_eval=(every, fn)` calls `fn(generator, step)` every `every` steps (a held-out curve).
     `validation_sets` (pool indices, anchor position), when given, choose the generator to keep on the meta
-    split: the best of step 0, every twelfth of the run and the last step, each student scored after
+    split (or on the `recipe.val_data_fraction` of its rows kept out of the generator's training): the best of
+    step 0, every twelfth of the run and the last step, each student scored after
     `prepare(student)` (the BatchNorm re-estimation every generated student gets before it is scored)."""
     torch.manual_seed(recipe.episodes.seed)
     accelerator = Accelerator(cpu=True, gradient_accumulation_steps=recipe.gradient_accumulation_steps)
@@ -96,7 +106,8 @@ def train(plan: PoolPlan, teachers: wf.TeacherSet, train_ids: list[int], data: S
         generator, recipe.learning_rate, recipe.weight_decay, recipe.lr_scheduler_type, recipe.num_warmup_steps,
         recipe.max_train_steps,
     )  # fmt: skip
-    loader = meta_loader(data, recipe.batch_size, recipe.episodes.seed)
+    train_rows, val_rows = meta_rows(data, recipe.val_data_fraction if validation_sets else 0.0)
+    loader = meta_loader(data, recipe.batch_size, recipe.episodes.seed, rows=train_rows)
     generator, optimizer, loader, scheduler = accelerator.prepare(generator, optimizer, loader, scheduler)
     targets = training.TeacherTargets(train_teachers, meta_logits[train_ids])
     every = max(1, recipe.max_train_steps // 6)
@@ -104,9 +115,11 @@ def train(plan: PoolPlan, teachers: wf.TeacherSet, train_ids: list[int], data: S
     if validation_sets:
         val_ids = sorted({m for members, _ in validation_sets for m in members})
         where = {t: i for i, t in enumerate(val_ids)}
+        rows = torch.tensor(val_rows or train_rows)
         validation = training.ValidationTeachers(
             teachers.subset(val_ids), [([where[m] for m in members], a) for members, a in validation_sets],
-            data.meta_x, data.meta_y, meta_logits[val_ids], recipe.episodes, prepare_student=prepare,
+            data.meta_x[rows], data.meta_y[rows], meta_logits[val_ids][:, rows], recipe.episodes,
+            prepare_student=prepare,
         )  # fmt: skip
     if on_eval is not None:
         every = math.gcd(every, on_eval[0])
@@ -142,10 +155,11 @@ def train(plan: PoolPlan, teachers: wf.TeacherSet, train_ids: list[int], data: S
         "seconds": seconds,
         "seconds_per_step": seconds / max(1, recipe.max_train_steps),
         "final_loss": sum(local[-50:]) / max(1, len(local[-50:])),
-        "batch_size": training_batch_size(recipe.batch_size, data),
+        "batch_size": training_batch_size(recipe.batch_size, data, recipe.val_data_fraction if validation else 0.0),
         "recipe": {**asdict(recipe)},
         "seen_combinations": seen,
         **({"validation": {"teachers": val_ids, "sets": len(validation_sets), "eval_steps": eval_steps,
+                           "rows": len(val_rows) or len(train_rows), "rows_trained_on": not val_rows,
                            "kept_step": progress.best_step, "curve": curve}} if validation else {}),
     }  # fmt: skip
 
