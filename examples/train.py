@@ -116,6 +116,7 @@ def main(args):
         kept, held = wf.split_pool(len(train_idx), args.num_val_teachers, args.seed + 1)
         train_idx, val_idx = [train_idx[i] for i in kept], [train_idx[i] for i in held]
     wf.check_k(len(train_idx), len(eval_idx), args.k_min, args.k_max, args.eval_k, len(val_idx))
+
     def meta_batches():  # the same batches on every rank and at every call (a resumed run sees the same)
         return DataLoader(wf_data.BatchedSplit(splits["meta"]), batch_size=256, shuffle=True,
                           collate_fn=wf_data.collate, generator=torch.Generator().manual_seed(args.seed))
