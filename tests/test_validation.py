@@ -123,3 +123,14 @@ def test_validation_sets_give_every_member_a_turn_as_anchor():
     assert len(pairs) == 12 and len({tuple(m) for m, _ in pairs}) == 6  # all 6 pairs, both anchors each
     assert sorted(a for m, a in sets if len(m) == 4) == [0, 1, 2, 3]
     assert training.validation_sets([3], ks=(2,)) == []
+
+
+def test_validation_teachers_name_what_does_not_fit(pool):
+    teachers, x, y, logits, _, _ = pool
+    val_teachers = teachers.subset([4, 5])
+    with pytest.raises(training.PoolConfigError, match="at least one set of validation teachers"):
+        training.ValidationTeachers(val_teachers, [], x, y, logits[4:], EPISODES)
+    with pytest.raises(training.PoolConfigError, match=r"logits \(6, 256, 10\) do not match 2 validation teachers"):
+        training.ValidationTeachers(val_teachers, [([0, 1], 0)], x, y, logits, EPISODES)
+    with pytest.raises(training.PoolConfigError, match=r"and 256 inputs \(255 labels\)"):
+        training.ValidationTeachers(val_teachers, [([0, 1], 0)], x, y[:-1], logits[4:], EPISODES)

@@ -21,6 +21,7 @@ import os
 import random
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -271,16 +272,12 @@ class ValidationTeachers:
         generator.eval()
         loss = correct = 0.0
         try:
+            device = next(generator.parameters()).device
             for members, anchor in self.sets:
                 subset = self.teachers.subset(members)
-                if self.prepare_student is None:
-                    state = generator(subset, anchor=anchor).student_state
-                    device = next(iter(state.values())).device
-
-                    def forward(x, subset=subset, state=state):
-                        return run_student(subset, state, x)
-                else:
-                    device = next(generator.parameters()).device
+                if self.prepare_student is None:  # functionally, as in training
+                    forward = partial(run_student, subset, generator(subset, anchor=anchor).student_state)
+                else:  # as the student will be used
                     forward = self.prepare_student(generator.generate_student(subset, anchor, device=device))
                 for i in range(0, len(self.inputs), self.batch_size):
                     x = self.inputs[i : i + self.batch_size].to(device)

@@ -106,7 +106,8 @@ def train(plan: PoolPlan, teachers: wf.TeacherSet, train_ids: list[int], data: S
         generator, recipe.learning_rate, recipe.weight_decay, recipe.lr_scheduler_type, recipe.num_warmup_steps,
         recipe.max_train_steps,
     )  # fmt: skip
-    train_rows, val_rows = meta_rows(data, recipe.val_data_fraction if validation_sets else 0.0)
+    fraction = recipe.val_data_fraction if validation_sets else 0.0
+    train_rows, val_rows = meta_rows(data, fraction)
     loader = meta_loader(data, recipe.batch_size, recipe.episodes.seed, rows=train_rows)
     generator, optimizer, loader, scheduler = accelerator.prepare(generator, optimizer, loader, scheduler)
     targets = training.TeacherTargets(train_teachers, meta_logits[train_ids])
@@ -155,7 +156,7 @@ def train(plan: PoolPlan, teachers: wf.TeacherSet, train_ids: list[int], data: S
         "seconds": seconds,
         "seconds_per_step": seconds / max(1, recipe.max_train_steps),
         "final_loss": sum(local[-50:]) / max(1, len(local[-50:])),
-        "batch_size": training_batch_size(recipe.batch_size, data, recipe.val_data_fraction if validation else 0.0),
+        "batch_size": training_batch_size(recipe.batch_size, data, fraction),
         "recipe": {**asdict(recipe)},
         "seen_combinations": seen,
         **({"validation": {"teachers": val_ids, "sets": len(validation_sets), "eval_steps": eval_steps,
@@ -377,7 +378,8 @@ def step_times(run: PoolRun, generator, members: list[int], recipe: GeneratorRec
     student = run.teachers.model(members[0]).train()
     s_opt = torch.optim.AdamW(student.parameters(), lr=1e-6)
     e = recipe.episodes
-    batch_size = training_batch_size(recipe.batch_size, run.data)
+    # the batch the generator trained on: without the meta rows kept for validation, where there were any
+    batch_size = training_batch_size(recipe.batch_size, run.data, recipe.val_data_fraction if run.plan.num_val else 0.0)
     g_times, s_times = [], []
     for r in range(repeats + 2):
         batch = torch.randint(len(run.data.meta_x), (batch_size,))
