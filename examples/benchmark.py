@@ -74,6 +74,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--val_data_fraction", type=float, default=0.0,
                    help="pools with validation teachers: this share of the meta split is kept out of the generator's "
                         "training and scores them (default 0: they are scored on the rows it trains on)")
+    g.add_argument("--metric_for_best_model", choices=("loss", "accuracy"), default="loss",
+                   help="pools with validation teachers: the score that chooses the generator to keep")
     g.add_argument("--seed", type=int, default=0)
     b = p.add_argument_group("baselines")
     b.add_argument("--kd_steps", type=int, help="steps of kd_anchor_1k (default 1000; quick 20)")
@@ -112,6 +114,7 @@ def generator_recipe(args, plan: plans.PoolPlan) -> methods.GeneratorRecipe:
     recipe = methods.GeneratorRecipe(
         max_train_steps=steps, learning_rate=args.gen_lr, batch_size=args.gen_batch_size,
         num_warmup_steps=max(1, steps // 20), val_data_fraction=args.val_data_fraction,
+        metric_for_best_model=args.metric_for_best_model,
         episodes=EpisodeConfig(args.k_min, args.k_max, args.gen_alpha, args.temperature, args.seed),
     )  # fmt: skip
     if args.generator_config:

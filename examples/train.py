@@ -39,9 +39,14 @@ FLAGS = {
     "num_eval_teachers": dict(type=int), "eval_k": dict(type=int), "num_heldout_sets": dict(type=int),
     "num_val_teachers": dict(type=int, default=0,
                              help="training teachers kept out of training to choose the generator to keep: the "
-                                  "lowest validation loss of step 0 (every anchor unchanged), every --eval_steps "
+                                  "best validation score of step 0 (every anchor unchanged), every --eval_steps "
                                   "and the last step (0: keep the last step)"),
     "eval_steps": dict(type=int, help="steps between validation checks (default: a tenth of the run)"),
+    "metric_for_best_model": dict(choices=("loss", "accuracy"), default="loss",
+                                  help="the validation score that chooses: the training objective or accuracy"),
+    "val_data_fraction": dict(type=float, default=0.0,
+                              help="share of the meta split kept out of the generator's batches to score the "
+                                   "validation teachers (0: they are scored on the rows it trains on)"),
     "finetune_steps": dict(type=int, default=0), "finetune_learning_rate": dict(type=float, default=3e-4),
     "kd_baseline_steps": dict(type=int, default=1000,
                               help="score the anchor after this many KD steps next to each student (0: off)"),
@@ -126,30 +131,34 @@ def main(args):
     def recompute_bn(student):
         return wf.recompute_bn_stats(student, meta_batches(), num_batches=20)
 
-    validation = None
-    if val_idx:  # on (at most 10,000 rows of) the meta split: the teachers, not the data, are new there
+    validation, train_rows = None, range(len(splits["meta"]))
+    if val_idx:  # on (at most 10,000) meta rows: with --val_data_fraction, rows the generator never trains on
         val_sets = wf.validation_sets(range(len(val_idx)), {2, args.eval_k}, seed=args.seed)
         if not val_sets:
             raise WeightFormerError("--num_val_teachers needs at least 2 validation teachers to make a set")
-        rows = min(len(splits["meta"]), 10_000)
-        val_x, val_y = wf_data.tensors(splits["meta"].select(range(rows)))
+        train_rows, val_rows = wf.validation_rows(len(splits["meta"]), args.val_data_fraction, args.seed)
+        val_rows = (val_rows or train_rows)[:10_000]
+        val_x, val_y = wf_data.tensors(splits["meta"].select(val_rows))
         validation = wf.ValidationTeachers(
             teachers.subset(val_idx).to(accelerator.device), val_sets, val_x, val_y,
-            logits["meta"][val_idx, :rows], wf.EpisodeConfig(alpha=args.alpha, temperature=args.temperature),
+            logits["meta"][val_idx][:, val_rows], wf.EpisodeConfig(alpha=args.alpha, temperature=args.temperature),
             prepare_student=recompute_bn if args.recompute_bn_stats else None,
         )  # fmt: skip
+    elif args.val_data_fraction:
+        raise WeightFormerError("--val_data_fraction keeps meta rows for validation teachers: set --num_val_teachers")
     train_teachers = teachers.subset(train_idx).to(accelerator.device)  # tokens are built on the device
     targets = wf.TeacherTargets(train_teachers, logits["meta"][train_idx].to(accelerator.device),
                                 args.online_augmentation, accelerator.device)  # fmt: skip
 
     generator = WeightFormerModel.for_teachers(train_teachers, **args.preset.get("generator", {}))
     generator.config.training_pool = [i.identity for i in train_teachers.infos]
-    train_dl = DataLoader(wf_data.BatchedSplit(splits["meta"]), batch_size=args.per_device_train_batch_size,
+    meta_train = splits["meta"] if len(train_rows) == len(splits["meta"]) else splits["meta"].select(train_rows)
+    train_dl = DataLoader(wf_data.BatchedSplit(meta_train), batch_size=args.per_device_train_batch_size,
                           shuffle=True, drop_last=True, collate_fn=wf_data.collate)  # fmt: skip
     if len(train_dl) < accelerator.num_processes:
         raise WeightFormerError(
             f"--per_device_train_batch_size {args.per_device_train_batch_size} leaves fewer full batches than "
-            f"processes: the meta split has {len(splits['meta'])} examples"
+            f"processes: the generator trains on {len(meta_train)} meta examples"
         )
     test_dl = DataLoader(wf_data.BatchedSplit(splits["test"]), batch_size=args.per_device_eval_batch_size,
                          collate_fn=wf_data.collate)
@@ -163,7 +172,7 @@ def main(args):
     generator, optimizer, train_dl, test_dl, scheduler = accelerator.prepare(
         generator, optimizer, train_dl, test_dl, scheduler
     )
-    progress = wf.TrainingProgress()
+    progress = wf.TrainingProgress(args.metric_for_best_model)
     accelerator.register_for_checkpointing(progress)
     if args.with_tracking:
         accelerator.init_trackers(
@@ -210,7 +219,8 @@ def main(args):
         on_validate=on_validate,
     )  # fmt: skip
     if validation is not None:
-        accelerator.print(f"kept the generator of step {progress.best_step} (validation loss {progress.best_loss:.6f}"
+        accelerator.print(f"kept the generator of step {progress.best_step} (validation {args.metric_for_best_model} "
+                          f"{progress.best_metric:.6f}"
                           f"{'; step 0 returns every anchor unchanged' if progress.best_step == 0 else ''})")
     # One write per line: print() writes the text and its newline separately, so two ranks sharing a pipe
     # could interleave into "[rank 1/2] ...[rank 0/2] ..." on one line (a pipe write under 4 KiB is atomic).
@@ -246,6 +256,7 @@ def main(args):
     results.update(train_teachers=train_teachers.names, finetune_steps=args.finetune_steps, train_steps=progress.step)
     if validation is not None:
         results.update(validation_teachers=teachers.subset(val_idx).names, kept_step=progress.best_step,
+                       metric_for_best_model=args.metric_for_best_model, val_data_fraction=args.val_data_fraction,
                        validation_curve=progress.validation)  # fmt: skip
     accelerator.log(wf.tracker_metrics(results), step=progress.step)
     accelerator.wait_for_everyone()

@@ -177,6 +177,21 @@ def test_resume_after_kill_continues_with_identical_state(tiny, tmp_path):
     assert f"kept the generator of step {results_a['kept_step']}" in resumed.stdout
 
 
+def test_validation_on_held_out_meta_rows_keeps_the_most_accurate_step(tiny, tmp_path):
+    out = tmp_path / "out"
+    flags = ["--max_train_steps", "12", "--num_heldout_sets", "1", "--num_val_teachers", "2", "--k_max", "2",
+             "--eval_steps", "3", "--val_data_fraction", "0.25", "--metric_for_best_model", "accuracy",
+             "--kd_baseline_steps", "0"]  # fmt: skip
+    result = run(tiny, *flags, "--output_dir", out)
+    assert result.returncode == 0, result.stderr[-3000:]
+    results = json.loads((out / "eval_results.json").read_text())
+    curve = results["validation_curve"]
+    assert [c[0] for c in curve] == [0, 3, 6, 9, 12]
+    assert results["kept_step"] == max(curve, key=lambda c: (c[2], -c[0]))[0]  # ties: the earlier step
+    assert (results["metric_for_best_model"], results["val_data_fraction"]) == ("accuracy", 0.25)
+    assert f"kept the generator of step {results['kept_step']} (validation accuracy" in result.stdout
+
+
 def test_sigterm_saves_a_checkpoint(tiny, tmp_path):
     out = tmp_path / "out"
     cmd = [
@@ -278,6 +293,10 @@ def _save_image_folder(folder: Path) -> None:
         ("one_validation_teacher", "--num_val_teachers needs at least 2 validation teachers"),
         ("validation_leaves_too_few", "k_max=3 but only 2 training teachers (6 in the pool, 2 held out for "
                                       "evaluation, 2 kept for validation)"),
+        ("val_rows_without_val_teachers", "--val_data_fraction keeps meta rows for validation teachers: set "
+                                          "--num_val_teachers"),
+        ("val_rows_leave_too_few", "--per_device_train_batch_size 400 leaves fewer full batches than processes: "
+                                   "the generator trains on 383 meta examples"),
     ],
 )
 def test_bad_input_gives_one_message_and_exit_status_2(tiny, tmp_path, case, expected):
@@ -293,6 +312,11 @@ def test_bad_input_gives_one_message_and_exit_status_2(tiny, tmp_path, case, exp
         args = ["--num_val_teachers", "1", "--k_max", "2"]
     elif case == "validation_leaves_too_few":
         args = ["--num_val_teachers", "2"]  # 4 training teachers, 2 validate: 2 left for k_max 3
+    elif case == "val_rows_without_val_teachers":
+        args = ["--val_data_fraction", "0.25"]
+    elif case == "val_rows_leave_too_few":  # 510 meta examples, 127 kept for validation
+        args = ["--num_val_teachers", "2", "--k_max", "2", "--val_data_fraction", "0.25",
+                "--per_device_train_batch_size", "400"]  # fmt: skip
     elif case == "batch_too_large":
         args = ["--per_device_train_batch_size", "1024"]  # the tiny meta split has 512 examples
     else:

@@ -35,7 +35,7 @@ def pool():
     return teachers, x, y, logits, loader, val
 
 
-def _train(pool, learning_rate: float, steps: int = 12, eval_steps: int = 4):
+def _train(pool, learning_rate: float, steps: int = 12, eval_steps: int = 4, metric: str = "loss"):
     teachers, _, _, logits, loader, val = pool
     torch.manual_seed(0)
     accelerator = Accelerator(cpu=True)
@@ -43,7 +43,7 @@ def _train(pool, learning_rate: float, steps: int = 12, eval_steps: int = 4):
     generator = WeightFormerModel.for_teachers(train, hidden_size=16, num_attention_heads=2, intermediate_size=32)
     optimizer, scheduler = training.optimizer_and_scheduler(generator, learning_rate, 0.0, "constant", 0, steps)
     generator, optimizer, loader, scheduler = accelerator.prepare(generator, optimizer, loader, scheduler)
-    progress, seen = training.TrainingProgress(), []
+    progress, seen = training.TrainingProgress(metric), []
     training.train_generator(
         accelerator, generator, optimizer, scheduler, loader, train, training.TeacherTargets(train, logits[:4]),
         EPISODES, steps, progress, show_progress=False, validation=val, eval_steps=eval_steps,
@@ -98,9 +98,9 @@ def test_a_run_that_helps_keeps_its_lowest_validation_loss_and_those_weights(poo
     losses = [scores["loss"] for _, scores, _ in seen]
     assert progress.validation == [(s, scores["loss"], scores["accuracy"]) for s, scores, _ in seen]
     best = min(range(len(losses)), key=losses.__getitem__)
-    assert progress.best_step == seen[best][0] > 0 and progress.best_loss == losses[best]
+    assert progress.best_step == seen[best][0] > 0 and progress.best_metric == losses[best]
     assert all(torch.equal(v, progress.best_state[k]) for k, v in generator.state_dict().items())
-    assert pool[5].scores(generator)["loss"] == pytest.approx(progress.best_loss, rel=1e-6)
+    assert pool[5].scores(generator)["loss"] == pytest.approx(progress.best_metric, rel=1e-6)
 
 
 def test_progress_round_trips_through_a_checkpoint_folder(pool, tmp_path):
@@ -109,7 +109,7 @@ def test_progress_round_trips_through_a_checkpoint_folder(pool, tmp_path):
     restored = training.TrainingProgress()
     restored.load_state_dict(progress.state_dict())
     restored.load_best(tmp_path)
-    assert (restored.step, restored.best_step, restored.best_loss) == (4, progress.best_step, progress.best_loss)
+    assert (restored.step, restored.best_step, restored.best_metric) == (4, progress.best_step, progress.best_metric)
     assert restored.validation == progress.validation
     assert all(torch.equal(v, progress.best_state[k]) for k, v in restored.best_state.items())
     (tmp_path / training.TrainingProgress.BEST_FILE).unlink()
@@ -134,3 +134,52 @@ def test_validation_teachers_name_what_does_not_fit(pool):
         training.ValidationTeachers(val_teachers, [([0, 1], 0)], x, y, logits, EPISODES)
     with pytest.raises(training.PoolConfigError, match=r"and 256 inputs \(255 labels\)"):
         training.ValidationTeachers(val_teachers, [([0, 1], 0)], x, y[:-1], logits[4:], EPISODES)
+
+
+def test_accuracy_as_the_metric_keeps_the_most_accurate_step_and_its_weights(pool):
+    generator, progress, seen = _train(pool, learning_rate=3e-3, metric="accuracy")
+    accuracies = [scores["accuracy"] for _, scores, _ in seen]
+    best = max(range(len(seen)), key=lambda i: (accuracies[i], -i))  # ties: the earlier step
+    assert progress.best_step == seen[best][0] and progress.best_metric == accuracies[best]
+    assert 0 < progress.best_step < seen[-1][0]  # neither the anchors nor the last step, nor the loss's choice
+    assert progress.best_step != seen[min(range(len(seen)), key=lambda i: seen[i][1]["loss"])][0]
+    assert [is_best for *_, is_best in seen] == [a > max(accuracies[:i], default=-1) for i, a in enumerate(accuracies)]
+    assert pool[5].scores(generator)["accuracy"] == accuracies[best]
+
+
+def test_the_metric_decides_between_scores_and_ties_keep_the_earlier_step():
+    model = torch.nn.Linear(1, 1)
+    scores = [(0, 0.5, 0.80), (4, 0.4, 0.80), (8, 0.45, 0.82), (12, 0.6, 0.82)]  # (step, loss, accuracy)
+    kept = {}
+    for metric in ("loss", "accuracy"):
+        progress = training.TrainingProgress(metric)
+        for step, loss, accuracy in scores:
+            progress.record(step, {"loss": loss, "accuracy": accuracy}, model)
+        kept[metric] = (progress.best_step, progress.best_metric)
+    assert kept == {"loss": (4, 0.4), "accuracy": (8, 0.82)}
+    with pytest.raises(WeightFormerError, match="metric_for_best_model must be one of .* not 'f1'"):
+        training.TrainingProgress("f1")
+
+
+def test_a_checkpoint_resumes_only_under_the_metric_it_chose_by():
+    progress = training.TrainingProgress("accuracy")
+    progress.record(0, {"loss": 0.5, "accuracy": 0.8}, torch.nn.Linear(1, 1))
+    with pytest.raises(WeightFormerError, match="kept its best generator by validation accuracy.*same .*'accuracy'"):
+        training.TrainingProgress("loss").load_state_dict(progress.state_dict())
+    old = {"step": 3, "best_step": 0, "best_loss": 0.5, "validation_steps": [0], "validation_losses": [0.5],
+           "validation_accuracies": [0.8]}  # a checkpoint written before the option: it chose by loss
+    restored = training.TrainingProgress()
+    restored.load_state_dict(old)
+    assert (restored.step, restored.best_step, restored.best_metric) == (3, 0, 0.5)
+
+
+def test_validation_rows_split_the_meta_rows_once_and_for_all():
+    train, held = training.validation_rows(100, 0.2)
+    assert len(held) == 20 and sorted(train + held) == list(range(100)) and train == sorted(train)
+    assert training.validation_rows(100, 0.2) == (train, held)
+    assert training.validation_rows(100, 0.2, seed=1) != (train, held)
+    assert training.validation_rows(10, 0.0) == (list(range(10)), [])
+    with pytest.raises(training.PoolConfigError, match=r"must be in \[0, 1\), got 1.0"):
+        training.validation_rows(100, 1.0)
+    with pytest.raises(training.PoolConfigError, match="keeping 0.05 of 10 meta rows for validation keeps none"):
+        training.validation_rows(10, 0.05)

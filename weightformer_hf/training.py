@@ -117,6 +117,18 @@ def validation_sets(
     return out
 
 
+def validation_rows(num_rows: int, fraction: float, seed: int = 4321) -> tuple[list[int], list[int]]:
+    """(rows the generator trains on, rows kept to score validation teachers only) of a meta split of
+    `num_rows`: a fixed shuffle, `fraction` of it held out, both lists sorted."""
+    if not 0.0 <= fraction < 1.0:
+        raise PoolConfigError(f"the share of meta rows kept for validation must be in [0, 1), got {fraction}")
+    order = torch.randperm(num_rows, generator=torch.Generator().manual_seed(seed)).tolist()
+    held = int(fraction * num_rows)
+    if fraction and not held:
+        raise PoolConfigError(f"keeping {fraction} of {num_rows} meta rows for validation keeps none")
+    return sorted(order[held:]), sorted(order[:held])
+
+
 # ----------------------------------------------------------------------------------- the objective
 def ensemble_targets(teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
     """The ensemble's tempered probabilities, the mean over K of softmax(logits / T): `(K, B, C)` → `(B, C)`."""
@@ -229,10 +241,11 @@ class ValidationTeachers:
 
     `scores(generator)` makes a student for each set and returns its `loss`, the training objective
     (`kd_loss` with the episodes' alpha and temperature), and its `accuracy`, both averaged over the sets, on
-    `inputs`: the validation data, usually the meta split the generator trains on. The teachers are what is
-    new to the generator, so a generator that memorises its training teachers scores worse here. The loss
-    chooses. The untrained generator returns each set's anchor unchanged, so step 0 is a candidate: where
-    training does not help on teachers it never saw, the anchor is what comes out.
+    `inputs`: the validation data (the meta split the generator trains on, or rows of it kept out of its
+    batches). The teachers are what is new to the generator, so a generator that memorises its training
+    teachers scores worse here. `TrainingProgress.metric_for_best_model` says which score chooses. The
+    untrained generator returns each set's anchor unchanged, so step 0 is a candidate: where training does not
+    help on teachers it never saw, the anchor is what comes out.
 
     `teachers` holds the validation teachers only; `sets` are (member indices into it, anchor position);
     `logits` `(len(teachers), N, C)` are their logits on `inputs`. `prepare_student(student)`, when given,
@@ -345,7 +358,8 @@ def train_generator(
 
     With `validation`, the generator is scored at step 0 (the untrained generator: every anchor unchanged),
     every `eval_steps` and at the last step; `on_validate(step, scores, is_best)` sees each. At the end the
-    weights of the lowest validation loss are loaded back into the generator (the step is `progress.best_step`).
+    weights with the best validation score (`progress.metric_for_best_model`: the lowest loss or the highest
+    accuracy) are loaded back into the generator (the step is `progress.best_step`).
     """
     import signal
 
@@ -731,27 +745,41 @@ def prune_checkpoints(folder: str | Path, keep: int = 3) -> None:
 
 
 class TrainingProgress:
-    """Optimizer steps done and, with validation teachers, every validation loss and the best generator so
-    far (its step, loss and weights). `accelerator.register_for_checkpointing` stores the numbers in every
-    checkpoint; the weights go beside them as safetensors (`save_best` / `load_best`), never in a pickle."""
+    """Optimizer steps done and, with validation teachers, every validation score and the best generator so
+    far (its step, score and weights). `metric_for_best_model` names the score that chooses, as in
+    transformers' `TrainingArguments`: `"loss"` (lower is better) or `"accuracy"` (higher is better).
+    `accelerator.register_for_checkpointing` stores the numbers in every checkpoint; the weights go beside
+    them as safetensors (`save_best` / `load_best`), never in a pickle."""
 
     BEST_FILE = "best_generator.safetensors"
+    METRICS = ("loss", "accuracy")
 
-    def __init__(self):
+    def __init__(self, metric_for_best_model: str = "loss"):
+        if metric_for_best_model not in self.METRICS:
+            raise WeightFormerError(
+                f"metric_for_best_model must be one of {self.METRICS}, not {metric_for_best_model!r}"
+            )
+        self.metric_for_best_model = metric_for_best_model
         self.step = 0
         self.best_step: int | None = None
-        self.best_loss = math.inf
+        self.best_metric: float | None = None
         self.best_state: dict[str, torch.Tensor] | None = None
         self.validation: list[tuple[int, float, float]] = []  # (step, mean validation loss, accuracy)
 
+    @property
+    def greater_is_better(self) -> bool:
+        return self.metric_for_best_model == "accuracy"
+
     def record(self, step: int, scores: dict[str, float], generator: nn.Module) -> bool:
-        """Note validation scores; keep a CPU copy of the weights when the loss is the best (ties keep the
-        earlier step: fewer episodes, or the anchor itself). Returns whether it was."""
-        loss = scores["loss"]
-        self.validation.append((step, loss, scores["accuracy"]))
-        if not loss < self.best_loss:
+        """Note validation scores; keep a CPU copy of the weights when the chosen metric is the best so far
+        (ties keep the earlier step: fewer episodes, or the anchor itself). Returns whether it was."""
+        self.validation.append((step, scores["loss"], scores["accuracy"]))
+        value = scores[self.metric_for_best_model]
+        if self.best_metric is not None and not (
+            value > self.best_metric if self.greater_is_better else value < self.best_metric
+        ):
             return False
-        self.best_step, self.best_loss = step, loss
+        self.best_step, self.best_metric = step, value
         self.best_state = {k: v.detach().to("cpu", copy=True) for k, v in generator.state_dict().items()}
         return True
 
@@ -773,15 +801,22 @@ class TrainingProgress:
         self.best_state = load_file(str(path))
 
     def state_dict(self) -> dict:
-        return {"step": self.step, "best_step": self.best_step, "best_loss": self.best_loss,
+        return {"step": self.step, "metric_for_best_model": self.metric_for_best_model,
+                "best_step": self.best_step, "best_metric": self.best_metric,
                 "validation_steps": [s for s, _, _ in self.validation],
                 "validation_losses": [v for _, v, _ in self.validation],
                 "validation_accuracies": [a for _, _, a in self.validation]}  # fmt: skip
 
     def load_state_dict(self, state: dict) -> None:
+        metric = state.get("metric_for_best_model", "loss")  # checkpoints before the option chose on the loss
+        if state.get("best_step") is not None and metric != self.metric_for_best_model:
+            raise WeightFormerError(
+                f"the checkpoint kept its best generator by validation {metric}, this run chooses by "
+                f"{self.metric_for_best_model}: resume with the same metric_for_best_model ({metric!r})"
+            )
         self.step = int(state["step"])
         self.best_step = state.get("best_step")
-        self.best_loss = float(state.get("best_loss", math.inf))
+        self.best_metric = state.get("best_metric", state.get("best_loss"))
         self.best_state = None
         self.validation = list(zip(state.get("validation_steps", []), state.get("validation_losses", []),
                                    state.get("validation_accuracies", [])))  # fmt: skip

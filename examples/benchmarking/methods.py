@@ -64,6 +64,7 @@ class GeneratorRecipe:
     gradient_accumulation_steps: int = 1  # episodes (teacher sets) per optimizer step
     episodes: training.EpisodeConfig = field(default_factory=training.EpisodeConfig)
     val_data_fraction: float = 0.0  # meta rows kept for validation only (0: validate on the rows it trains on)
+    metric_for_best_model: str = "loss"  # the validation score that chooses the step: "loss" or "accuracy"
 
 
 def training_batch_size(batch_size: int, data: Split, fraction: float = 0.0) -> int:
@@ -73,9 +74,7 @@ def training_batch_size(batch_size: int, data: Split, fraction: float = 0.0) -> 
 
 def meta_rows(data: Split, val_data_fraction: float) -> tuple[list[int], list[int]]:
     """(rows the generator trains on, rows kept for validation only) of the meta split, a fixed shuffle."""
-    order = torch.randperm(len(data.meta_x), generator=torch.Generator().manual_seed(4321)).tolist()
-    held = int(val_data_fraction * len(order))
-    return sorted(order[held:]), sorted(order[:held])
+    return training.validation_rows(len(data.meta_x), val_data_fraction)
 
 
 def meta_loader(data: Split, batch_size: int, seed: int, shuffle: bool = True, drop_last: bool = True,
@@ -138,7 +137,7 @@ def train(plan: PoolPlan, teachers: wf.TeacherSet, train_ids: list[int], data: S
         log(f"[{plan.name}] step {step}: validation loss {scores['loss']:.4f}, accuracy {scores['accuracy']:.4f}"
             f"{' (best so far)' if is_best else ''}")  # fmt: skip
 
-    progress = training.TrainingProgress()
+    progress = training.TrainingProgress(recipe.metric_for_best_model)
     local = training.train_generator(
         accelerator, generator, optimizer, scheduler, loader, train_teachers, targets, recipe.episodes,
         recipe.max_train_steps, progress, recipe.max_grad_norm, logging_steps=every, show_progress=False,
