@@ -237,7 +237,7 @@ def test_two_cpu_processes_average_the_loss_and_only_rank0_writes(tiny, tmp_path
     env = {**tiny["env"], "PYTHONPATH": site, "WF_AUDIT_ROOT": str(out), "WF_AUDIT_LOG": str(audit)}
     launch = accelerate_launch(tiny, "--multi_gpu", "--num_processes", "2", "--main_process_port", str(port))
     proc = run(tiny, "--cpu", "--output_dir", out, "--max_train_steps", "4", "--logging_steps", "4",
-               launch=launch, env=env)  # fmt: skip
+               "--num_val_teachers", "2", "--k_max", "2", "--eval_steps", "2", launch=launch, env=env)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     ranks = re.findall(r"^\[rank (\d+)/(\d+)\] \d+ episodes, mean local loss ([\d.]+)$", proc.stdout, re.M)
     local = {int(rank): float(loss) for rank, _, loss in ranks}
@@ -248,6 +248,11 @@ def test_two_cpu_processes_average_the_loss_and_only_rank0_writes(tiny, tmp_path
     assert float(logged[0].split()[3]) == pytest.approx((local[0] + local[1]) / 2, rel=1e-5)
     assert local[0] != local[1]  # the ranks drew different episodes and batches
     assert (out / "eval_results.json").exists() and (out / "model.safetensors").exists()
+    # the ranks score their shares of the validation sets; rank 0 reports the sums once per check
+    checks = re.findall(r"^step (\d+): validation loss ([\d.]+)", proc.stdout, re.M)
+    curve = json.loads((out / "eval_results.json").read_text())["validation_curve"]
+    assert [int(s) for s, _ in checks] == [c[0] for c in curve] == [0, 2, 4]
+    assert [float(v) for _, v in checks] == pytest.approx([c[1] for c in curve], abs=1e-6)
     rank0, rank1 = (audit / "rank0.txt").read_text().split(), (audit / "rank1.txt").read_text().split()
     assert any(p.endswith("eval_results.json") for p in rank0)
     assert rank1 == []

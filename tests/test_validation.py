@@ -9,6 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 from accelerate import Accelerator
+from families import perturb
 from torch.utils.data import DataLoader
 
 from weightformer_hf import TeacherSet, WeightFormerModel, training
@@ -183,3 +184,22 @@ def test_validation_rows_split_the_meta_rows_once_and_for_all():
         training.validation_rows(100, 1.0)
     with pytest.raises(training.PoolConfigError, match="keeping 0.05 of 10 meta rows for validation keeps none"):
         training.validation_rows(10, 0.05)
+
+
+def test_ranks_score_disjoint_shares_of_the_sets_that_sum_to_all_of_them(pool):
+    teachers, x, y, logits, _, _ = pool
+    val = training.ValidationTeachers(
+        teachers.subset([3, 4, 5]), training.validation_sets(range(3), (2, 3)), x, y, logits[3:], EPISODES
+    )  # 9 sets: 3 ranks of 3 sets, or 2 ranks of 5 and 4
+    generator = WeightFormerModel.for_teachers(teachers, hidden_size=16, num_attention_heads=2, intermediate_size=32)
+    perturb(generator)  # not the anchors: every set's student differs
+    whole = val.totals(generator)
+    assert whole[2] == 9 * 256
+    for world in (2, 3, 4):
+        shares = [val.totals(generator, rank, world) for rank in range(world)]
+        assert [int(s[2]) for s in shares] == [256 * len(val.sets[r::world]) for r in range(world)]
+        total = torch.stack(shares).sum(0)
+        assert total[1:].tolist() == whole[1:].tolist() and total[0].item() == pytest.approx(whole[0].item(), rel=1e-12)
+    scores = val.scores(generator)
+    loss, correct, count = whole.tolist()
+    assert (scores["loss"], scores["accuracy"]) == (loss / count, correct / count)

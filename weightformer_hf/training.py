@@ -275,18 +275,24 @@ class ValidationTeachers:
         self.inputs, self.labels, self.logits = inputs, labels, logits
         self.episodes, self.batch_size, self.prepare_student = episodes, batch_size, prepare_student
 
-    @torch.no_grad()
     def scores(self, generator: nn.Module) -> dict[str, float]:
         """`{"loss", "accuracy"}` of the students `generator` makes, averaged over the sets (the generator's
         train/eval mode is restored)."""
+        loss, correct, count = self.totals(generator).tolist()
+        return {"loss": loss / count, "accuracy": correct / count}
+
+    @torch.no_grad()
+    def totals(self, generator: nn.Module, rank: int = 0, world_size: int = 1) -> torch.Tensor:
+        """`[summed loss, correct predictions, examples]` (float64) over this rank's share of the sets
+        (`sets[rank::world_size]`): summed over ranks, they give every set's scores once."""
         from .modeling import run_student
 
         was_training = generator.training
         generator.eval()
-        loss = correct = 0.0
+        loss = correct = count = 0.0
         try:
             device = next(generator.parameters()).device
-            for members, anchor in self.sets:
+            for members, anchor in self.sets[rank::world_size]:
                 subset = self.teachers.subset(members)
                 if self.prepare_student is None:  # functionally, as in training
                     forward = partial(run_student, subset, generator(subset, anchor=anchor).student_state)
@@ -300,10 +306,10 @@ class ValidationTeachers:
                     batch = kd_loss(logits, targets, labels, self.episodes.alpha, self.episodes.temperature)
                     loss += batch.item() * len(x)
                     correct += (logits.argmax(-1) == labels).sum().item()
+                count += len(self.inputs)
         finally:
             generator.train(was_training)
-        n = len(self.sets) * len(self.inputs)
-        return {"loss": loss / n, "accuracy": correct / n}
+        return torch.tensor([loss, correct, count], dtype=torch.float64)
 
 
 def optimizer_and_scheduler(
@@ -381,11 +387,10 @@ def train_generator(
     micro, window, local = progress.step * accumulation, [], []
     model = accelerator.unwrap_model(generator)
 
-    def validate() -> None:  # scores averaged over ranks, so every rank keeps the same step
-        scores = validation.scores(model)
-        values = torch.tensor(list(scores.values()), dtype=torch.float64, device=accelerator.device)
-        values = accelerator.reduce(values, "mean")
-        scores = dict(zip(scores, values.tolist()))
+    def validate() -> None:  # each rank scores its share of the sets; every rank gets the sums, keeps the same step
+        totals = validation.totals(model, accelerator.process_index, accelerator.num_processes)
+        loss, correct, count = accelerator.reduce(totals.to(accelerator.device), "sum").tolist()
+        scores = {"loss": loss / count, "accuracy": correct / count}
         is_best = progress.record(progress.step, scores, model)
         if on_validate is not None:
             on_validate(progress.step, scores, is_best)
