@@ -441,8 +441,10 @@ class WeightFormerModel(WeightFormerPreTrainedModel):
             queries = torch.cat([cross_in, queries], dim=1)
         if inputs.streamed:  # large layers: the raw tokens' and the pooling's freed buffers go back first
             release_free_memory()
-        for block in self.blocks:
-            queries = block(queries, memory)
+        if inputs.streamed:  # chunk by chunk: the blocks' buffers (memory's norm, keys, values) are one chunk's
+            queries = torch.cat([self._run_blocks(queries[c : c + 1], memory[c : c + 1]) for c in range(n_chunks)])
+        else:  # (chunks are independent problems: either way gives the same bits)
+            queries = self._run_blocks(queries, memory)
         del memory
         if inputs.streamed:  # and the blocks' before the decoded layer is taken
             release_free_memory()
@@ -452,6 +454,11 @@ class WeightFormerModel(WeightFormerPreTrainedModel):
         decrements = self.decoders[index](queries)  # (n, C, chunk), normalised units
         decrements = decrements.transpose(0, 1).reshape(channels, n_chunks * chunk)[:, :width]
         return decrements, cross
+
+    def _run_blocks(self, queries: torch.Tensor, memory: torch.Tensor) -> torch.Tensor:
+        for block in self.blocks:
+            queries = block(queries, memory)
+        return queries
 
     # ---------------------------------------------------------------------------------------- generation
     @torch.no_grad()
