@@ -140,7 +140,9 @@ def test_lazy_teachers_stream_layer_by_layer_and_give_the_in_memory_student(tmp_
     lazy = load_teachers(paths)
     eager = lazy.to("cpu")  # the same teachers, read into memory
     assert all(isinstance(sd, dict) for sd in eager.state_dicts)
-    generator = wf.WeightFormerModel.for_teachers(lazy, **SMALL)
+    # chunks of 8: most layers have several, which a streamed layer runs through the blocks one at a time
+    generator = wf.WeightFormerModel.for_teachers(lazy, **SMALL, chunk_size=8)
+    assert max(mw.chunk_layout(w["width"], 8)[0] for w in generator.config.student_layers) > 4
     perturb(generator)
     mw.clear_token_cache()
     expected = generator.generate_student(eager, anchor=1).state_dict()
