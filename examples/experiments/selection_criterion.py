@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -43,7 +44,30 @@ def criteria(curve: list[dict]) -> dict[str, int]:
     def argbest(key, sign):
         return min(range(len(curve)), key=lambda i: (sign * key(curve[i]), curve[i]["step"]))
 
+    def one_se(key, index, sign, paired):
+        """The earliest step whose score is within one standard error of the best step's (Breiman's rule:
+        the simplest model the noise cannot tell from the best); `paired` uses the SE of the per-set
+        differences from the best step."""
+        best = argbest(lambda c: sum(sign * x[index] for x in c[key]), 1)
+        n = len(curve[best][key])
+        for i, c in enumerate(curve):
+            diffs = [sign * (a[index] - b[index]) for a, b in zip(c[key], curve[best][key])]
+            values = diffs if paired else [sign * b[index] for b in curve[best][key]]
+            mean = sum(values) / n
+            se = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1) / n)
+            if sum(diffs) / n <= se:
+                return i
+        return best
+
+    rules = {}
+    if "trained_sets" in curve[0]:
+        rules = {
+            "loss, trained rows, one-SE rule": one_se("trained_sets", 0, 1, False),
+            "loss, trained rows, paired one-SE rule": one_se("trained_sets", 0, 1, True),
+            "accuracy, held-out rows, one-SE rule": one_se("heldout_sets", 1, -1, False),
+        }
     return {
+        **rules,
         "last step": len(curve) - 1,
         "loss, trained rows (v13)": argbest(lambda c: c["trained"]["loss"], 1),
         "loss, held-out rows (v13c)": argbest(lambda c: c["heldout"]["loss"], 1),
@@ -55,6 +79,8 @@ def criteria(curve: list[dict]) -> dict[str, int]:
 
 def analyse(path: Path = RUNS) -> None:
     records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    latest = {(r["pool"], r["replicate"]): r for r in records}  # a rerun (with per-set scores) replaces a run
+    records = list(latest.values())
     for pool in sorted({r["pool"] for r in records}):
         runs = [r for r in records if r["pool"] == pool]
         print(f"\n{pool}: {len(runs)} replicates × 6 dev sets (K = 4); student − anchor on the test split")
@@ -111,12 +137,19 @@ def main(argv=None) -> None:
     sel_sets = training.validation_sets(list(range(4)), (2, 4))
     sel = teachers.subset(sel_ids)
 
-    def scorer(rows):
+    def scorers(rows):  # one per set, so the rules below can see how the sets disagree
         rows = torch.tensor(rows)
         logits = run.meta_logits[sel_ids][:, rows]
-        return training.ValidationTeachers(sel, sel_sets, data.meta_x[rows], data.meta_y[rows], logits, episodes)
+        return [
+            training.ValidationTeachers(sel, [one], data.meta_x[rows], data.meta_y[rows], logits, episodes)
+            for one in sel_sets
+        ]
 
-    heldout, trained = scorer(heldout_rows), scorer(trained_rows[:2000])
+    def scores(per_set):
+        return {"loss": sum(x["loss"] for x in per_set) / len(per_set),
+                "accuracy": sum(x["accuracy"] for x in per_set) / len(per_set)}  # fmt: skip
+
+    heldout, trained = scorers(heldout_rows), scorers(trained_rows[:2000])
     anchors_acc = [run.row(4, i, "anchor", run.test_probs[m[0]], m, 0.0) for i, m in enumerate(dev_sets)]
     curve = []
 
@@ -125,10 +158,13 @@ def main(argv=None) -> None:
             run.row(4, i, "wf", run.test_probs_of(run.prepare(generator.generate_student(teachers.subset(m)))), m, 0.0)
             for i, m in enumerate(dev_sets)
         ]
+        heldout_sets, trained_sets = [v.scores(generator) for v in heldout], [v.scores(generator) for v in trained]
         point = {
             "step": step,
-            "heldout": heldout.scores(generator),
-            "trained": trained.scores(generator),
+            "heldout": scores(heldout_sets),
+            "trained": scores(trained_sets),
+            "heldout_sets": [[x["loss"], x["accuracy"]] for x in heldout_sets],
+            "trained_sets": [[x["loss"], x["accuracy"]] for x in trained_sets],
             "dev_acc": [r["accuracy"] for r in rows],
             "dev_G": [r["gain_recovered"] for r in rows],
         }
