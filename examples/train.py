@@ -172,7 +172,10 @@ def main(args):
     generator, optimizer, train_dl, test_dl, scheduler = accelerator.prepare(
         generator, optimizer, train_dl, test_dl, scheduler
     )
-    progress = wf.TrainingProgress(args.metric_for_best_model)
+    progress = wf.TrainingProgress(args.metric_for_best_model, settings={  # what a resumed run must not change
+        "teachers": teachers.names, "train_teachers": train_teachers.names, "validation_teachers": len(val_idx),
+        "val_data_fraction": args.val_data_fraction, "meta_rows": len(meta_train), "seed": args.seed,
+    })  # fmt: skip
     accelerator.register_for_checkpointing(progress)
     if args.with_tracking:
         accelerator.init_trackers(

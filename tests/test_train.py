@@ -175,6 +175,13 @@ def test_resume_after_kill_continues_with_identical_state(tiny, tmp_path):
     assert results_a["kept_step"] == results_b["kept_step"] == min(curve, key=lambda c: c[1])[0]
     assert (final_a / "best_generator.safetensors").is_file()
     assert f"kept the generator of step {results_a['kept_step']}" in resumed.stdout
+    # resuming with a flag that changes what the generator trains on is refused, and nothing is written
+    before = sorted(p.name for p in (full / "checkpoints").iterdir())
+    changed = run(tiny, *flags, "--val_data_fraction", "0.25", "--output_dir", full,
+                  "--resume_from_checkpoint", "latest")  # fmt: skip
+    assert changed.returncode == 2
+    assert "the checkpoint was written with val_data_fraction=0.0 (now 0.25), meta_rows=510 (now 383)" in changed.stderr
+    assert sorted(p.name for p in (full / "checkpoints").iterdir()) == before
 
 
 def test_validation_on_held_out_meta_rows_keeps_the_most_accurate_step(tiny, tmp_path):

@@ -203,3 +203,13 @@ def test_ranks_score_disjoint_shares_of_the_sets_that_sum_to_all_of_them(pool):
     scores = val.scores(generator)
     loss, correct, count = whole.tolist()
     assert (scores["loss"], scores["accuracy"]) == (loss / count, correct / count)
+
+
+def test_a_checkpoint_resumes_only_with_the_settings_it_was_written_with():
+    settings = {"val_data_fraction": 0.2, "train_teachers": ["a", "b"], "seed": 0}
+    state = training.TrainingProgress(settings=settings).state_dict()
+    training.TrainingProgress(settings=dict(settings)).load_state_dict(state)  # the same: fine
+    changed = {**settings, "val_data_fraction": 0.0, "train_teachers": ["a", "c"]}
+    with pytest.raises(WeightFormerError, match=r"written with val_data_fraction=0.2 \(now 0.0\), "
+                                                r"train_teachers=\['a', 'b'\] \(now \['a', 'c'\]\): resume with"):
+        training.TrainingProgress(settings=changed).load_state_dict(state)

@@ -759,12 +759,14 @@ class TrainingProgress:
     BEST_FILE = "best_generator.safetensors"
     METRICS = ("loss", "accuracy")
 
-    def __init__(self, metric_for_best_model: str = "loss"):
+    def __init__(self, metric_for_best_model: str = "loss", settings: dict | None = None):
         if metric_for_best_model not in self.METRICS:
             raise WeightFormerError(
                 f"metric_for_best_model must be one of {self.METRICS}, not {metric_for_best_model!r}"
             )
         self.metric_for_best_model = metric_for_best_model
+        # what decides the teachers and rows the generator trains on: a resumed run must have the same
+        self.settings = dict(settings or {})
         self.step = 0
         self.best_step: int | None = None
         self.best_metric: float | None = None
@@ -806,7 +808,7 @@ class TrainingProgress:
         self.best_state = load_file(str(path))
 
     def state_dict(self) -> dict:
-        return {"step": self.step, "metric_for_best_model": self.metric_for_best_model,
+        return {"step": self.step, "metric_for_best_model": self.metric_for_best_model, "settings": self.settings,
                 "best_step": self.best_step, "best_metric": self.best_metric,
                 "validation_steps": [s for s, _, _ in self.validation],
                 "validation_losses": [v for _, v, _ in self.validation],
@@ -818,6 +820,12 @@ class TrainingProgress:
             raise WeightFormerError(
                 f"the checkpoint kept its best generator by validation {metric}, this run chooses by "
                 f"{self.metric_for_best_model}: resume with the same metric_for_best_model ({metric!r})"
+            )
+        saved = state.get("settings") or {}  # checkpoints before settings were stored are not checked
+        changed = [f"{k}={v!r} (now {self.settings.get(k)!r})" for k, v in saved.items() if v != self.settings.get(k)]
+        if changed:
+            raise WeightFormerError(
+                f"the checkpoint was written with {', '.join(changed)}: resume with the flags it was started with"
             )
         self.step = int(state["step"])
         self.best_step = state.get("best_step")
