@@ -34,7 +34,7 @@ import torch
 from benchmarking import methods, plans, report
 
 from weightformer_hf.hub import no_progress_bars
-from weightformer_hf.training import EpisodeConfig
+from weightformer_hf.training import EpisodeConfig, TrainingProgress
 
 REPO = Path(__file__).resolve().parents[1]
 T0 = time.perf_counter()
@@ -74,7 +74,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--val_data_fraction", type=float, default=0.0,
                    help="pools with validation teachers: this share of the meta split is kept out of the generator's "
                         "training and scores them (default 0: they are scored on the rows it trains on)")
-    g.add_argument("--metric_for_best_model", choices=("loss", "accuracy"), default="loss",
+    g.add_argument("--metric_for_best_model", choices=TrainingProgress.METRICS, default="loss",
                    help="pools with validation teachers: the score that chooses the generator to keep")
     g.add_argument("--seed", type=int, default=0)
     b = p.add_argument_group("baselines")

@@ -42,7 +42,7 @@ FLAGS = {
                                   "best validation score of step 0 (every anchor unchanged), every --eval_steps "
                                   "and the last step (0: keep the last step)"),
     "eval_steps": dict(type=int, help="steps between validation checks (default: a tenth of the run)"),
-    "metric_for_best_model": dict(choices=("loss", "accuracy"), default="loss",
+    "metric_for_best_model": dict(choices=wf.TrainingProgress.METRICS, default="loss",
                                   help="the validation score that chooses: the training objective or accuracy"),
     "val_data_fraction": dict(type=float, default=0.0,
                               help="share of the meta split kept out of the generator's batches to score the "

@@ -69,7 +69,7 @@ class GeneratorRecipe:
 
 def training_batch_size(batch_size: int, data: Split, fraction: float = 0.0) -> int:
     """The meta batch an episode really gets: `batch_size`, capped at the meta rows it trains on."""
-    return min(batch_size, len(data.meta_x) - int(fraction * len(data.meta_x)))
+    return min(batch_size, len(meta_rows(data, fraction)[0]))
 
 
 def meta_rows(data: Split, val_data_fraction: float) -> tuple[list[int], list[int]]:
