@@ -41,6 +41,11 @@ ALGORITHM_VERSION = 3
 DISK_CACHE_MIN_NUMEL = 1_000_000
 # Groups at least this wide (n * n entries) return freed heap memory before their assignment (see allocator).
 TRIM_MIN_NUMEL = 2**20
+# Lazy teachers' tensors are re-read for each contribution; once this many bytes of reads and their layouts
+# have been freed, they go back to the OS (see allocator). Building one cost re-reads up to 24 of ViT-B/32's
+# 9 MiB MLP weights, and glibc kept the freed buffers: cold peaks varied from 1.04× to 1.53× the budget
+# run to run (`examples/large_generation.py`). Every contribution: ResNet-50 K = 8 took 10 s longer.
+TRIM_REREAD_BYTES = 64 * 2**20
 
 
 def _view(tensor: torch.Tensor, reshape: tuple[int, ...] | None) -> torch.Tensor:
@@ -226,6 +231,7 @@ def _weight_matching(spec, anchor, other, max_iter, seed, tol, stats, workers) -
             else:
                 factors[g][0].append(wa.contiguous())
                 factors[g][1].append(wo.contiguous())
+            del wa, wo  # else the last reads (ResNet-50's classifier: 16 MiB) live on through matching
             continue
         for g in grouped:
             neighbours[g].update(h for h in grouped if h != g)
@@ -248,6 +254,7 @@ def _weight_matching(spec, anchor, other, max_iter, seed, tol, stats, workers) -
     # Contributions whose GEMM is long (inner dimension >= 4 n: VGG's fc1, 3x3 convs) are kept and updated
     # for the channels whose permutation changed, which costs |changed| / n of a recomputation.
     kept: dict[tuple[str, int], tuple[torch.Tensor, torch.Tensor]] = {}  # (tensor, position) -> (value, perm)
+    reread = [0]  # bytes of tensors re-read from lazy teachers (and laid out) since freed memory last went back
 
     def contribution(pair: _Pair, position: int, n: int) -> torch.Tensor:
         g_i, g_j = (pair.groups[a] for a in pair.axes)
@@ -259,6 +266,8 @@ def _weight_matching(spec, anchor, other, max_iter, seed, tol, stats, workers) -
             if len(changed) == 0:
                 return previous[0]
         wa, wo = pair.tensors(position)
+        if not keep:  # read from disk again: the reads and their layouts were buffers of the heap
+            reread[0] += 2 * (wa.numel() + wo.numel()) * wa.element_size()
         inner = wa.numel() // n
         if previous is not None and 2 * len(changed) < len(perm):
             value, old = previous
@@ -284,6 +293,9 @@ def _weight_matching(spec, anchor, other, max_iter, seed, tol, stats, workers) -
             cost.addmm_(*(low_rank[group][0], low_rank[group][1].T))
         for pair, position in pairs[group]:
             cost += contribution(pair, position, n)
+            if reread[0] >= TRIM_REREAD_BYTES:  # see TRIM_REREAD_BYTES
+                release_free_memory()
+                reread[0] = 0
         for name in generic[group]:
             groups, reshape = spec[name]
             wa = _view(anchor[name].detach().to(device="cpu", dtype=torch.float32), reshape)
@@ -303,18 +315,20 @@ def _weight_matching(spec, anchor, other, max_iter, seed, tol, stats, workers) -
     value: dict[str, float] = dict.fromkeys(names, 0.0)  # each group's assigned cost at its last solve
     order = {g: sorted(neighbours[g]) for g in names}
 
-    def assign(group: str, cost: torch.Tensor, best: torch.Tensor | None) -> tuple:
-        """The best assignment of `group` for `cost` (`best`: the row argmax when it is already one): (perm,
-        its value, the current permutation's value, the least gain that counts as an improvement, shortcut)."""
-        n = sizes[group]
-        if best is not None:
-            new = best
-        else:
-            _, cols = linear_sum_assignment(cost.numpy(), maximize=True)
-            new = torch.as_tensor(cols, dtype=torch.long)
-        rows = torch.arange(n)
-        new_value, old_value = float(cost[rows, new].sum()), float(cost[rows, perms[group]].sum())
-        return new, new_value, old_value, 1e-9 * float(cost.abs().sum()), best is not None
+    def values(group: str, cost: torch.Tensor) -> tuple[float, float]:
+        """The current permutation's value under `cost`, and the least gain that counts as an improvement."""
+        current = float(cost[torch.arange(sizes[group]), perms[group]].sum())
+        return current, 1e-9 * float(cost.abs().sum())
+
+    def assign(group: str, negated: np.ndarray, old_value: float, least: float) -> tuple:
+        """The best assignment of `group` for the cost whose float64 negation is `negated`: (perm, its value,
+        `old_value`, `least`, False). scipy gets the very minimisation it builds for `maximize=True` (the same
+        float64 numbers), so it copies nothing, and the float32 cost is already freed: a 3,072-wide group holds
+        72 MiB while it waits and runs, not 36 + 2 × 72."""
+        _, cols = linear_sum_assignment(negated)
+        # the assigned float32 costs, summed as torch sums them: the value of ALGORITHM_VERSION 3, bit for bit
+        new_value = float(torch.from_numpy(-negated[np.arange(len(cols)), cols]).to(torch.float32).sum())
+        return torch.as_tensor(cols, dtype=torch.long), new_value, old_value, least, False
 
     def solve_run(due: list[str]) -> list[tuple]:
         """`assign` for each group of `due` (groups sharing no tensor). Costs are built one at a time here
@@ -324,18 +338,25 @@ def _weight_matching(spec, anchor, other, max_iter, seed, tol, stats, workers) -
         for group in due:
             n = sizes[group]
             pending = [a for a in answers if isinstance(a, Future) and not a.done()]
-            if len(pending) >= workers:  # bounded memory: each pending assignment holds its cost matrix
+            if len(pending) >= workers:  # bounded memory: each pending assignment holds its cost (float64)
                 wait(pending, return_when=FIRST_COMPLETED)
             cost = cost_of(group)
+            old_value, least = values(group, cost)
             best = cost.argmax(dim=1)
-            best = best if len(torch.unique(best)) == n else None  # every row gets its best column: optimal
-            if best is None and n * n >= TRIM_MIN_NUMEL:  # wide groups: earlier solves' freed buffers go back
+            if len(torch.unique(best)) == n:  # every row gets its best column: optimal, no assignment to solve
+                new_value = float(cost[torch.arange(n), best].sum())
+                answers.append((best, new_value, old_value, least, True))
+                continue
+            if n * n >= TRIM_MIN_NUMEL:  # wide groups: earlier solves' freed buffers go back
                 release_free_memory()
-            if pool is not None and best is None and len(due) > 1:
-                answers.append(pool.submit(assign, group, cost, best))
-            else:
-                answers.append(assign(group, cost, best))
+            negated = cost.numpy().astype(np.float64)
             del cost
+            np.negative(negated, out=negated)
+            if pool is not None and len(due) > 1:
+                answers.append(pool.submit(assign, group, negated, old_value, least))
+            else:
+                answers.append(assign(group, negated, old_value, least))
+            del negated
         return [a.result() if isinstance(a, Future) else a for a in answers]
 
     rng = np.random.default_rng(seed)
