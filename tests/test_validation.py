@@ -104,6 +104,21 @@ def test_a_run_that_helps_keeps_its_lowest_validation_loss_and_those_weights(poo
     assert pool[5].scores(generator)["loss"] == pytest.approx(progress.best_metric, rel=1e-6)
 
 
+def test_one_process_neither_moves_nor_reduces_its_float64_sums(pool, monkeypatch):
+    """MPS has no float64, and one process has nothing to sum: its validation totals stay on the CPU."""
+
+    reduce = Accelerator.reduce
+
+    def no_float64_reduce(self, tensor, *args, **kwargs):
+        assert tensor.dtype != torch.float64, "one process reduced its validation totals"
+        return reduce(self, tensor, *args, **kwargs)  # the training loss is averaged over ranks as before
+
+    monkeypatch.setattr(Accelerator, "reduce", no_float64_reduce)
+    generator, progress, seen = _train(pool, learning_rate=3e-3, steps=4)
+    assert [s for s, _, _ in seen] == [0, 4]
+    assert pool[5].scores(generator)["loss"] == pytest.approx(progress.best_metric, rel=1e-6)
+
+
 def test_progress_round_trips_through_a_checkpoint_folder(pool, tmp_path):
     _, progress, _ = _train(pool, learning_rate=3e-3, steps=4, eval_steps=2)
     progress.save_best(tmp_path)

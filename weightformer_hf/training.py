@@ -389,7 +389,9 @@ def train_generator(
 
     def validate() -> None:  # each rank scores its share of the sets; every rank gets the sums, keeps the same step
         totals = validation.totals(model, accelerator.process_index, accelerator.num_processes)
-        loss, correct, count = accelerator.reduce(totals.to(accelerator.device), "sum").tolist()
+        if accelerator.num_processes > 1:  # one process has nothing to sum, and MPS has no float64 to move to
+            totals = accelerator.reduce(totals.to(accelerator.device), "sum")
+        loss, correct, count = totals.tolist()
         scores = {"loss": loss / count, "accuracy": correct / count}
         is_best = progress.record(progress.step, scores, model)
         if on_validate is not None:
