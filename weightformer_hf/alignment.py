@@ -349,9 +349,8 @@ def _weight_matching(spec, anchor, other, max_iter, seed, tol, stats, workers) -
                 continue
             if n * n >= TRIM_MIN_NUMEL:  # wide groups: earlier solves' freed buffers go back
                 release_free_memory()
-            negated = cost.numpy().astype(np.float64)
+            negated = cost.to(torch.float64).neg_().numpy()  # torch converts on every core; numpy on one
             del cost
-            np.negative(negated, out=negated)
             if pool is not None and len(due) > 1:
                 answers.append(pool.submit(assign, group, negated, old_value, least))
             else:
