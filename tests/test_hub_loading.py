@@ -93,6 +93,20 @@ def test_local_folders_get_a_content_hash(tmp_path):
     assert infos[0].revision is None and infos[0].license == "mit"
 
 
+def test_loading_hands_back_its_validation_reads_after_the_nan_checks(tmp_path, monkeypatch):
+    """The teacher set's NaN checks read every tensor: their buffers go back to the OS after them, not before."""
+    from weightformer_hf import hub, teachers
+
+    events = []
+    validate = teachers.TeacherSet._validate
+    monkeypatch.setattr(
+        teachers.TeacherSet, "_validate", lambda self, *a: (events.append("nan checks"), validate(self, *a))
+    )
+    monkeypatch.setattr(hub, "release_free_memory", lambda: events.append("trim"))
+    load_teachers([save_timm(tiny_timm(0), tmp_path / "a")])
+    assert events == ["nan checks", "trim"]
+
+
 def test_same_labels_in_another_order_are_reordered(tmp_path):
     a, b = tiny_timm(0), tiny_timm(1, labels=["emu", "cat", "dog"])
     folders = [save_timm(a, tmp_path / "a"), save_timm(b, tmp_path / "b", labels=["emu", "cat", "dog"])]
