@@ -254,9 +254,10 @@ def _weight_matching(spec, anchor, other, max_iter, seed, tol, stats, workers) -
     # Contributions whose GEMM is long (inner dimension >= 4 n: VGG's fc1, 3x3 convs) are kept and updated
     # for the channels whose permutation changed, which costs |changed| / n of a recomputation.
     kept: dict[tuple[str, int], tuple[torch.Tensor, torch.Tensor]] = {}  # (tensor, position) -> (value, perm)
-    reread = [0]  # bytes of tensors re-read from lazy teachers (and laid out) since freed memory last went back
+    reread = 0  # bytes of tensors re-read from lazy teachers (and laid out) since freed memory last went back
 
     def contribution(pair: _Pair, position: int, n: int) -> torch.Tensor:
+        nonlocal reread
         g_i, g_j = (pair.groups[a] for a in pair.axes)
         perm = perms[g_j] if position == 0 else perms[g_i]
         key = (pair.name, position)
@@ -267,7 +268,7 @@ def _weight_matching(spec, anchor, other, max_iter, seed, tol, stats, workers) -
                 return previous[0]
         wa, wo = pair.tensors(position)
         if not keep:  # read from disk again: the reads and their layouts were buffers of the heap
-            reread[0] += 2 * (wa.numel() + wo.numel()) * wa.element_size()
+            reread += 2 * (wa.numel() + wo.numel()) * wa.element_size()
         inner = wa.numel() // n
         if previous is not None and 2 * len(changed) < len(perm):
             value, old = previous
@@ -287,15 +288,16 @@ def _weight_matching(spec, anchor, other, max_iter, seed, tol, stats, workers) -
         return value
 
     def cost_of(group: str) -> torch.Tensor:
+        nonlocal reread
         n = sizes[group]
         cost = const[group].clone() if group in const else torch.zeros(n, n)
         if group in low_rank:
             cost.addmm_(*(low_rank[group][0], low_rank[group][1].T))
         for pair, position in pairs[group]:
             cost += contribution(pair, position, n)
-            if reread[0] >= TRIM_REREAD_BYTES:  # see TRIM_REREAD_BYTES
+            if reread >= TRIM_REREAD_BYTES:  # see TRIM_REREAD_BYTES
                 release_free_memory()
-                reread[0] = 0
+                reread = 0
         for name in generic[group]:
             groups, reshape = spec[name]
             wa = _view(anchor[name].detach().to(device="cpu", dtype=torch.float32), reshape)
