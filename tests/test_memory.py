@@ -12,11 +12,11 @@ from weightformer_hf.hub import load_teachers
 from weightformer_hf.weight_files import LazySafetensorsStateDict, is_lazy
 
 
-def _saved(tmp_path, n=2):
+def _saved(tmp_path, n=2, dtype=torch.float32):
     paths = []
     for seed in range(n):
         path = tmp_path / f"t{seed}"
-        timm.models.save_for_hf(make_model("timm_resnet", seed), str(path), safe_serialization=True)
+        timm.models.save_for_hf(make_model("timm_resnet", seed).to(dtype), str(path), safe_serialization=True)
         paths.append(str(path))
     return paths
 
@@ -133,10 +133,11 @@ def test_lazy_rows_are_read_alone_and_match_the_tensor(tmp_path):
     assert torch.equal(tensor_rows(dict(model.state_dict()), "fc.weight", 2, 4), model.fc.weight[2:4])
 
 
-def test_lazy_teachers_stream_layer_by_layer_and_give_the_in_memory_student(tmp_path, monkeypatch):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_lazy_teachers_stream_layer_by_layer_and_give_the_in_memory_student(tmp_path, monkeypatch, dtype):
     from weightformer_hf.modeling import modeling_weightformer as mw
 
-    paths = _saved(tmp_path, n=3)
+    paths = _saved(tmp_path, n=3, dtype=dtype)
     lazy = load_teachers(paths)
     eager = lazy.to("cpu")  # the same teachers, read into memory
     assert all(isinstance(sd, dict) for sd in eager.state_dicts)
@@ -163,8 +164,33 @@ def test_lazy_teachers_stream_layer_by_layer_and_give_the_in_memory_student(tmp_
     assert len(built) == len(lazy.layers[0]) and all(b == (True, None, None) for b in built)  # content dropped
     assert set(streamed) == set(expected)
     for name, tensor in expected.items():
+        assert streamed[name].dtype == tensor.dtype, name
         assert torch.equal(streamed[name], tensor), name
     assert any(not torch.equal(streamed[n], lazy.state_dicts[1][n]) for n in streamed)  # it did generate
+
+
+def test_streamed_students_read_the_anchors_wide_tensors_by_rows_only(tmp_path, monkeypatch):
+    """Applying a streamed layer's changes reads the anchor's row-major tensors a block of rows at a time (no
+    float32 copy of a whole tensor beside the decrements and the new tensor); only the small or not
+    row-major ones (norms, statistics) are read whole."""
+
+    lazy = load_teachers(_saved(tmp_path, n=2))
+    generator = wf.WeightFormerModel.for_teachers(lazy, **SMALL)
+    perturb(generator)
+    generator.generate_student(lazy, anchor=0)  # alignment (which reads tensors whole) is now cached
+    anchor_state, whole = lazy.state_dicts[0], []
+    original = LazySafetensorsStateDict.__getitem__
+
+    def spy(self, name):
+        if self is anchor_state:
+            whole.append(name)
+        return original(self, name)
+
+    monkeypatch.setattr(LazySafetensorsStateDict, "__getitem__", spy)
+    generator.generate_student(lazy, anchor=0)
+    row_major = {t.name for layer in lazy.layers[0] for t in layer.tensors if t.channel_axis == 0 and not t.positive}
+    assert {"layer1.0.conv1.weight", "fc.weight"} <= row_major
+    assert whole and not row_major & set(whole)  # (the streamed first pass and the tokens read rows too)
 
 
 def test_a_streamed_layer_holds_one_teachers_raw_tokens_at_a_time(tmp_path):
