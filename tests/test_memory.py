@@ -173,7 +173,6 @@ def test_streamed_students_read_the_anchors_wide_tensors_by_rows_only(tmp_path, 
     """Applying a streamed layer's changes reads the anchor's row-major tensors a block of rows at a time (no
     float32 copy of a whole tensor beside the decrements and the new tensor); only the small or not
     row-major ones (norms, statistics) are read whole."""
-
     lazy = load_teachers(_saved(tmp_path, n=2))
     generator = wf.WeightFormerModel.for_teachers(lazy, **SMALL)
     perturb(generator)
