@@ -43,10 +43,6 @@ def _status_bytes(key: str) -> int:
     return 0
 
 
-def _vm_hwm() -> int:
-    return _status_bytes("VmHWM")
-
-
 def child(paths: list[str]) -> None:
     """Runs in a fresh process: imports, then load + generate, reporting seconds and peak RSS."""
     import timm  # noqa: F401  (the teachers' library: its import, 20 MiB, is an import, not generation)
@@ -55,17 +51,17 @@ def child(paths: list[str]) -> None:
     import weightformer_hf as wf
     from weightformer_hf.hub import load_teachers
 
-    after_imports, file_after_imports = _vm_hwm(), _status_bytes("RssFile")
+    after_imports, file_after_imports = _status_bytes("VmHWM"), _status_bytes("RssFile")
     start = time.perf_counter()
     teachers = load_teachers(paths)
     load_seconds = time.perf_counter() - start
-    after_load = _vm_hwm()
+    after_load = _status_bytes("VmHWM")
     generator = wf.WeightFormerModel.for_teachers(teachers)
     generator_bytes = sum(p.numel() * p.element_size() for p in generator.parameters())
     start = time.perf_counter()
     student = generator.generate_student(teachers, anchor=0)
     generation_seconds = time.perf_counter() - start
-    peak = _vm_hwm()
+    peak = _status_bytes("VmHWM")
     anchor = teachers.state_dicts[0]
     same = all(torch.equal(v, anchor[k]) for k, v in student.state_dict().items())
     print(json.dumps({
@@ -178,15 +174,11 @@ def main() -> None:
           "| over budget without them |")  # fmt: skip
     print("|---|---|---|---|---|---|---|---|---|")
     for key, r in results.items():
-        c, w = r["cold"], r["warm"]
-
-        def worst(field: str, c=c, w=w) -> float:
-            return max(c[field], w[field])
-
-        cells = [key, r["k"], f"{c['seconds']:.1f}", f"{w['seconds']:.1f}", f"{worst('peak_rss_increment_mib'):.0f}"]
-        cells += [f"{c['budget_mib']:.0f}", f"{worst('peak_rss_over_budget'):.2f}"]
-        cells += [f"{worst('file_rss_increment_mib'):.0f}", f"{worst('peak_without_file_pages_over_budget'):.2f}"]
-        print("| " + " | ".join(str(cell) for cell in cells) + " |")
+        worst = {field: max(r["cold"][field], r["warm"][field]) for field in r["cold"]}
+        print(f"| {key} | {r['k']} | {r['cold']['seconds']:.1f} | {r['warm']['seconds']:.1f} | "
+              f"{worst['peak_rss_increment_mib']:.0f} | {r['cold']['budget_mib']:.0f} | "
+              f"{worst['peak_rss_over_budget']:.2f} | {worst['file_rss_increment_mib']:.0f} | "
+              f"{worst['peak_without_file_pages_over_budget']:.2f} |")  # fmt: skip
 
 
 if __name__ == "__main__":

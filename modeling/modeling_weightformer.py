@@ -643,14 +643,8 @@ def _apply_changes_in_blocks(
         width = math.prod(shape) // layer.channels
         if t.positive or t.channel_axis != 0:  # small (norms, statistics) or not row-major: whole, as before
             value = anchor_state[t.name]
-            out.update(
-                _apply_changes(
-                    LayerSpec(layer.name, layer.channels, [t]),
-                    {t.name: value.to(device=device, dtype=torch.float32)},
-                    {t.name: value.dtype},
-                    decrements[:, start : start + width],
-                )
-            )
+            changed = _changed_tensor(t, value.to(device=device, dtype=torch.float32), decrements[:, start:], layer)
+            out[t.name] = changed.to(value.dtype)
         else:
             rows, new = max(1, _BLOCK_BYTES // (4 * max(1, width))), None
             for r in range(0, layer.channels, rows):
@@ -679,10 +673,15 @@ def _apply_changes(
     out, start = {}, 0
     for t in layer.tensors:
         value = anchor_tensors[t.name]
-        moved_shape = value.movedim(t.channel_axis, 0).shape
-        width = value.numel() // layer.channels
-        decrement = decrements[:, start : start + width].reshape(moved_shape).movedim(0, t.channel_axis)
-        start += width
-        new = value * torch.exp(-decrement) if t.positive else value - decrement
-        out[t.name] = new.to(dtypes[t.name])
+        out[t.name] = _changed_tensor(t, value, decrements[:, start:], layer).to(dtypes[t.name])
+        start += value.numel() // layer.channels
     return out
+
+
+def _changed_tensor(t, value: torch.Tensor, decrements: torch.Tensor, layer: LayerSpec) -> torch.Tensor:
+    """One tensor of the student, float32: `value` (the anchor's, float32) changed by the first columns of
+    `decrements` `(C, ≥ width)` (see `_apply_changes`)."""
+    width = value.numel() // layer.channels
+    moved_shape = value.movedim(t.channel_axis, 0).shape
+    decrement = decrements[:, :width].reshape(moved_shape).movedim(0, t.channel_axis)
+    return value * torch.exp(-decrement) if t.positive else value - decrement

@@ -106,7 +106,6 @@ def test_a_run_that_helps_keeps_its_lowest_validation_loss_and_those_weights(poo
 
 def test_one_process_neither_moves_nor_reduces_its_float64_sums(pool, monkeypatch):
     """MPS has no float64, and one process has nothing to sum: its validation totals stay on the CPU."""
-
     reduce = Accelerator.reduce
 
     def no_float64_reduce(self, tensor, *args, **kwargs):
