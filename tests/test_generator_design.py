@@ -211,6 +211,31 @@ def test_activation_matching_recovers_a_planted_permutation():
     assert all(torch.equal(restored[n], anchor[n]) for n in anchor)
 
 
+@pytest.mark.parametrize("mode", ["teacher", "mean"])
+def test_canonical_order_puts_shuffled_copies_in_the_references_order_and_keeps_every_function(mode):
+    import generator_design
+
+    from weightformer_hf.alignment import permute_tensor
+
+    models = [make_model("mlp", seed) for seed in range(2)]
+    reference = models[0].state_dict()
+    spec = wf.TeacherSet.from_models(models[:1]).family.permutation_spec(models[0])
+    g = torch.Generator().manual_seed(1)
+    planted = {group: torch.randperm(16, generator=g) for group in ("P_net.0", "P_net.2")}
+    shuffled = {n: permute_tensor(n, v, spec, planted) for n, v in reference.items()}
+    teachers = wf.TeacherSet.from_models(models)
+    teachers.state_dicts.append(shuffled)
+    teachers.infos.append(teachers.infos[0])
+    x = torch.randn(7, 40, generator=g)
+    before = [run_student(teachers, sd, x) for sd in teachers.state_dicts]
+    # the mean of one reference teacher is that teacher: both modes give its exact order
+    generator_design._canonicalise(teachers, [0], mode, rounds=2)
+    assert all(torch.equal(teachers.state_dicts[2][n], reference[n]) for n in reference)
+    assert not torch.equal(shuffled["net.0.weight"], reference["net.0.weight"])
+    for sd, logits in zip(teachers.state_dicts, before):
+        assert torch.allclose(run_student(teachers, sd, x), logits, atol=1e-5)
+
+
 def test_matching_rounds_scores_recovery_of_the_planted_permutation():
     import matching_rounds
 

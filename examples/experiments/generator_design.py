@@ -133,6 +133,16 @@ def main(argv=None):
         "training objective on the probes (each tensor's gradient over its RMS), by a step the generator "
         "predicts per row and tensor from the row's state (zero-initialised): a learned, preconditioned step",
     )
+    p.add_argument(
+        "--canonical",
+        choices=["none", "teacher", "mean"],
+        default="none",
+        help="put every teacher of the pool in one shared unit order before training (function-preserving): "
+        "weight matching to the first training teacher (`teacher`), or to the aligned mean of the training "
+        "teachers, re-estimated `--canonical_rounds` times (`mean`). Hidden columns then mean roughly the "
+        "same in every anchor, as they do on fine-tunes",
+    )
+    p.add_argument("--canonical_rounds", type=int, default=3)
     p.add_argument("--tag", required=True)
     p.add_argument("--no_record", action="store_true")
     args = p.parse_args(argv)
@@ -157,6 +167,8 @@ def main(argv=None):
         episodes=EpisodeConfig(args.k_min, args.k_max, args.alpha, args.temperature, args.seed),
     )
     recipe.config.update(json.loads(args.generator_config))
+    if args.canonical != "none":
+        _canonicalise(teachers, train_ids, args.canonical, args.canonical_rounds)
     if args.rescale:
         _augment_episodes_by_rescaling(teachers, args.rescale, args.seed)
     if args.augment:
@@ -249,6 +261,8 @@ def main(argv=None):
         "grad_step": args.grad_step,
         "probe_parts": args.probe_parts,
         "train_anchor": args.train_anchor,
+        "canonical": args.canonical,
+        "canonical_rounds": args.canonical_rounds if args.canonical == "mean" else 0,
         "meta_samples": args.meta_samples or len(data.meta_x),
         "config": recipe.config,
         "anchor_G": report.mean_ci(anchors),
@@ -296,6 +310,35 @@ def _augment_episodes_by_rescaling(teachers, scale: float, seed: int) -> None:
         return original(generator, subset, (list(range(len(members))), anchor), *rest, **kwargs)
 
     training.episode_loss = episode_loss
+
+
+def _canonicalise(teachers, reference_ids: list[int], mode: str, rounds: int) -> None:
+    """Permute every teacher of `teachers` in place into one unit order shared by the whole pool.
+
+    `teacher`: the order of `reference_ids[0]`. `mean`: the aligned mean of the `reference_ids` teachers,
+    re-estimated `rounds` times (each round matches every reference teacher to the current mean, the
+    first round's mean being the first teacher). Only the reference teachers define the order; every
+    teacher is then matched to it. Permutations preserve each teacher's function exactly."""
+    from weightformer_hf.alignment import permute_tensor, weight_matching
+
+    spec = teachers.family.permutation_spec(teachers.template)
+    names = list(teachers.shapes)
+    original = [{n: sd[n].float() for n in names} for sd in teachers.state_dicts]
+
+    def matched(reference, i):
+        perms = weight_matching(spec, reference, original[i])
+        return {n: permute_tensor(n, original[i][n], spec, perms) for n in names}
+
+    reference = original[reference_ids[0]]
+    for _ in range(rounds if mode == "mean" else 0):
+        aligned = [matched(reference, i) for i in reference_ids]
+        reference = {n: torch.stack([a[n] for a in aligned]).mean(0) for n in names}
+    t0 = time.perf_counter()
+    for i in range(len(teachers.state_dicts)):
+        dtype = {n: teachers.state_dicts[i][n].dtype for n in names}
+        teachers.state_dicts[i] = {n: t.to(dtype[n]) for n, t in matched(reference, i).items()}
+    teachers.alignment_cache.clear()
+    print(f"canonical unit order ({mode}): {len(teachers.state_dicts)} teachers in {time.perf_counter() - t0:.0f} s")
 
 
 def _episodes_anchor_on_best_val(accuracy: list[float]) -> None:
