@@ -236,6 +236,29 @@ def test_canonical_order_puts_shuffled_copies_in_the_references_order_and_keeps_
         assert torch.allclose(run_student(teachers, sd, x), logits, atol=1e-5)
 
 
+def test_weight_average_follows_each_optimizer_step_and_is_swapped_in_only_inside_its_context(monkeypatch):
+    import generator_design
+
+    monkeypatch.setattr(training, "optimizer_and_scheduler", training.optimizer_and_scheduler)  # restored after
+    average = generator_design._average_generator_weights(0.5)
+    module = torch.nn.Linear(2, 1)
+    with torch.no_grad():
+        module.weight.fill_(1.0)
+        module.bias.fill_(0.0)
+    optimizer, _ = training.optimizer_and_scheduler(module, 0.1, 0.0, "constant", 0, 10)
+    optimizer.param_groups[0]["betas"] = (0.0, 0.0)  # Adam without momentum: each step moves by lr * sign(grad)
+    for _ in range(2):
+        module.weight.grad, module.bias.grad = torch.ones_like(module.weight), torch.ones_like(module.bias)
+        optimizer.step()
+    assert module.weight[0, 0].item() == pytest.approx(0.8, abs=1e-5)  # two steps of 0.1
+    own = module.weight.detach().clone()
+    with average.swapped_in(module):
+        assert module.weight[0, 0].item() == pytest.approx(0.875, abs=1e-5)  # 0.5 * (0.5 * 1 + 0.5 * 0.9) + 0.5 * 0.8
+    assert torch.equal(module.weight, own)
+    with pytest.raises(RuntimeError, match="tracks another module"), average.swapped_in(torch.nn.Linear(2, 1)):
+        pass
+
+
 def test_matching_rounds_scores_recovery_of_the_planted_permutation():
     import matching_rounds
 

@@ -143,6 +143,13 @@ def main(argv=None):
         "same in every anchor, as they do on fine-tunes",
     )
     p.add_argument("--canonical_rounds", type=int, default=3)
+    p.add_argument(
+        "--ema",
+        type=float,
+        default=0.0,
+        help="score an exponential moving average of the generator's weights with this decay (updated after "
+        "every optimizer step, started at the initial weights) instead of the last weights; 0 = off",
+    )
     p.add_argument("--tag", required=True)
     p.add_argument("--no_record", action="store_true")
     args = p.parse_args(argv)
@@ -167,6 +174,7 @@ def main(argv=None):
         episodes=EpisodeConfig(args.k_min, args.k_max, args.alpha, args.temperature, args.seed),
     )
     recipe.config.update(json.loads(args.generator_config))
+    ema = _average_generator_weights(args.ema) if args.ema else None
     if args.canonical != "none":
         _canonicalise(teachers, train_ids, args.canonical, args.canonical_rounds)
     if args.rescale:
@@ -203,6 +211,12 @@ def main(argv=None):
     ]
 
     def evaluate(generator, step):
+        if ema is not None:
+            with ema.swapped_in(generator):
+                return _evaluate(generator, step)
+        return _evaluate(generator, step)
+
+    def _evaluate(generator, step):
         g, g_best = [], []
         for i, (members, b) in enumerate(zip(sets, best)):
             for anchor, out in ((0, g), (b, g_best)):
@@ -262,6 +276,7 @@ def main(argv=None):
         "probe_parts": args.probe_parts,
         "train_anchor": args.train_anchor,
         "canonical": args.canonical,
+        "ema": args.ema,
         "canonical_rounds": args.canonical_rounds if args.canonical == "mean" else 0,
         "meta_samples": args.meta_samples or len(data.meta_x),
         "config": recipe.config,
@@ -310,6 +325,64 @@ def _augment_episodes_by_rescaling(teachers, scale: float, seed: int) -> None:
         return original(generator, subset, (list(range(len(members))), anchor), *rest, **kwargs)
 
     training.episode_loss = episode_loss
+
+
+class _WeightAverage:
+    """An exponential moving average of a module's parameters, kept beside them."""
+
+    def __init__(self, decay: float):
+        self.decay, self.params, self.average = decay, [], []
+
+    def track(self, module) -> None:
+        self.params = list(module.parameters())
+        self.average = [p.detach().clone() for p in self.params]
+
+    @torch.no_grad()
+    def update(self) -> None:
+        torch._foreach_lerp_(self.average, [p.detach() for p in self.params], 1.0 - self.decay)
+
+    def swapped_in(self, module):
+        """Context: `module`'s parameters hold the average, and their own values again on exit."""
+        import contextlib
+
+        @contextlib.contextmanager
+        def swap():
+            if [id(p) for p in module.parameters()] != [id(p) for p in self.params]:
+                raise RuntimeError("the weight average tracks another module")
+            own = [p.detach().clone() for p in self.params]
+            with torch.no_grad():
+                torch._foreach_copy_(self.params, self.average)
+            try:
+                yield
+            finally:
+                with torch.no_grad():
+                    torch._foreach_copy_(self.params, own)
+
+        return swap()
+
+
+def _average_generator_weights(decay: float) -> _WeightAverage:
+    """Wrap `training.optimizer_and_scheduler` so the generator it is built for gets a `_WeightAverage`,
+    updated after each optimizer step."""
+    from weightformer_hf import training
+
+    average, original = _WeightAverage(decay), training.optimizer_and_scheduler
+
+    def optimizer_and_scheduler(generator, *args, **kwargs):
+        optimizer, scheduler = original(generator, *args, **kwargs)
+        average.track(generator)
+        step = optimizer.step
+
+        def step_and_average(*a, **k):
+            out = step(*a, **k)
+            average.update()
+            return out
+
+        optimizer.step = step_and_average
+        return optimizer, scheduler
+
+    training.optimizer_and_scheduler = optimizer_and_scheduler
+    return average
 
 
 def _canonicalise(teachers, reference_ids: list[int], mode: str, rounds: int) -> None:
