@@ -139,8 +139,8 @@ def main(argv=None):
         default="none",
         help="put every teacher of the pool in one shared unit order before training (function-preserving): "
         "weight matching to the first training teacher (`teacher`), or to the aligned mean of the training "
-        "teachers, re-estimated `--canonical_rounds` times (`mean`). Hidden columns then mean roughly the "
-        "same in every anchor, as they do on fine-tunes",
+        "teachers, re-estimated `--canonical_rounds` times (`mean`). Hidden columns then mean loosely the "
+        "same in every anchor (docs/experiments.md v17), as they do on fine-tunes",
     )
     p.add_argument("--canonical_rounds", type=int, default=3)
     p.add_argument(
