@@ -71,6 +71,13 @@ FLAGS = {
 }  # fmt: skip
 
 
+# Flags a resumed run must keep (with the teachers, rows and seed): the checkpoint records them.
+RESUME_FLAGS = (
+    "per_device_train_batch_size", "gradient_accumulation_steps", "max_train_steps", "learning_rate", "weight_decay",
+    "lr_scheduler_type", "num_warmup_steps", "k_min", "k_max", "alpha", "temperature",
+)  # fmt: skip
+
+
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument(
@@ -175,6 +182,9 @@ def main(args):
     progress = wf.TrainingProgress(args.metric_for_best_model, settings={  # what a resumed run must not change
         "teachers": teachers.names, "train_teachers": train_teachers.names, "validation_teachers": len(val_idx),
         "val_data_fraction": args.val_data_fraction, "meta_rows": len(meta_train), "seed": args.seed,
+        # the batches and episodes a step sees, and the schedule: load_state would silently keep the saved
+        # learning rate and rebuild the schedule around the saved step count
+        **{k: getattr(args, k) for k in RESUME_FLAGS},
     })  # fmt: skip
     accelerator.register_for_checkpointing(progress)
     if args.with_tracking:

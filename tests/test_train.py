@@ -177,10 +177,12 @@ def test_resume_after_kill_continues_with_identical_state(tiny, tmp_path):
     assert f"kept the generator of step {results_a['kept_step']}" in resumed.stdout
     # resuming with a flag that changes what the generator trains on is refused, and nothing is written
     before = sorted(p.name for p in (full / "checkpoints").iterdir())
-    changed = run(tiny, *flags, "--val_data_fraction", "0.25", "--output_dir", full,
+    changed = run(tiny, *flags, "--val_data_fraction", "0.25", "--learning_rate", "0.0123", "--output_dir", full,
                   "--resume_from_checkpoint", "latest")  # fmt: skip
     assert changed.returncode == 2
     assert "the checkpoint was written with val_data_fraction=0.0 (now 0.25), meta_rows=510 (now 383)" in changed.stderr
+    # load_state would otherwise keep the saved learning rate without a word
+    assert re.search(r"learning_rate=[0-9.e-]+ \(now 0\.0123\)", changed.stderr), changed.stderr[-2000:]
     assert sorted(p.name for p in (full / "checkpoints").iterdir()) == before
 
 
