@@ -12,6 +12,7 @@ made on these runs stay out of the benchmark's test numbers. Every run appends o
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import json
 import sys
@@ -341,24 +342,19 @@ class _WeightAverage:
     def update(self) -> None:
         torch._foreach_lerp_(self.average, [p.detach() for p in self.params], 1.0 - self.decay)
 
+    @contextlib.contextmanager
     def swapped_in(self, module):
         """Context: `module`'s parameters hold the average, and their own values again on exit."""
-        import contextlib
-
-        @contextlib.contextmanager
-        def swap():
-            if [id(p) for p in module.parameters()] != [id(p) for p in self.params]:
-                raise RuntimeError("the weight average tracks another module")
-            own = [p.detach().clone() for p in self.params]
+        if [id(p) for p in module.parameters()] != [id(p) for p in self.params]:
+            raise RuntimeError("the weight average tracks another module")
+        own = [p.detach().clone() for p in self.params]
+        with torch.no_grad():
+            torch._foreach_copy_(self.params, self.average)
+        try:
+            yield
+        finally:
             with torch.no_grad():
-                torch._foreach_copy_(self.params, self.average)
-            try:
-                yield
-            finally:
-                with torch.no_grad():
-                    torch._foreach_copy_(self.params, own)
-
-        return swap()
+                torch._foreach_copy_(self.params, own)
 
 
 def _average_generator_weights(decay: float) -> _WeightAverage:
