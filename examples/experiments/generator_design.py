@@ -181,8 +181,6 @@ def main(argv=None):
     if args.rescale:
         _augment_episodes_by_rescaling(teachers, args.rescale, args.seed)
     if args.augment:
-        import functools
-
         from weightformer_hf import training
 
         training.TeacherTargets = functools.partial(training.TeacherTargets, augment=True)
