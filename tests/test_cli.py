@@ -214,6 +214,67 @@ def test_evaluate_teachers_and_student_on_mnist1d(mlp_folders, tmp_path, capsys)
     assert f"{results[mlp_folders[0]]['accuracy']:8.4f}" in out
 
 
+def test_generate_anchor_best_picks_the_most_accurate_teacher(tmp_path, capsys):
+    """`--anchor best` keeps the teacher that `evaluate` measures as most accurate on the anchor data (here the
+    only trained one, not the first), records that choice in the card and provenance, and says so."""
+    import torch.nn.functional as F
+    from mnist1d.data import get_dataset_args, make_dataset
+
+    from weightformer_hf.reference_models import MLPClassifier, MLPClassifierConfig
+
+    args = get_dataset_args()
+    args.num_samples, args.seed = 2000, 7
+    data = make_dataset(args)
+    x, y = torch.as_tensor(data["x"], dtype=torch.float32), torch.as_tensor(data["y"], dtype=torch.long)
+    folders, models = [], []
+    for i in range(3):
+        torch.manual_seed(i)
+        model = MLPClassifier(MLPClassifierConfig(hidden_sizes=[16]))
+        if i == 1:
+            opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+            for _ in range(150):
+                loss = F.cross_entropy(model(x).logits, y)
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+        model.save_pretrained(tmp_path / f"mlp{i}")
+        folders.append(str(tmp_path / f"mlp{i}"))
+        models.append(model)
+    common = ["--dataset", "mnist1d", "--num-samples", "500", "--seed", "1", "--json"]
+    code, out, err = _run(capsys, "evaluate", "--teachers", *folders, *common)
+    assert code == 0, err
+    measured = [json.loads(out)[f]["accuracy"] for f in folders]
+    assert max(range(3), key=lambda i: measured[i]) == 1
+    student = tmp_path / "student"
+    code, out, err = _run(capsys, "generate", "--generator", "none", "--teachers", *folders, "--out", str(student),
+                          "--anchor", "best", "--anchor-dataset", "mnist1d", "--anchor-num-samples", "500")  # fmt: skip
+    assert code == 0, err
+    assert "anchor: teacher 1, the most accurate on mnist1d, seed 1, 500 samples" in out
+    provenance = json.loads((student / "weightformer_config.json").read_text())
+    assert provenance["anchor"] == 1 and provenance["anchor_choice"]["accuracies"] == measured
+    card = ModelCard.load(student / "README.md").text
+    assert "teacher 1" in card and "labelled data only chose the anchor" in card
+    assert "no training data was used" not in card
+    result = generate(folders, generator="none", anchor="best", anchor_dataset="mnist1d", anchor_num_samples=500)
+    assert result.anchor == 1 and _same_weights(result.student, models[1])
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--anchor", "best"], "needs a dataset"),
+        (["--anchor", "2", "--anchor-dataset", "mnist1d"], "pass anchor 'best'"),
+        (["--anchor", "first"], "neither a teacher index nor 'best'"),
+    ],
+)
+def test_generate_anchor_requests_that_cannot_work(mlp_folders, tmp_path, capsys, flags, message):
+    out_dir = tmp_path / "student"
+    code, _, err = _run(capsys, "generate", "--generator", "none", "--teachers", *mlp_folders, "--out",
+                        str(out_dir), *flags)  # fmt: skip
+    assert code == 2 and message in err and err.count("\n") == 1
+    assert not out_dir.exists()
+
+
 def test_evaluate_image_models_on_mnist1d_is_refused(timm_repos, capsys):
     code, _, err = _run(capsys, "evaluate", "--model", timm_repos.ids[0], "--dataset", "mnist1d")
     assert code == 2 and "timm_resnet" in err and "mnist1d" in err

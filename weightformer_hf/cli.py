@@ -66,10 +66,31 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--teachers", nargs="+", required=True, metavar="TEACHER", help=_TEACHERS_HELP)
     gen.add_argument(
         "--anchor",
-        type=int,
+        type=_anchor,
         default=0,
-        help="index of the teacher whose channel order the student keeps (default: 0, the first teacher)",
+        help="index of the teacher whose channel order the student keeps (default: 0, the first teacher), "
+        "or 'best': the most accurate teacher on --anchor-dataset",
     )
+    gen.add_argument(
+        "--anchor-dataset",
+        default=None,
+        metavar="DATASET",
+        help="with --anchor best: held-out labelled data to compare the teachers on, as evaluate's --dataset "
+        "reads it (not the data you will report the student's accuracy on)",
+    )
+    gen.add_argument("--anchor-split", default="validation", help="its split (default: validation)")
+    gen.add_argument(
+        "--anchor-num-samples", type=int, default=1000, help="compare on at most this many samples (default: 1000)"
+    )
+    gen.add_argument(
+        "--anchor-seed",
+        type=int,
+        default=1,
+        help="seed of generated mnist1d samples (default: 1; evaluate's default is 0, so the choice is not "
+        "made on the samples evaluate then measures)",
+    )
+    gen.add_argument("--image-column", default="image", help="image column of an image dataset")
+    gen.add_argument("--label-column", default="label", help="label column of an image dataset")
     gen.add_argument(
         "--format",
         choices=["timm", "transformers"],
@@ -126,6 +147,15 @@ def build_parser() -> argparse.ArgumentParser:
         description="List the architecture families WeightFormer can read and write.",
     )
     return parser
+
+
+def _anchor(value: str) -> int | str:
+    if value == "best":
+        return value
+    try:
+        return int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is neither a teacher index nor 'best'") from None
 
 
 def _add_loading_flags(parser: argparse.ArgumentParser) -> None:
@@ -219,6 +249,12 @@ def _generate(args: argparse.Namespace) -> int:
             allow_pickle=args.allow_pickle,
             trust_remote_code=args.trust_remote_code,
             progress=False if args.quiet else None,
+            anchor_dataset=args.anchor_dataset,
+            anchor_split=args.anchor_split,
+            anchor_num_samples=args.anchor_num_samples,
+            anchor_seed=args.anchor_seed,
+            image_column=args.image_column,
+            label_column=args.label_column,
         )
     if not args.quiet:
         for warning in caught:
@@ -227,6 +263,10 @@ def _generate(args: argparse.Namespace) -> int:
         teachers = ", ".join(info.identity for info in result.teachers.infos)
         print(f"student ({result.teachers.family.name}, K={len(result.teachers)}) saved to {result.out_dir}")
         print(f"teachers: {teachers}")
+        if result.anchor_choice is not None:
+            choice = result.anchor_choice
+            scores = " / ".join(f"{a:.4f}" for a in choice.accuracies)
+            print(f"anchor: teacher {choice.index}, the most accurate on {choice.data} (accuracy {scores})")
         if result.commit is not None:
             print(f"pushed: {getattr(result.commit, 'commit_url', result.commit)}")
     return 0

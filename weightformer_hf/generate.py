@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from .errors import TeacherSourceError, WeightFormerError
+from .scoring import AnchorChoice
 from .teachers import TeacherSet
 
 
@@ -28,6 +29,8 @@ class GenerationResult:
     generator_id: str
     out_dir: Path | None = None
     commit: object | None = None  # huggingface_hub.CommitInfo when pushed
+    anchor: int = 0
+    anchor_choice: AnchorChoice | None = None  # set when anchor="best" chose it on data
 
 
 def load_generator(
@@ -94,7 +97,7 @@ def _load_saved_generator(spec: str, token, trust_remote_code: bool):
 def generate(
     teachers: Sequence[str | Path] | TeacherSet,
     generator="none",
-    anchor: int = 0,
+    anchor: int | str = 0,
     out_dir: str | Path | None = None,
     format: str | None = None,
     push_to_hub: str | None = None,
@@ -106,6 +109,12 @@ def generate(
     trust_remote_code: bool = False,
     metrics: Mapping[str, float] | None = None,
     progress: bool | None = None,
+    anchor_dataset: str | None = None,
+    anchor_split: str = "validation",
+    anchor_num_samples: int = 1000,
+    anchor_seed: int = 1,
+    image_column: str = "image",
+    label_column: str = "label",
 ) -> GenerationResult:
     """Generate one student from K teachers, save it as a repo folder and optionally push it.
 
@@ -113,7 +122,9 @@ def generate(
         teachers: Hub repo ids (`org/name[@rev]`) and/or local folders, or a loaded `TeacherSet`.
         generator: "none" (an untrained generator: the student equals the anchor), a folder or
             `org/name[@rev]` of a trained WeightFormer, or a `WeightFormerModel`.
-        anchor: index of the teacher whose channel order the student keeps.
+        anchor: index of the teacher whose channel order the student keeps, or "best": the most
+            accurate teacher on `anchor_dataset` (see `scoring.choose_anchor`; on the benchmark's
+            fine-tunes of one base this anchor gives the best student).
         out_dir: where to save the student (required to push; a temporary folder is not used).
         format: "timm" or "transformers" (default: the teachers' format).
         push_to_hub: repo id to push the saved folder to, in one commit.
@@ -123,6 +134,10 @@ def generate(
         allow_pickle, trust_remote_code: see `load_teachers`.
         metrics: measured metrics for the card.
         progress: show tqdm bars (default: only when stderr is a terminal).
+        anchor_dataset, anchor_split, anchor_num_samples, anchor_seed, image_column, label_column: the
+            data `anchor="best"` chooses on, as `weightformer evaluate` reads it (`anchor_seed`: mnist1d's
+            generator seed, by default not `evaluate`'s, so the choice is not made on the data the student
+            is then measured on).
     """
     from .export import describe_generator, save_student
     from .hub import load_teachers, no_progress_bars
@@ -131,6 +146,7 @@ def generate(
         raise WeightFormerError("pushing needs out_dir: the student is saved there first, then uploaded")
     if format not in (None, "timm", "transformers"):
         raise WeightFormerError(f"unknown format {format!r}: use 'timm' or 'transformers'")
+    _check_anchor_request(anchor, anchor_dataset)
     # 1-2. load and validate everything before any progress bar
     if isinstance(teachers, TeacherSet):
         teacher_set = teachers
@@ -142,7 +158,7 @@ def generate(
             allow_pickle=allow_pickle,
             trust_remote_code=trust_remote_code,
         )
-    if not 0 <= anchor < len(teacher_set):
+    if isinstance(anchor, int) and not 0 <= anchor < len(teacher_set):
         raise WeightFormerError(
             f"anchor {anchor} is out of range: there are {len(teacher_set)} teachers (0-based)"
         )
@@ -153,6 +169,14 @@ def generate(
         )
     model = load_generator(generator, teacher_set, token=token, trust_remote_code=trust_remote_code)
     generator_id = describe_generator(model)
+    choice = None
+    if anchor == "best":
+        from .scoring import choose_anchor
+
+        choice = choose_anchor(
+            teacher_set, anchor_dataset, anchor_split, anchor_num_samples, anchor_seed, image_column, label_column
+        )
+        anchor = choice.index
 
     show = sys.stderr.isatty() if progress is None else progress
     stages = ["generate"] + (["save"] if out_dir is not None else []) + (["push"] if push_to_hub else [])
@@ -175,6 +199,7 @@ def generate(
                     generator=generator_id,
                     metrics=metrics,
                     anchor=anchor,
+                    anchor_choice=choice,
                 )
             bar.update()
         commit = None
@@ -187,4 +212,20 @@ def generate(
             bar.update()
     finally:
         bar.close()
-    return GenerationResult(student, teacher_set, generator_id, saved, commit)
+    return GenerationResult(student, teacher_set, generator_id, saved, commit, anchor, choice)
+
+
+def _check_anchor_request(anchor, anchor_dataset: str | None) -> None:
+    """Reject an anchor request that cannot mean what the caller wants, before anything is loaded."""
+    if isinstance(anchor, str) and anchor != "best":
+        raise WeightFormerError(f"anchor {anchor!r}: give a teacher index (0-based) or 'best'")
+    if anchor == "best" and not anchor_dataset:
+        raise WeightFormerError(
+            "anchor 'best' needs a dataset to compare the teachers on (--anchor-dataset, anchor_dataset=): "
+            "held-out labelled data, not the data you will report the student's accuracy on"
+        )
+    if anchor != "best" and anchor_dataset:
+        raise WeightFormerError(
+            f"an anchor dataset was given but the anchor is teacher {anchor}: pass anchor 'best' "
+            "(--anchor best) to choose the anchor on it"
+        )

@@ -8,6 +8,7 @@ with timm's data config (timm models) or the model's image processor (transforme
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -41,6 +42,47 @@ def evaluate_sources(
     models = load_teachers(list(sources), **load_kwargs)
     inputs, labels = evaluation_data(models, dataset, split, num_samples, seed, image_column, label_column)
     return score(models, inputs, labels, batch_size)
+
+
+@dataclass
+class AnchorChoice:
+    """The anchor `choose_anchor` picked: the teacher with the best accuracy on held-out data, the rule of
+    the benchmark's `single_best_val` (the first of equals), with every teacher's accuracy."""
+
+    index: int
+    accuracies: list[float]
+    data: str  # where they were measured, in words: "org/ds, split validation, 1,000 samples"
+
+    def to_dict(self) -> dict:
+        return {"rule": "best accuracy", "index": self.index, "accuracies": self.accuracies, "data": self.data}
+
+
+def choose_anchor(
+    teachers: TeacherSet,
+    dataset: str,
+    split: str = "validation",
+    num_samples: int = 1000,
+    seed: int = 1,
+    image_column: str = "image",
+    label_column: str = "label",
+    batch_size: int = 256,
+) -> AnchorChoice:
+    """The most accurate teacher on `dataset` (`split`, or for `mnist1d` samples generated with `seed`).
+
+    On the benchmark this anchor gives the best student on fine-tunes of one base (README, Benchmark:
+    `weightformer_best_val_anchor`). Choose on data you will not report the student's accuracy on: the
+    default mnist1d seed (1) differs from `weightformer evaluate`'s (0)."""
+    from .evaluation import accuracy
+
+    inputs, labels = evaluation_data(teachers, dataset, split, num_samples, seed, image_column, label_column)
+    accuracies = []
+    for i in range(len(teachers)):
+        model = teachers.model(i)
+        logits = predict_logits(lambda x, m=model: teachers.family.logits(m, x), inputs, batch_size)
+        accuracies.append(accuracy(logits, labels))
+    index = max(range(len(teachers)), key=lambda i: (accuracies[i], -i))  # as `baselines.single_best_val`
+    where = f"seed {seed}" if dataset.lower() == "mnist1d" else f"split {split}"
+    return AnchorChoice(index, accuracies, f"{dataset}, {where}, {len(labels):,} samples")
 
 
 def score(models: TeacherSet, inputs: torch.Tensor, labels: torch.Tensor, batch_size: int = 256) -> dict:
