@@ -69,6 +69,30 @@ def test_pool_errors_name_the_problem(tmp_path):
         data.mnist1d_tensors(10, 0, scale=0.5)
 
 
+def test_a_folder_that_is_no_pool_is_never_emptied_and_broken_or_repeated_teachers_are_named(tmp_path):
+    user = tmp_path / "mine"
+    (user / "notes").mkdir(parents=True)
+    (user / "notes" / "todo.txt").write_text("keep")
+    with pytest.raises(WeightFormerError, match="is not empty and holds no pool this library built"):
+        pool.build_pool(_spec(), _data(), _data(), data.DIGIT_NAMES, user, show_progress=False)
+    assert [p.name for p in user.iterdir()] == ["notes"] and (user / "notes" / "todo.txt").read_text() == "keep"
+    built = tmp_path / "built"
+    paths = pool.build_pool(_spec(), _data(), _data(), data.DIGIT_NAMES, built, show_progress=False)
+    # a teacher given twice, or a copy of it under another name, could train and sit in a held-out set at once
+    with pytest.raises(WeightFormerError, match="teacher-00' and '.*teacher-00' are the same model"):
+        pool.load_pool([paths[0], paths[1], paths[0]])
+    shutil.copytree(paths[1], tmp_path / "copy")
+    with pytest.raises(WeightFormerError, match="teacher-01' and '.*copy' are the same model"):
+        pool.load_pool([paths[1], tmp_path / "copy"])
+    (built / "pool.json").write_text('{"teachers": [')
+    with pytest.raises(WeightFormerError, match="pool.json is corrupt"):
+        pool.teacher_paths(built)
+    (built / "pool.json").unlink()  # without a manifest every model folder counts: a broken one is named
+    (paths[2] / "config.json").unlink()
+    with pytest.raises(WeightFormerError, match="'teacher-02' hold weights but no config.json"):
+        pool.expand_sources([built])
+
+
 def test_the_default_training_preset_builds_a_finetune_pool_from_its_base(tmp_path):
     """`examples/train.py`'s default preset is a fine-tune pool: `resolve_pool` pretrains the base on the
     preset's source task and fine-tunes every teacher from it."""

@@ -153,15 +153,45 @@ def default_pool_dir(name: str) -> Path:
     return cache_root() / "pools" / name
 
 
+def _read_pool_record(path: Path) -> dict:
+    """A pool's JSON record (`pool.json`, `build.json`), or a clear error when it is not readable JSON."""
+    try:
+        record = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise TeacherSourceError(
+            f"pool folder {str(path.parent)!r}: {path.name} is corrupt ({err}); delete the folder to rebuild the "
+            "pool, or restore the file"
+        ) from None
+    if not isinstance(record, dict):
+        raise TeacherSourceError(f"pool folder {str(path.parent)!r}: {path.name} is not a pool record")
+    return record
+
+
 def teacher_paths(pool_dir: str | Path) -> list[Path]:
-    """The teacher folders of a pool directory: those listed in its manifest, else every model folder."""
+    """The teacher folders of a pool directory: those listed in its manifest, else every model folder.
+
+    A folder that holds weights but no `config.json` is a broken teacher, not something to skip: it raises."""
     pool_dir = Path(pool_dir)
     manifest = pool_dir / MANIFEST
     if manifest.exists():
-        return [pool_dir / name for name in json.loads(manifest.read_text())["teachers"]]
+        record = _read_pool_record(manifest)
+        if not isinstance(record.get("teachers"), list):
+            raise TeacherSourceError(f"pool folder {str(pool_dir)!r}: {MANIFEST} lists no teachers")
+        return [pool_dir / name for name in record["teachers"]]
     if not pool_dir.is_dir():
         return []
-    return sorted(p for p in pool_dir.iterdir() if (p / "config.json").exists() and p.name != "base")
+    # hidden folders: a build's half-written teachers (`_write_atomic`), or a tool's (.git, .ipynb_checkpoints)
+    folders = sorted(p for p in pool_dir.iterdir() if p.is_dir() and p.name != "base" and not p.name.startswith("."))
+    broken = [p.name for p in folders if not (p / "config.json").exists() and _holds_weights(p)]
+    if broken:
+        raise TeacherSourceError(
+            f"pool folder {str(pool_dir)!r}: {', '.join(map(repr, broken))} hold weights but no config.json"
+        )
+    return [p for p in folders if (p / "config.json").exists()]
+
+
+def _holds_weights(folder: Path) -> bool:
+    return any(f.suffix in (".safetensors", ".bin", ".pth", ".pt") for f in folder.iterdir() if f.is_file())
 
 
 def new_teacher(spec: PoolSpec, label_names: Sequence[str], seed: int | None = None) -> nn.Module:
@@ -290,10 +320,17 @@ def build_pool(
     repo under `pool_dir`. Teachers already saved by an interrupted build of the same spec are kept."""
     pool_dir = Path(pool_dir)
     pool_dir.mkdir(parents=True, exist_ok=True)
-    (pool_dir / MANIFEST).unlink(missing_ok=True)
     progress_file = pool_dir / PROGRESS
     wanted = {"spec": spec.to_dict(), "dataset": dataset}
-    if not progress_file.exists() or json.loads(progress_file.read_text()) != wanted:
+    ours = progress_file.exists() or (pool_dir / MANIFEST).exists()
+    if not ours and any(pool_dir.iterdir()):  # a user's folder: building here would delete what it holds
+        raise TeacherSourceError(
+            f"pool folder {str(pool_dir)!r} is not empty and holds no pool this library built ({PROGRESS} or "
+            f"{MANIFEST}): pass an empty or new --pool_dir (nothing was changed), or --teachers to train on its "
+            "teachers"
+        )
+    (pool_dir / MANIFEST).unlink(missing_ok=True)
+    if not progress_file.exists() or _read_pool_record(progress_file) != wanted:
         for old in pool_dir.iterdir():  # another spec's teachers: not reusable
             shutil.rmtree(old) if old.is_dir() else old.unlink()
         progress_file.write_text(json.dumps(wanted, indent=2))
@@ -398,13 +435,23 @@ def pool_is_built(spec: PoolSpec, pool_dir: str | Path, dataset: str) -> bool:
     manifest = Path(pool_dir) / MANIFEST
     if not manifest.exists():
         return False
-    saved = json.loads(manifest.read_text())
+    saved = _read_pool_record(manifest)
     return saved.get("spec") == spec.to_dict() and saved.get("dataset") == dataset
 
 
 def load_pool(sources: Sequence[str | Path]) -> TeacherSet:
-    """A validated `TeacherSet` from teacher folders and/or Hub ids (one architecture, one label set)."""
-    return load_teachers([str(s) for s in sources])
+    """A validated `TeacherSet` from teacher folders and/or Hub ids (one architecture, one label set), each
+    teacher once: a teacher given twice could train the generator and sit in a held-out set."""
+    teachers = load_teachers([str(s) for s in sources])
+    seen: dict[str, str] = {}
+    for info in teachers.infos:
+        if info.identity in seen:
+            raise TeacherSourceError(
+                f"teachers {seen[info.identity]!r} and {info.name!r} are the same model ({info.identity}): give "
+                "each teacher once"
+            )
+        seen[info.identity] = info.name
+    return teachers
 
 
 def resolve_pool(
