@@ -91,6 +91,13 @@ def test_local_folders_get_a_content_hash(tmp_path):
     assert [i.source for i in infos] == ["local", "local"]
     assert infos[0].content_hash.startswith("sha256:") and infos[0].content_hash == infos[1].content_hash
     assert infos[0].revision is None and infos[0].license == "mit"
+    # the config is part of the content: other label names (the same weights) make another teacher, whose
+    # classifier rows are reordered, so caches keyed by identity must not mistake one for the other
+    config = json.loads((b / "config.json").read_text())
+    config["label_names"] = config["label_names"][1:] + config["label_names"][:1]
+    (b / "config.json").write_text(json.dumps(config))
+    relabelled = load_teachers([a, b]).infos
+    assert relabelled[0].content_hash == infos[0].content_hash != relabelled[1].content_hash
 
 
 def test_loading_hands_back_its_validation_reads_after_the_nan_checks(tmp_path, monkeypatch):

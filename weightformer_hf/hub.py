@@ -168,8 +168,8 @@ def _prepare(
 def _prepare_local(spec: str, path: Path) -> _Source:
     folder = path.resolve()
     src = _Source(name=spec, kind="local", folder=folder)
+    src.config = _read_config(src)  # first: a folder that is no model (`/`, a home) fails before it is walked
     src.available = sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())
-    src.config = _read_config(src)
     src.weights = choose_weight_files(
         src.available, f"teacher {spec!r}", lambda n: _read_json(folder / n, src)
     )
@@ -293,7 +293,7 @@ def hub_call(fn, spec: str, repo_id: str, rev: str | None, role: str = "teacher"
     except RevisionResolutionError as err:
         raise TeacherSourceError(
             f"{where}: cannot reach the Hub at {constants.ENDPOINT} and revision {rev or 'main'!r} of "
-            f"{repo_id!r} is not in the local cache"
+            f"{repo_id!r} is not in the local cache (nor is there a local folder of that name)"
         ) from err
     except HfHubHTTPError as err:
         if missing == "revision" and getattr(getattr(err, "response", None), "status_code", None) == 404:
@@ -369,7 +369,12 @@ def _describe_timm(src: _Source) -> None:
     timm = import_timm()
     config = src.config
     src.labels = _timm_labels(config, src.name)
-    model_args = {k: v for k, v in (config.get("model_args") or {}).items() if k != "num_classes"}
+    model_args = config.get("model_args") or {}
+    if not isinstance(model_args, dict):
+        raise UnsupportedArchitectureError(
+            f"teacher {src.name!r}: config.json's model_args is a {type(model_args).__name__}, not an object"
+        )
+    model_args = {k: v for k, v in model_args.items() if k != "num_classes"}
     try:
         with torch.device("meta"):
             model = timm.create_model(
@@ -411,6 +416,7 @@ def _transformers_family(model_type: str) -> Family | None:
 
 
 def _describe_transformers(src: _Source, trust_remote_code: bool) -> None:
+    from huggingface_hub.errors import StrictDataclassError
     from transformers import AutoConfig
 
     model_type = src.config["model_type"]
@@ -429,7 +435,7 @@ def _describe_transformers(src: _Source, trust_remote_code: bool) -> None:
             )
     try:
         config = AutoConfig.from_pretrained(src.folder, trust_remote_code=trust_remote_code)
-    except (ValueError, OSError, KeyError) as err:
+    except (ValueError, OSError, KeyError, TypeError, StrictDataclassError) as err:  # the last: a field's type
         raise UnsupportedArchitectureError(
             f"teacher {src.name!r}: cannot read its transformers config ({err})"
         ) from err
@@ -497,7 +503,10 @@ def _read_weights(
     if src.kind == "hub":
         _download_weights(src, token)
     else:
-        src.extra["content_hash"] = content_hash(src.folder, src.weights.all_files)
+        # the config too, as a Hub commit covers it: the same weights under other label names (which reorders
+        # the classifier rows) or another architecture setting are another teacher, for caches as for cards
+        files = [*src.weights.all_files, *(["config.json"] if (src.folder / "config.json").is_file() else [])]
+        src.extra["content_hash"] = content_hash(src.folder, files)
     if src.weights.safetensors:
         for name in src.weights.files:  # truncated/corrupt files fail here, named, before any loading
             check_safetensors(src.folder / name, f"teacher {src.name!r}")

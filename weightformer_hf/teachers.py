@@ -17,7 +17,7 @@ from torch import nn
 
 from .errors import InvalidWeightsError, TeacherMismatchError
 from .families import Family, LayerSpec, family_of, get_family
-from .weight_files import tensor_rows
+from .weight_files import is_floating, tensor_rows
 
 
 @dataclass
@@ -28,7 +28,7 @@ class TeacherInfo:
     source: str = "memory"  # "hub", "local" or "memory"
     repo_id: str | None = None
     revision: str | None = None  # resolved commit sha for Hub teachers
-    content_hash: str | None = None  # sha256 over weight files for local folders
+    content_hash: str | None = None  # sha256 over config.json and weight files for local folders
     license: str | None = None
     extra: dict = field(default_factory=dict)
 
@@ -216,6 +216,7 @@ class TeacherSet:
     # ------------------------------------------------------------------------------------- validation
     def _validate(self, check_finite: bool) -> None:
         expected = self.shapes
+        floating = {k for k, v in self.template.state_dict().items() if v.is_floating_point()}
         for sd, info in zip(self.state_dicts, self.infos):
             missing = [k for k in expected if k not in sd]
             if missing:
@@ -232,6 +233,11 @@ class TeacherSet:
                 )
             for name, shape in expected.items():
                 got = tensor_shape(sd, name)
+                if name in floating and not is_floating(sd, name):
+                    raise TeacherMismatchError(
+                        f"tensor {name!r} of teacher {info.name!r} is not floating point, but the architecture's is: "
+                        "not a trained weight"
+                    )
                 if got != tuple(shape):
                     raise TeacherMismatchError(
                         f"tensor {name!r} has shape {tuple(got)} in teacher {info.name!r} but {tuple(shape)} "

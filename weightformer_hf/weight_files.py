@@ -49,14 +49,15 @@ def choose_weight_files(available: list[str], where: str, read_index=None) -> We
     """
     names = set(available)
     if SAFE_INDEX in names:
-        return WeightFiles(_shards(read_index, SAFE_INDEX, where), True, SAFE_INDEX)
+        return WeightFiles(_present(_shards(read_index, SAFE_INDEX, where), names, SAFE_INDEX, where), True, SAFE_INDEX)
     if SAFE_SINGLE in names:
         return WeightFiles([SAFE_SINGLE], True)
     top_level = sorted(n for n in names if "/" not in n and n.endswith(".safetensors"))
     if len(top_level) == 1:
         return WeightFiles(top_level, True)
     if PICKLE_INDEX in names:
-        return WeightFiles(_shards(read_index, PICKLE_INDEX, where), False, PICKLE_INDEX)
+        return WeightFiles(_present(_shards(read_index, PICKLE_INDEX, where), names, PICKLE_INDEX, where), False,
+                           PICKLE_INDEX)  # fmt: skip
     for name in PICKLE_SINGLES:
         if name in names:
             return WeightFiles([name], False)
@@ -64,6 +65,13 @@ def choose_weight_files(available: list[str], where: str, read_index=None) -> We
         f"{where} has no weight file: expected {SAFE_SINGLE}, {SAFE_INDEX} (sharded) or "
         f"{', '.join(PICKLE_SINGLES)}; found {sorted(names)[:12]}"
     )
+
+
+def _present(shards: list[str], names: set[str], index_name: str, where: str) -> list[str]:
+    missing = [s for s in shards if s not in names]
+    if missing:
+        raise InvalidWeightsError(f"{where}: {index_name} lists shard {missing[0]!r}, which is missing")
+    return shards
 
 
 def _shards(read_index, index_name: str, where: str) -> list[str]:
@@ -231,6 +239,10 @@ class LazySafetensorsStateDict(Mapping):
         self._file_of[name]  # KeyError for unknown names
         return self._entry[name][1]
 
+    def is_floating(self, name: str) -> bool:
+        """Whether the file stores `name` as floating point, without reading it."""
+        return self._entry[name][0] in ("F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2")
+
     def __iter__(self) -> Iterator[str]:
         return iter(self._file_of)
 
@@ -254,6 +266,11 @@ class OverlayStateDict(Mapping):
         if name in self.overrides:
             return self.overrides[name][start:stop]
         return tensor_rows(self.base, name, start, stop)
+
+    def is_floating(self, name: str) -> bool:
+        if name in self.overrides:
+            return self.overrides[name].is_floating_point()
+        return is_floating(self.base, name)
 
     def shape(self, name: str) -> tuple[int, ...]:
         if name in self.overrides:
@@ -291,3 +308,9 @@ def load_pickle_state_dict(folder: Path, files: list[str], where: str) -> dict[s
                 break
         state.update({k.removeprefix("module."): v for k, v in loaded.items() if isinstance(v, torch.Tensor)})
     return state
+
+
+def is_floating(state_dict: Mapping[str, torch.Tensor], name: str) -> bool:
+    """Whether tensor `name` is floating point, without reading it when the mapping can tell."""
+    floating = getattr(state_dict, "is_floating", None)
+    return floating(name) if callable(floating) else state_dict[name].is_floating_point()
