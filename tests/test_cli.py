@@ -8,6 +8,7 @@ import sys
 
 import pytest
 import torch
+from conftest import save_timm
 from huggingface_hub import ModelCard
 from test_push import TOKEN, HubRecorder
 
@@ -328,3 +329,67 @@ def test_evaluate_timm_model_on_an_image_folder(timm_repos, tmp_path, capsys):
     code, _, err = _run(capsys, "evaluate", "--model", timm_repos.ids[0], "--dataset", str(tmp_path / "images"),
                         "--split", "train", "--label-column", "fine_label")  # fmt: skip
     assert code == 2 and "fine_label" in err
+
+
+def test_generate_never_writes_over_a_folder_that_is_not_a_student(timm_repos, tmp_path, capsys):
+    """A folder with other files, a teacher's folder, a file or an empty path: exit 2, nothing written or lost.
+    A previous student's folder may be written again, and a save leaves no staging folder behind."""
+    from safetensors.torch import load_file
+
+    teacher = save_timm(timm_repos.models[0], tmp_path / "teacher")
+    before = load_file(teacher / "model.safetensors")
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep")
+    (tmp_path / "afile").write_text("x")
+    common = ["generate", "--generator", "none", "--quiet", "--teachers", str(teacher), timm_repos.ids[1]]
+    for out, message in [(mine, "is not empty and holds no student"), (teacher, "is teacher"),
+                         (tmp_path / "afile", "it is a file"), ("", "empty path")]:  # fmt: skip
+        code, _, err = _run(capsys, *common, "--out", str(out))
+        assert code == 2 and message in err, err
+    assert sorted(p.name for p in mine.iterdir()) == ["notes.txt"] and (mine / "notes.txt").read_text() == "keep"
+    after = load_file(teacher / "model.safetensors")
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    student = tmp_path / "student"
+    for anchor in ("0", "1"):  # the second save replaces the first student
+        assert _run(capsys, *common, "--out", str(student), "--anchor", anchor)[0] == 0
+    assert json.loads((student / "weightformer_config.json").read_text())["anchor"] == 1
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
+
+
+def test_generate_refuses_generators_that_are_not_whole_weightformers(timm_repos, tmp_path, capsys):
+    teachers = load_teachers(timm_repos.ids[:2])
+    generator = WeightFormerModel.for_teachers(teachers, hidden_size=16, intermediate_size=32)
+    generator.save_pretrained(tmp_path / "g")
+    truncated, nan = tmp_path / "truncated", tmp_path / "nan"
+    import shutil
+
+    shutil.copytree(tmp_path / "g", truncated)
+    weights = (truncated / "model.safetensors").read_bytes()
+    (truncated / "model.safetensors").write_bytes(weights[: len(weights) // 2])
+    with torch.no_grad():
+        generator.decoders[0].bias.fill_(float("nan"))
+    generator.save_pretrained(nan)
+    teacher_folder = save_timm(timm_repos.models[0], tmp_path / "a-teacher")
+    cases = [(teacher_folder, "not a WeightFormer's"), (truncated, "model.safetensors"),
+             (nan, "parameter 'decoders.0.bias' contains NaN"), ("org/na me", "valid Hub repo id")]  # fmt: skip
+    for source, message in cases:
+        out = tmp_path / "student"
+        code, _, err = _run(capsys, "generate", "--generator", str(source), "--teachers", *timm_repos.ids[:2],
+                            "--out", str(out), "--quiet")  # fmt: skip
+        assert code == 2 and message in err and err.count("\n") == 1, err
+        assert not out.exists()
+
+
+def test_evaluate_refuses_a_dataset_whose_classes_are_not_the_models(timm_repos, tmp_path, capsys):
+    import numpy as np
+    from PIL import Image
+
+    for name in ("ant", "bee", "yak"):  # three classes, none of the model's
+        (tmp_path / "images" / name).mkdir(parents=True)
+        Image.fromarray(np.zeros((28, 28), dtype=np.uint8), mode="L").save(tmp_path / "images" / name / "0.png")
+    code, _, err = _run(capsys, "evaluate", "--model", timm_repos.ids[0], "--dataset", str(tmp_path / "images"),
+                        "--split", "train")  # fmt: skip
+    assert code == 2 and "are not the model's ['cat', 'dog', 'emu']" in err
+    code, _, err = _run(capsys, "evaluate", "--model", timm_repos.ids[0], "--dataset", "mnist1d", "--num-samples", "0")
+    assert code == 2 and "not a positive number" in err

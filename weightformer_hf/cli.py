@@ -80,7 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     gen.add_argument("--anchor-split", default="validation", help="its split (default: validation)")
     gen.add_argument(
-        "--anchor-num-samples", type=int, default=1000, help="compare on at most this many samples (default: 1000)"
+        "--anchor-num-samples", type=_positive, default=1000, help="compare on at most this many samples"
     )
     gen.add_argument(
         "--anchor-seed",
@@ -132,11 +132,11 @@ def build_parser() -> argparse.ArgumentParser:
         "id, or a local folder (datasets.save_to_disk output or an image folder)",
     )
     ev.add_argument("--split", default="test", help="dataset split (default: test)")
-    ev.add_argument("--num-samples", type=int, default=1000, help="evaluate on at most this many samples")
+    ev.add_argument("--num-samples", type=_positive, default=1000, help="evaluate on at most this many samples")
     ev.add_argument("--seed", type=int, default=0, help="seed of the generated mnist1d samples (default: 0)")
     ev.add_argument("--image-column", default="image", help="image column of an image dataset")
     ev.add_argument("--label-column", default="label", help="label column of an image dataset")
-    ev.add_argument("--batch-size", type=int, default=256)
+    ev.add_argument("--batch-size", type=_positive, default=256)
     ev.add_argument("--json", action="store_true", help="print the results as JSON")
     _add_loading_flags(ev)
     ev.add_argument("--quiet", action="store_true", help="no warnings")
@@ -147,6 +147,16 @@ def build_parser() -> argparse.ArgumentParser:
         description="List the architecture families WeightFormer can read and write.",
     )
     return parser
+
+
+def _positive(value: str) -> int:
+    try:
+        number = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a whole number") from None
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not a positive number")
+    return number
 
 
 def _anchor(value: str) -> int | str:
@@ -193,7 +203,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _evaluate(args)
     except _UsageError as err:
         return _fail(str(err), prefix="")
-    except (WeightFormerError, FileNotFoundError, NotADirectoryError, PermissionError) as err:
+    except (WeightFormerError, OSError) as err:  # OSError: a file the command had to read or write
         return _fail(str(err))
     except ImportError as err:
         return _fail(f"missing dependency: {err}")

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import shutil
 import tempfile
 import warnings
 from collections.abc import Mapping
@@ -66,12 +68,42 @@ def save_student(
     Raises:
         UnsupportedArchitectureError: an unknown format, or a transformers student asked for as timm.
     """
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    final = Path(out_dir)
     family = teachers.family if teachers is not None else family_of(student)
     fmt = format or family.format
     if fmt not in ("timm", "transformers"):
         raise UnsupportedArchitectureError(f"unknown student format {fmt!r}: use 'timm' or 'transformers'")
+    # written beside the folder, then moved in file by file: an interrupted save never leaves new weights
+    # beside an old card (the files are complete before the first one moves)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    out = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
+    try:
+        _write_student(student, out, fmt, family, teachers, generator, metrics, anchor, dataset,
+                       dataset_split, model_name or final.resolve().name, anchor_choice)  # fmt: skip
+        _move_into(out, final)
+    finally:
+        shutil.rmtree(out, ignore_errors=True)
+    return final
+
+
+def _move_into(staged: Path, final: Path) -> None:
+    """Move the staged files into `final`. A previous student's weight files that this save did not write
+    (shards of a larger earlier student) are removed, so loaders cannot mix the two."""
+    final.mkdir(parents=True, exist_ok=True)
+    new = {p.relative_to(staged) for p in staged.rglob("*") if p.is_file()}
+    if (final / PROVENANCE_FILE).is_file():
+        for old in final.glob("*.safetensors*"):
+            if old.relative_to(final) not in new:
+                old.unlink()
+    for rel in sorted(new):
+        (final / rel).parent.mkdir(parents=True, exist_ok=True)
+        os.replace(staged / rel, final / rel)
+
+
+def _write_student(
+    student, out, fmt, family, teachers, generator, metrics, anchor, dataset, dataset_split, model_name,
+    anchor_choice,
+) -> None:  # fmt: skip
     labels = family.label_names(student)
     if fmt == "timm":
         if family.format != "timm":
@@ -103,12 +135,11 @@ def save_student(
         metrics,
         dataset,
         dataset_split,
-        model_name or out.resolve().name,
+        model_name,
         len(labels),
         anchor_choice,
     )
     card.save(out / "README.md")
-    return out
 
 
 # --------------------------------------------------------------------------------------------- formats

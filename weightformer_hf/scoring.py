@@ -148,9 +148,11 @@ def _image_dataset(models, dataset, split, num_samples, image_column, label_colu
                 ds = ds[split]
         else:
             ds = load_dataset(str(path) if path.is_dir() else dataset, split=split)
-    except (FileNotFoundError, ValueError) as err:
+    except (FileNotFoundError, ValueError, ConnectionError, OSError) as err:
         if isinstance(err, WeightFormerError):
             raise
+        if not path.exists() and (dataset.startswith((".", "/", "~")) or dataset.count("/") > 1):
+            raise EvaluationDataError(f"dataset {dataset!r}: no such folder") from None
         raise EvaluationDataError(f"cannot load dataset {dataset!r} split {split!r}: {err}") from err
     for column in (image_column, label_column):
         if column not in ds.column_names:
@@ -158,9 +160,17 @@ def _image_dataset(models, dataset, split, num_samples, image_column, label_colu
                 f"dataset {dataset!r} has no column {column!r}; columns: {ds.column_names} "
                 "(use --image-column / --label-column)"
             )
+    if len(ds) == 0:
+        raise EvaluationDataError(f"dataset {dataset!r} split {split!r} has no rows")
     ds = ds.select(range(min(num_samples, len(ds))))
     preprocess = _preprocessor(models)
-    inputs = torch.stack([preprocess(image) for image in ds[image_column]])
+    images = ds[image_column]
+    if not hasattr(images[0], "convert"):
+        raise EvaluationDataError(
+            f"column {image_column!r} of dataset {dataset!r} holds {type(images[0]).__name__} values, not images "
+            "(use --image-column)"
+        )
+    inputs = torch.stack([preprocess(image) for image in images])
     labels = torch.as_tensor(_label_ids(ds, label_column, models.label_names), dtype=torch.long)
     return inputs, labels
 
@@ -172,7 +182,22 @@ def _label_ids(ds, label_column: str, label_names: list[str]) -> list[int]:
     names = getattr(feature, "names", None)
     if names and set(names) == set(label_names):
         return [label_names.index(names[v]) for v in values]
-    return [int(v) for v in values]
+    n = len(label_names)
+    generic = label_names in ([str(i) for i in range(n)], [f"LABEL_{i}" for i in range(n)])
+    if names and not generic:  # other class names: scoring by raw ids would compare unrelated classes
+        raise EvaluationDataError(
+            f"the dataset's classes {_short(names)} are not the model's {_short(label_names)}: pass a dataset with "
+            "the model's classes"
+        )
+    ids = [int(v) for v in values]
+    if ids and not 0 <= min(ids) <= max(ids) < n:
+        raise EvaluationDataError(f"the dataset has label ids {min(ids)}..{max(ids)}, but the model has {n} classes")
+    return ids
+
+
+def _short(labels) -> str:
+    labels = list(labels)
+    return str(labels if len(labels) <= 10 else [*labels[:10], "..."]) + f" ({len(labels)} classes)"
 
 
 def _match_input_channels(config: dict, model: torch.nn.Module) -> dict:
