@@ -65,6 +65,8 @@ FLAGS = {
     "seed": dict(type=int, default=0), "logging_steps": dict(type=int, default=50),
     "checkpointing_steps": dict(type=int),
     "resume_from_checkpoint": dict(help="'latest' or a checkpoint folder"),
+    "overwrite_output_dir": dict(action="store_true",
+                                 help="replace the run already in --output_dir (its checkpoints are deleted first)"),
     "with_tracking": dict(action="store_true"), "report_to": dict(default="tensorboard"),
     "push_to_hub": dict(action="store_true"), "hub_model_id": {},
     "cpu": dict(action="store_true"), "mixed_precision": dict(choices=["no", "fp16", "bf16"]),
@@ -89,15 +91,129 @@ def parse_args(argv=None):
     for name, options in FLAGS.items():
         parser.add_argument(f"--{name}", **options)
     config = parser.parse_known_args(argv)[0].config
-    preset = load_preset(config)
+    try:
+        preset = load_preset(config)
+        check_preset_keys(preset, config)
+    except (WeightFormerError, FileNotFoundError) as err:
+        parser.error(str(err))
     parser.set_defaults(**{k: v for k, v in preset.items() if k in FLAGS})
     args = parser.parse_args(argv)
     args.preset, args.preset_name = preset, Path(config).stem
     args.output_dir = args.output_dir or f"outputs/weightformer-{args.preset_name}"
+    problem = flag_problem(args)
+    if problem:
+        parser.error(problem)
     return args
 
 
+# Preset keys that are not flags: what the preset says about itself, its data, its pool and its generator.
+PRESET_SECTIONS = ("description", "mnist1d", "pool", "generator")
+
+
+def check_preset_keys(preset: dict, name: str) -> None:
+    """Raise on a key no code reads (a misspelt `lerning_rate` would otherwise be dropped without a word)."""
+    from difflib import get_close_matches
+
+    from weightformer_hf.pool import PoolSpec
+
+    def unknown(keys, known, where):
+        bad = sorted(set(keys) - set(known))
+        if bad:
+            hints = [f"{k!r} (did you mean {m[0]!r}?)" if (m := get_close_matches(k, known, n=1)) else repr(k)
+                     for k in bad]  # fmt: skip
+            raise WeightFormerError(f"preset {name!r}: unknown {where} key(s) {', '.join(hints)}")
+
+    unknown(preset, [*FLAGS, *PRESET_SECTIONS], "top-level")
+    for section, known in (("pool", PoolSpec.__dataclass_fields__), ("generator", _generator_keys())):
+        if not isinstance(preset.get(section, {}), dict):
+            raise WeightFormerError(f"preset {name!r}: {section!r} must be a JSON object")
+        unknown(preset.get(section, {}), list(known), section)
+
+
+def _generator_keys() -> list[str]:
+    import inspect
+
+    from weightformer_hf import WeightFormerConfig
+
+    return [k for k in inspect.signature(WeightFormerConfig.__init__).parameters if k not in ("self", "kwargs")]
+
+
+def flag_problem(args) -> str | None:
+    """What is wrong with the flags' values, in words, or None: caught here rather than as a trace from
+    torch, accelerate or transformers (or as a NaN loss, for a zero temperature) minutes later."""
+    from transformers import SchedulerType
+
+    at_least = {"per_device_train_batch_size": 1, "per_device_eval_batch_size": 1, "gradient_accumulation_steps": 1,
+                "logging_steps": 1, "num_heldout_sets": 1, "eval_k": 1, "max_train_steps": 0, "num_train_epochs": 1,
+                "checkpointing_steps": 1, "eval_steps": 1, "num_val_teachers": 0, "num_eval_teachers": 1,
+                "kd_baseline_steps": 0, "finetune_steps": 0, "num_warmup_steps": 0}  # fmt: skip
+    for name, least in at_least.items():
+        value = getattr(args, name, None)
+        if value is not None and value < least:
+            return f"--{name} must be at least {least}, got {value}"
+    for name in ("learning_rate", "finetune_learning_rate", "temperature", "max_grad_norm"):
+        value = getattr(args, name, None)
+        if value is not None and not (value > 0 and math.isfinite(value)):
+            return f"--{name} must be a positive number, got {value}"
+    if args.weight_decay is not None and not args.weight_decay >= 0:
+        return f"--weight_decay must be at least 0, got {args.weight_decay}"
+    if args.alpha is not None and not 0 <= args.alpha <= 1:
+        return f"--alpha (the KD weight; CE gets 1 - alpha) must be in [0, 1], got {args.alpha}"
+    if not 0 <= args.val_data_fraction < 1:
+        return f"--val_data_fraction must be in [0, 1), got {args.val_data_fraction}"
+    schedulers = [s.value for s in SchedulerType]
+    if args.lr_scheduler_type is not None and args.lr_scheduler_type not in schedulers:
+        return f"--lr_scheduler_type {args.lr_scheduler_type!r} is not one of {', '.join(schedulers)}"
+    if args.with_tracking:
+        from accelerate.utils import LoggerType
+
+        trackers = {t.value for t in LoggerType} | {"all"}
+        bad = [t for t in args.report_to.split(",") if t.strip() not in trackers]
+        if bad:
+            return f"--report_to {', '.join(bad)}: not a tracker accelerate knows ({', '.join(sorted(trackers))})"
+    return None
+
+
+def load_checkpoint(accelerator, path: Path) -> None:
+    """`accelerator.load_state(path)`, with a clear error for a folder that is not a whole checkpoint of this
+    run (missing, emptied, truncated files, another generator): nothing is changed by a failed resume."""
+    if not path.is_dir():
+        raise WeightFormerError(f"--resume_from_checkpoint {str(path)!r}: no such checkpoint folder")
+    missing = [n for n in ("model.safetensors", "optimizer.bin") if not (path / n).is_file()]
+    if missing:
+        raise WeightFormerError(
+            f"--resume_from_checkpoint {str(path)!r} is not a checkpoint of this script: it lacks {', '.join(missing)} "
+            f"(checkpoints are the step_* folders under <output_dir>/checkpoints)"
+        )
+    try:
+        accelerator.load_state(str(path))
+    except WeightFormerError:
+        raise
+    except Exception as err:  # safetensors, torch's unpickler and load_state_dict raise several kinds
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise WeightFormerError(
+            f"cannot resume from {str(path)!r}: {first} (a truncated checkpoint, or one of another generator "
+            "configuration?)"
+        ) from err
+
+
+def check_output_dir(output_dir: str, resume: bool, overwrite: bool) -> None:
+    """Refuse to write a new run over one already in `output_dir` (or over a model folder): its generator,
+    results and checkpoints would be replaced, and `latest` would mix the two runs' checkpoints."""
+    out = Path(output_dir)
+    if resume or overwrite or not out.is_dir():
+        return
+    found = [n for n in ("checkpoints", "model.safetensors", "config.json", "eval_results.json") if (out / n).exists()]
+    if found:
+        raise WeightFormerError(
+            f"--output_dir {output_dir!r} already holds a run or a model ({', '.join(found)}): pass "
+            "--resume_from_checkpoint latest to continue it, --overwrite_output_dir to replace it, or another "
+            "--output_dir (nothing was changed)"
+        )
+
+
 def main(args):
+    check_output_dir(args.output_dir, bool(args.resume_from_checkpoint), args.overwrite_output_dir)
     accelerator = Accelerator(
         cpu=args.cpu, mixed_precision=args.mixed_precision,
         gradient_accumulation_steps=args.gradient_accumulation_steps,
@@ -114,6 +230,7 @@ def main(args):
             args.teachers, args.preset, args.preset_name, raw, args.dataset_name, args.pool_dir,
             args.shared_init, may_build=accelerator.is_main_process,
         )  # fmt: skip
+        wf_data.check_labels(teachers.label_names, raw["train"], args.dataset_name)
         splits = wf_data.task_splits(raw, transform := wf_data.transform_for(raw, teachers))
         cache = wf.TeacherLogitsCache(wf_data.cache_root() / "teacher_logits")
         logits = {  # (pool, rows, classes) per split, computed once per teacher and data
@@ -125,7 +242,8 @@ def main(args):
     train_idx, eval_idx = wf.split_pool(len(teachers), args.num_eval_teachers, args.seed)
     val_idx = []
     if args.num_val_teachers:
-        kept, held = wf.split_pool(len(train_idx), args.num_val_teachers, args.seed + 1)
+        kept, held = wf.split_pool(len(train_idx), args.num_val_teachers, args.seed + 1, "validation",
+                                   "--num_val_teachers")  # fmt: skip
         train_idx, val_idx = [train_idx[i] for i in kept], [train_idx[i] for i in held]
     wf.check_k(len(train_idx), len(eval_idx), args.k_min, args.k_max, args.eval_k, len(val_idx))
 
@@ -193,10 +311,13 @@ def main(args):
         )
 
     checkpoints = Path(args.output_dir) / "checkpoints"
+    if args.overwrite_output_dir and not args.resume_from_checkpoint and accelerator.is_main_process:
+        shutil.rmtree(checkpoints, ignore_errors=True)  # else `latest` could pick the replaced run's last one
+    accelerator.wait_for_everyone()
     if args.resume_from_checkpoint:
         latest = args.resume_from_checkpoint == "latest"
         path = wf.latest_checkpoint(checkpoints) if latest else Path(args.resume_from_checkpoint)
-        accelerator.load_state(str(path))
+        load_checkpoint(accelerator, path)
         progress.load_best(path)
         accelerator.print(f"resumed from {path} at step {progress.step}")
 

@@ -12,13 +12,24 @@ def preset_names() -> list[str]:
 
 
 def load_preset(name_or_path: str) -> dict:
-    """A preset by name (`mnist1d-mlp`) or by path to a JSON file."""
+    """A preset by name (`mnist1d-mlp`) or by path to a JSON file (a JSON object)."""
+    from weightformer_hf.errors import WeightFormerError
+
     path = Path(name_or_path)
     if path.suffix == ".json" and path.exists():
-        return json.loads(path.read_text())
-    resource = resources.files(__name__) / f"{name_or_path}.json"
-    if not resource.is_file():
-        raise FileNotFoundError(
-            f"no preset {name_or_path!r}: give a JSON file path or one of {', '.join(preset_names())}"
-        )
-    return json.loads(resource.read_text())
+        text = path.read_text()
+    else:
+        resource = resources.files(__name__) / f"{name_or_path}.json"
+        if not resource.is_file():
+            raise FileNotFoundError(
+                f"no preset {name_or_path!r}: give a JSON file path or one of {', '.join(preset_names())}"
+            )
+        text = resource.read_text()
+    try:
+        preset = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise WeightFormerError(f"preset {name_or_path!r} is not valid JSON: {err}") from None
+    if not isinstance(preset, dict):
+        kind = type(preset).__name__
+        raise WeightFormerError(f"preset {name_or_path!r} must be a JSON object of settings, not a {kind}")
+    return preset

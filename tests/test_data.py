@@ -132,3 +132,25 @@ def test_batched_split_loader_yields_the_plain_loaders_batches(tmp_path):
     for a, b in zip(plain, batched):
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) and a[k].dtype == b[k].dtype for k in a)
     assert torch.equal(data.BatchedSplit(meta)[3]["inputs"], meta[3]["inputs"])
+
+
+def test_teacher_labels_must_mean_the_datasets_classes():
+    from datasets import ClassLabel, Dataset, Features, Value
+
+    from weightformer_hf.errors import TeacherMismatchError
+
+    zoo = Features({"label": ClassLabel(names=["cat", "dog", "emu"])})
+    named = Dataset.from_dict({"label": [0, 1, 2]}, features=zoo)
+    data.check_labels(["cat", "dog", "emu"], named, "zoo")
+    data.check_labels(["0", "1", "2"], named, "zoo")  # generic names say nothing: only the count is checked
+    data.check_labels(["LABEL_0", "LABEL_1", "LABEL_2"], named, "zoo")
+    with pytest.raises(TeacherMismatchError, match=r"in another order"):
+        data.check_labels(["dog", "cat", "emu"], named, "zoo")
+    with pytest.raises(TeacherMismatchError, match=r"\['cat', 'dog', 'yak'\] \(3 classes\) do not match dataset 'zoo'"):
+        data.check_labels(["cat", "dog", "yak"], named, "zoo")
+    with pytest.raises(TeacherMismatchError, match=r"different classes"):
+        data.check_labels(["0", "1"], named, "zoo")
+    ids = Dataset.from_dict({"label": [0, 4]}, features=Features({"label": Value("int64")}))
+    data.check_labels([str(i) for i in range(5)], ids, "ids")
+    with pytest.raises(TeacherMismatchError, match=r"label ids 0..4, but the teachers have 3 classes"):
+        data.check_labels(["a", "b", "c"], ids, "ids")

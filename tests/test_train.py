@@ -198,6 +198,11 @@ def test_validation_on_held_out_meta_rows_keeps_the_most_accurate_step(tiny, tmp
     assert [c[0] for c in curve] == [0, 3, 6, 9, 12]
     assert results["kept_step"] == max(curve, key=lambda c: (c[2], -c[0]))[0]  # ties: the earlier step
     assert (results["metric_for_best_model"], results["val_data_fraction"]) == ("accuracy", 0.25)
+    # a second run into the same folder would replace this one's generator, results and checkpoints
+    written = {p: p.stat().st_mtime_ns for p in out.rglob("*")}
+    again = run(tiny, *flags, "--output_dir", out)
+    assert again.returncode == 2 and "already holds a run" in again.stderr and "--overwrite_output_dir" in again.stderr
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == written
     assert f"kept the generator of step {results['kept_step']} (validation accuracy" in result.stdout
 
 
@@ -398,3 +403,61 @@ def test_heldout_sets_are_distinct_and_disjoint_first():
     assert all(0 <= a < 4 for _, a in sets)
     assert len(training.heldout_sets([0, 1, 2, 3], 4, 3)) == 1  # only one set of 4 exists among 4 teachers
     assert len(training.heldout_sets([0, 1, 2], 2, 10)) == 3  # comb(3, 2)
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--temperature", "0"], "--temperature must be a positive number, got 0.0"),
+        (["--alpha", "1.5"], "--alpha (the KD weight; CE gets 1 - alpha) must be in [0, 1], got 1.5"),
+        (["--learning_rate", "-1"], "--learning_rate must be a positive number, got -1.0"),
+        (["--per_device_train_batch_size", "0"], "--per_device_train_batch_size must be at least 1, got 0"),
+        (["--gradient_accumulation_steps", "0"], "--gradient_accumulation_steps must be at least 1, got 0"),
+        (["--max_train_steps", "-3"], "--max_train_steps must be at least 0, got -3"),
+        (["--lr_scheduler_type", "cosyne"], "--lr_scheduler_type 'cosyne' is not one of linear, cosine"),
+        (["--with_tracking", "--report_to", "tensorbored"], "--report_to tensorbored: not a tracker"),
+    ],
+)
+def test_flag_values_that_cannot_work_are_refused_up_front(flags, message, capsys):
+    sys.path.insert(0, str(Path(SCRIPT).parent))
+    import train
+
+    with pytest.raises(SystemExit) as exit_info:
+        train.parse_args(flags)
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_preset_files_that_cannot_work_are_refused_naming_the_key(tmp_path, capsys):
+    sys.path.insert(0, str(Path(SCRIPT).parent))
+    import train
+
+    cases = {
+        "bad.json": ('{"k_min": 2,', "is not valid JSON"),
+        "list.json": ("[1, 2]", "must be a JSON object of settings, not a list"),
+        "typo.json": (json.dumps({**TINY, "lerning_rate": 0.1}), "unknown top-level key(s) 'lerning_rate' (did you "
+                                                                  "mean 'learning_rate'?)"),
+        "gen.json": (json.dumps({**TINY, "generator": {"hidden_szie": 8}}), "unknown generator key(s) 'hidden_szie'"),
+        "pool.json": (json.dumps({**TINY, "pool": {**TINY["pool"], "num_teacher": 3}}), "unknown pool key(s)"),
+    }  # fmt: skip
+    for name, (text, message) in cases.items():
+        (tmp_path / name).write_text(text)
+        with pytest.raises(SystemExit) as exit_info:
+            train.parse_args(["--config", str(tmp_path / name)])
+        assert exit_info.value.code == 2 and message in capsys.readouterr().err, name
+    (tmp_path / "ok.json").write_text(json.dumps(TINY))
+    assert train.parse_args(["--config", str(tmp_path / "ok.json")]).k_max == TINY["k_max"]
+
+
+def test_output_dir_holding_a_run_or_a_model_is_not_overwritten_unless_asked(tmp_path):
+    sys.path.insert(0, str(Path(SCRIPT).parent))
+    import train
+
+    from weightformer_hf import WeightFormerError
+
+    train.check_output_dir(str(tmp_path / "new"), resume=False, overwrite=False)  # absent or empty: fine
+    (tmp_path / "teacher").mkdir()
+    (tmp_path / "teacher" / "model.safetensors").write_bytes(b"weights")
+    with pytest.raises(WeightFormerError, match=r"already holds a run or a model \(model.safetensors\)"):
+        train.check_output_dir(str(tmp_path / "teacher"), resume=False, overwrite=False)
+    train.check_output_dir(str(tmp_path / "teacher"), resume=True, overwrite=False)
+    train.check_output_dir(str(tmp_path / "teacher"), resume=False, overwrite=True)

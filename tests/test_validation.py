@@ -227,3 +227,30 @@ def test_a_checkpoint_resumes_only_with_the_settings_it_was_written_with():
     with pytest.raises(WeightFormerError, match=r"written with val_data_fraction=0.2 \(now 0.0\), "
                                                 r"train_teachers=\['a', 'b'\] \(now \['a', 'c'\]\): resume with"):
         training.TrainingProgress(settings=changed).load_state_dict(state)
+
+
+def test_a_non_finite_loss_stops_training_before_it_reaches_the_weights(pool):
+    """NaN teacher logits (a corrupt cache, a zero temperature) give a NaN loss: training stops with an error
+    naming the step, and the generator's weights and optimizer state are those before that step."""
+    teachers, _, _, logits, loader, _ = pool
+    accelerator = Accelerator(cpu=True)
+    train = teachers.subset([0, 1, 2, 3])
+    poisoned = logits[:4].clone()
+    poisoned[2] = float("nan")  # teacher 2's logits: the first episode that draws it fails
+    generator = WeightFormerModel.for_teachers(train, hidden_size=16, num_attention_heads=2, intermediate_size=32)
+    optimizer, scheduler = training.optimizer_and_scheduler(generator, 1e-3, 0.0, "constant", 0, 50)
+    generator, optimizer, loader, scheduler = accelerator.prepare(generator, optimizer, loader, scheduler)
+    progress, before = training.TrainingProgress("loss"), {}
+
+    def remember(step, loss):  # the weights after each finite step (logging every step)
+        before.update(step=step, weights={k: v.clone() for k, v in generator.state_dict().items()})
+
+    with pytest.raises(WeightFormerError, match=r"the training loss is nan at step (\d+)") as error:
+        training.train_generator(accelerator, generator, optimizer, scheduler, loader, train,
+                                 training.TeacherTargets(train, poisoned), EPISODES, 50, progress,
+                                 logging_steps=1, on_log=remember, show_progress=False)  # fmt: skip
+    failed_step = int(error.value.args[0].split("at step ")[1].split()[0])
+    assert progress.step == failed_step - 1 == before.get("step", 0)
+    assert all(torch.isfinite(v).all() for v in generator.state_dict().values())
+    if before:
+        assert all(torch.equal(v, before["weights"][k]) for k, v in generator.state_dict().items())

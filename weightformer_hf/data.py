@@ -43,7 +43,7 @@ from datasets import (
 )
 
 from .cache_dirs import cache_root  # noqa: F401  (re-exported: data.cache_root)
-from .errors import WeightFormerError
+from .errors import TeacherMismatchError, WeightFormerError
 
 DIGIT_NAMES = [str(i) for i in range(10)]
 SIGNAL_COLUMN = "input_values"
@@ -111,7 +111,7 @@ def mnist1d_splits(
     }
     path = Path(cache_dir or cache_root() / "datasets") / f"mnist1d-{_digest(spec)}"
     if (path / "dataset_dict.json").exists():
-        return load_from_disk(str(path))
+        return _load_cached(path)
     x, y, x_test, y_test = _mnist1d_draw(num_samples, train_split, seed)
     meta_x, meta_y, _, _ = _mnist1d_draw(meta_samples, 1.0, meta_seed)
     splits = DatasetDict(
@@ -127,7 +127,17 @@ def mnist1d_splits(
         if not (path / "dataset_dict.json").exists():
             raise
         shutil.rmtree(tmp, ignore_errors=True)  # another process finished the same draw first
-    return load_from_disk(str(path))
+    return _load_cached(path)
+
+
+def _load_cached(path: Path) -> DatasetDict:
+    try:
+        return load_from_disk(str(path))
+    except (OSError, ValueError, KeyError) as err:  # json.JSONDecodeError is a ValueError
+        raise DataError(
+            f"the cached dataset {str(path)!r} is unreadable ({str(err).splitlines()[0] if str(err) else err!r}): "
+            "delete that folder and run again (it is generated again in seconds)"
+        ) from None
 
 
 # ---------------------------------------------------------------------------------------- MNIST-5k
@@ -229,6 +239,36 @@ def label_names_of(split: Dataset) -> list[str]:
     if isinstance(feature, ClassLabel):
         return list(feature.names)
     return [str(v) for v in sorted(set(split["label"]))]
+
+
+def check_labels(teacher_labels: list[str], split: Dataset, dataset: str) -> None:
+    """Raise `TeacherMismatchError` unless the teachers' classifier rows can mean the dataset's labels.
+
+    With class names (a `ClassLabel` column) they must be the teachers' names in the same order, unless the
+    teachers carry only generic names (`0`, `1`, ... or `LABEL_0`, ...): then only the count is checked.
+    Without class names every label id must be a row of the teachers' classifier."""
+    teacher_labels = [str(n) for n in teacher_labels]
+    feature = split.features["label"]
+    n = len(teacher_labels)
+    if isinstance(feature, ClassLabel):
+        names = list(feature.names)
+        generic = teacher_labels in ([str(i) for i in range(n)], [f"LABEL_{i}" for i in range(n)])
+        if len(names) != n or (not generic and names != teacher_labels):
+            how = "in another order" if sorted(names) == sorted(teacher_labels) else "different classes"
+            raise TeacherMismatchError(
+                f"the teachers' labels {_short_labels(teacher_labels)} do not match dataset {dataset!r}'s "
+                f"{_short_labels(names)} ({how}): the logits would be scored against the wrong classes"
+            )
+        return
+    labels = split["label"]
+    if labels and not 0 <= min(labels) <= max(labels) < n:
+        raise TeacherMismatchError(
+            f"dataset {dataset!r} has label ids {min(labels)}..{max(labels)}, but the teachers have {n} classes"
+        )
+
+
+def _short_labels(labels: list[str]) -> str:
+    return str(labels if len(labels) <= 10 else [*labels[:10], "..."]) + f" ({len(labels)} classes)"
 
 
 # ------------------------------------------------------------------------------------------ transforms

@@ -19,6 +19,7 @@ import json
 import math
 import os
 import random
+import warnings
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from functools import partial
@@ -26,6 +27,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
@@ -40,14 +42,17 @@ class PoolConfigError(WeightFormerError):
 
 
 # ------------------------------------------------------------------------------------------ the pool
-def split_pool(num_teachers: int, num_eval: int, seed: int = 0) -> tuple[list[int], list[int]]:
-    """Disjoint (training, evaluation) teacher indices: the evaluation teachers are never trained on."""
+def split_pool(
+    num_teachers: int, num_eval: int, seed: int = 0, purpose: str = "evaluation", flag: str = "--num_eval_teachers"
+) -> tuple[list[int], list[int]]:
+    """Disjoint (kept, held-out) teacher indices: the held-out teachers are never trained on. `purpose` and
+    `flag` name what they are held out for in errors (validation teachers are split off the same way)."""
     if num_teachers == 0:
         raise PoolConfigError("the teacher pool is empty")
     if not 0 < num_eval < num_teachers:
         raise PoolConfigError(
-            f"cannot hold out {num_eval} of {num_teachers} teachers for evaluation: training and evaluation "
-            "teachers must both be non-empty (set --num_eval_teachers)"
+            f"cannot hold out {num_eval} of {num_teachers} teachers for {purpose}: the teachers kept and those "
+            f"held out must both be non-empty (set {flag})"
         )
     order = list(range(num_teachers))
     random.Random(f"pool-split-{seed}").shuffle(order)
@@ -412,6 +417,16 @@ def train_generator(
                     with accelerator.autocast():
                         loss = episode_loss(generator, teachers, (members, anchor), inputs, batch["labels"],
                                             teacher_logits, episodes.alpha, episodes.temperature)  # fmt: skip
+                    # the loss averaged over ranks, before any step: every rank sees the same value, so a
+                    # non-finite one stops them all before it reaches the weights (NaN gradients would)
+                    mean_loss = accelerator.reduce(loss.detach(), "mean").item()
+                    if not math.isfinite(mean_loss):
+                        raise WeightFormerError(
+                            f"the training loss is {mean_loss} at step {progress.step + 1} (episode of teachers "
+                            f"{[teachers.infos[m].name for m in members]}): NaN or inf teacher logits or inputs, or a "
+                            "learning rate that diverged; nothing of this step was applied, and the checkpoints "
+                            "saved so far are unchanged"
+                        )
                     accelerator.backward(loss)
                     if accelerator.sync_gradients:
                         accelerator.clip_grad_norm_(generator.parameters(), max_grad_norm)
@@ -420,7 +435,7 @@ def train_generator(
                     optimizer.zero_grad()
                 micro += 1
                 local.append(loss.item())
-                window.append(accelerator.reduce(loss.detach(), "mean").item())  # the loss averaged over ranks
+                window.append(mean_loss)
                 if accelerator.sync_gradients:
                     progress.step += 1
                     bar.update(1)
@@ -482,8 +497,9 @@ class TeacherLogitsCache:
         out = []
         for i, info in enumerate(tqdm(teachers.infos, desc="teacher logits", disable=not show_progress)):
             path = self.path(info.identity, fingerprint)
-            if path.exists():
-                out.append(load_file(path)["logits"])
+            cached = self._read(path, len(split))
+            if cached is not None:
+                out.append(cached)
                 continue
             model = teachers.model(i).to(device)
             logits = batch_logits(lambda x, m=model: logits_of(m(x)), split, batch_size, device)
@@ -493,6 +509,23 @@ class TeacherLogitsCache:
             os.replace(tmp, path)  # atomic: readers never see a half-written file
             out.append(logits)
         return torch.stack(out)
+
+    @staticmethod
+    def _read(path: Path, rows: int) -> torch.Tensor | None:
+        """The cached logits at `path`, or None when absent or unusable (truncated, another row count, NaN):
+        those are computed again and the file replaced, with a warning for a file that was there."""
+        if not path.exists():
+            return None
+        try:
+            logits = load_file(path)["logits"]
+            if logits.dim() == 2 and len(logits) == rows and torch.isfinite(logits).all():
+                return logits
+            problem = f"shape {tuple(logits.shape)} for {rows} rows" if len(logits) != rows else "NaN or inf values"
+        except (SafetensorError, OSError, KeyError) as err:
+            problem = str(err).splitlines()[0] if str(err) else type(err).__name__
+        warnings.warn(f"cached teacher logits {str(path)!r} are unusable ({problem}): computing them again",
+                      stacklevel=3)
+        return None
 
 
 @torch.no_grad()
