@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from weightformer_hf import TeacherSet, data, training
@@ -57,6 +58,15 @@ def test_teacher_logits_cache_is_keyed_by_teacher_and_data(tmp_path, monkeypatch
     monkeypatch.undo()
     cache.logits(teachers, split["meta"], "meta-v2", show_progress=False)  # other data: new files
     assert len(list((tmp_path / "logits").glob("*.safetensors"))) == 4
+    # a truncated file, and one whose logits turned NaN, are computed again (with a warning) and replaced
+    a_path, b_path = (cache.path(info.identity, "meta-v1") for info in teachers.infos)
+    a_path.write_bytes(a_path.read_bytes()[:100])
+    save_file({"logits": torch.full((100, 10), float("nan"))}, b_path)
+    with pytest.warns(UserWarning, match=r"are unusable \(.*\): computing them again") as caught:
+        again = cache.logits(teachers, split["meta"], "meta-v1", show_progress=False)
+    assert len(caught) == 2 and "NaN or inf values" in str(caught[1].message)
+    torch.testing.assert_close(again, first)
+    torch.testing.assert_close(load_file(b_path)["logits"], first[1])
 
 
 def test_recompute_bn_stats_matches_the_data():

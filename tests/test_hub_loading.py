@@ -274,3 +274,24 @@ def test_error_unsupported_transformers_model_type(tmp_path):
     save_file({"w": torch.zeros(1)}, folder / "model.safetensors")
     with pytest.raises(UnsupportedArchitectureError, match=r"'.*bert'.*'bert'.*supported families"):
         load_teachers([folder])
+
+
+def test_integer_weights_and_a_missing_shard_are_named(tmp_path):
+    a = save_timm(tiny_timm(0), tmp_path / "a")
+    b = save_timm(tiny_timm(1), tmp_path / "b")
+    weights = load_file(b / "model.safetensors")
+    weights["fc.weight"] = weights["fc.weight"].to(torch.int32)  # zeros after the cast: not a trained weight
+    save_file(weights, b / "model.safetensors")
+    with pytest.raises(TeacherMismatchError, match=r"tensor 'fc.weight' of teacher '.*b' is not floating point"):
+        load_teachers([a, b])
+    sharded = tmp_path / "sharded"
+    shutil.copytree(a, sharded)
+    weights = load_file(sharded / "model.safetensors")
+    (sharded / "model.safetensors").unlink()
+    names = sorted(weights)
+    first, second = "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"
+    save_file({k: weights[k] for k in names[:5]}, sharded / first)  # the second shard never arrived
+    index = {"metadata": {}, "weight_map": {k: (first if i < 5 else second) for i, k in enumerate(names)}}
+    (sharded / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(InvalidWeightsError, match=f"lists shard '{second}', which is missing"):
+        load_teachers([a, sharded])

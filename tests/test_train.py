@@ -461,3 +461,17 @@ def test_output_dir_holding_a_run_or_a_model_is_not_overwritten_unless_asked(tmp
         train.check_output_dir(str(tmp_path / "teacher"), resume=False, overwrite=False)
     train.check_output_dir(str(tmp_path / "teacher"), resume=True, overwrite=False)
     train.check_output_dir(str(tmp_path / "teacher"), resume=False, overwrite=True)
+
+
+def test_resuming_from_a_folder_that_is_no_checkpoint_is_named(tmp_path):
+    sys.path.insert(0, str(Path(SCRIPT).parent))
+    import train
+
+    from weightformer_hf import WeightFormerError
+
+    with pytest.raises(WeightFormerError, match="no such checkpoint folder"):
+        train.load_checkpoint(None, tmp_path / "absent")
+    (tmp_path / "emptied").mkdir()
+    with pytest.raises(WeightFormerError, match="is not a checkpoint of this script: it lacks model.safetensors, "
+                                                "optimizer.bin"):  # fmt: skip
+        train.load_checkpoint(None, tmp_path / "emptied")
