@@ -251,8 +251,11 @@ def test_generate_anchor_best_picks_the_most_accurate_teacher(tmp_path, capsys):
                           "--anchor", "best", "--anchor-dataset", "mnist1d", "--anchor-num-samples", "500")  # fmt: skip
     assert code == 0, err
     assert "anchor: teacher 1, the most accurate on mnist1d, seed 1, 500 samples" in out
+    # the untrained generator's student is its anchor: the same accuracy on the same data
+    assert f"student accuracy on the same data: {measured[1]:.4f} (anchor {measured[1]:.4f})" in out
     provenance = json.loads((student / "weightformer_config.json").read_text())
     assert provenance["anchor"] == 1 and provenance["anchor_choice"]["accuracies"] == measured
+    assert provenance["anchor_choice"]["student_accuracy"] == measured[1]
     card = ModelCard.load(student / "README.md").text
     assert "teacher 1" in card and "labelled data only chose the anchor" in card
     assert "no training data was used" not in card

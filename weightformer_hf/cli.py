@@ -277,6 +277,8 @@ def _generate(args: argparse.Namespace) -> int:
             choice = result.anchor_choice
             scores = " / ".join(f"{a:.4f}" for a in choice.accuracies)
             print(f"anchor: teacher {choice.index}, the most accurate on {choice.data} (accuracy {scores})")
+            print(f"student accuracy on the same data: {choice.student_accuracy:.4f} "
+                  f"(anchor {choice.accuracies[choice.index]:.4f})")  # fmt: skip
         if result.commit is not None:
             print(f"pushed: {getattr(result.commit, 'commit_url', result.commit)}")
     return 0

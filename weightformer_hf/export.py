@@ -359,6 +359,8 @@ def _card_body(
         if anchor_choice is not None:
             scores = " / ".join(f"{a:.4f}" for a in anchor_choice.accuracies)
             lines.append(f"  (the most accurate teacher on {anchor_choice.data}; accuracy by teacher: {scores})")
+            if anchor_choice.student_accuracy is not None:
+                lines.append(f"  The student's accuracy on the same data: {anchor_choice.student_accuracy:.4f}")
     lines += ["", "## Usage", ""]
     if fmt == "timm":
         lines += [

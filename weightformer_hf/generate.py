@@ -275,6 +275,8 @@ def generate(
         bar.set_postfix_str(f"generating from {len(teacher_set)} teachers")
         student = model.generate_student(teacher_set, anchor=anchor)
         _check_student(student, generator_id)
+        if choice is not None:
+            choice.measure_student(student, teacher_set.family)
         bar.update()
         saved = None
         if out_dir is not None:

@@ -8,7 +8,7 @@ with timm's data config (timm models) or the model's image processor (transforme
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -52,9 +52,23 @@ class AnchorChoice:
     index: int
     accuracies: list[float]
     data: str  # where they were measured, in words: "org/ds, split validation, 1,000 samples"
+    student_accuracy: float | None = None  # the generated student's on the same data (`measure_student`)
+    inputs: torch.Tensor | None = field(default=None, repr=False)
+    labels: torch.Tensor | None = field(default=None, repr=False)
+    batch_size: int = 256
+
+    def measure_student(self, student: torch.nn.Module, family) -> float:
+        """The student's accuracy on the anchor data: beside its anchor's, what the generator changed there
+        (the anchor was chosen on this data, so the comparison favours the anchor, if anything)."""
+        from .evaluation import accuracy
+
+        logits = predict_logits(lambda x: family.logits(student, x), self.inputs, self.batch_size)
+        self.student_accuracy = accuracy(logits, self.labels)
+        return self.student_accuracy
 
     def to_dict(self) -> dict:
-        return {"rule": "best accuracy", "index": self.index, "accuracies": self.accuracies, "data": self.data}
+        out = {"rule": "best accuracy", "index": self.index, "accuracies": self.accuracies, "data": self.data}
+        return out if self.student_accuracy is None else {**out, "student_accuracy": self.student_accuracy}
 
 
 def choose_anchor(
@@ -82,7 +96,8 @@ def choose_anchor(
         accuracies.append(accuracy(logits, labels))
     index = max(range(len(teachers)), key=lambda i: (accuracies[i], -i))  # as `baselines.single_best_val`
     where = f"seed {seed}" if dataset.lower() == "mnist1d" else f"split {split}"
-    return AnchorChoice(index, accuracies, f"{dataset}, {where}, {len(labels):,} samples")
+    return AnchorChoice(index, accuracies, f"{dataset}, {where}, {len(labels):,} samples", None, inputs, labels,
+                        batch_size)  # fmt: skip
 
 
 def score(models: TeacherSet, inputs: torch.Tensor, labels: torch.Tensor, batch_size: int = 256) -> dict:
