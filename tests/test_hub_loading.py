@@ -295,3 +295,15 @@ def test_integer_weights_and_a_missing_shard_are_named(tmp_path):
     (sharded / "model.safetensors.index.json").write_text(json.dumps(index))
     with pytest.raises(InvalidWeightsError, match=f"lists shard '{second}', which is missing"):
         load_teachers([a, sharded])
+
+
+def test_repeated_class_names_are_fine_in_one_order_and_named_when_rows_must_be_reordered():
+    from weightformer_hf import TeacherSet
+    from weightformer_hf.reference_models import MLPClassifier, MLPClassifierConfig
+
+    def mlp(names):  # ImageNet's readable names repeat ("crane", "maillot"): the same order must still load
+        return MLPClassifier(MLPClassifierConfig(hidden_sizes=(8,), id2label=dict(enumerate(names))))
+
+    TeacherSet.from_models([mlp(["cat", "cat", "emu"]), mlp(["cat", "cat", "emu"])])
+    with pytest.raises(TeacherMismatchError, match=r"order their classes differently, and \['cat'\] appear more"):
+        TeacherSet.from_models([mlp(["cat", "cat", "emu"]), mlp(["emu", "cat", "cat"])])

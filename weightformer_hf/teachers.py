@@ -356,16 +356,22 @@ def _reorder_labels(
     out = []
     for name, own, sd in zip(names, labels, state_dicts):
         own = list(own)
-        if own == reference:
+        if own == reference:  # (ImageNet's readable names repeat: "crane", "maillot"; the same order is fine)
             out.append(sd)
             continue
+        repeated = sorted({label for label in [*own, *reference] if own.count(label) > 1 or reference.count(label) > 1})
+        if repeated:  # rows that no name tells apart cannot be reordered to another teacher's
+            raise TeacherMismatchError(
+                f"teachers {names[0]!r} and {name!r} order their classes differently, and {repeated[:8]} appear "
+                "more than once, so the rows cannot be matched by name"
+            )
         if len(own) != len(reference):
             head = classifier.tensors[0].name
             raise TeacherMismatchError(
                 f"teacher {name!r} has {len(own)} classes but teacher {names[0]!r} has {len(reference)} "
                 f"(classifier tensor {head!r})"
             )
-        if sorted(own) != sorted(reference) or len(set(own)) != len(own):
+        if sorted(own) != sorted(reference):
             differing = sorted(set(own) ^ set(reference))
             raise TeacherMismatchError(
                 f"teacher {name!r} has labels {_short(own)} but teacher {names[0]!r} has {_short(reference)}; "
