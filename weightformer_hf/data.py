@@ -257,7 +257,8 @@ def check_labels(teacher_labels: list[str], split: Dataset, dataset: str) -> Non
             how = "in another order" if sorted(names) == sorted(teacher_labels) else "different classes"
             raise TeacherMismatchError(
                 f"the teachers' labels {_short_labels(teacher_labels)} do not match dataset {dataset!r}'s "
-                f"{_short_labels(names)} ({how}): the logits would be scored against the wrong classes"
+                f"{_short_labels(names)} ({how}): the logits would be scored against the wrong classes (if they are "
+                "the same classes spelt differently, give the teachers the dataset's names in their config.json)"
             )
         return
     labels = split["label"]
