@@ -380,12 +380,23 @@ def main(args):
                          logits["meta"][members].to(accelerator.device), steps=args.kd_baseline_steps,
                          temperature=args.temperature, alpha=args.alpha, seed=args.seed)  # fmt: skip
 
+    def best_val_anchor_student(members, anchor):  # what `weightformer generate --anchor best` keeps
+        if not meta:
+            meta["x"], meta["y"] = wf_data.tensors(splits["meta"])
+        correct = (logits["meta"][members].argmax(-1) == meta["y"]).float().mean(1)  # no teacher trained on it
+        best = max(range(len(members)), key=lambda j: (correct[j].item(), -j))  # as baselines.single_best_val
+        student = unwrapped.generate_student(teachers.subset(members), anchor=best, device=accelerator.device)
+        return recompute_bn(student) if args.recompute_bn_stats else student
+
+    baselines = {"best_val_anchor_student": best_val_anchor_student}
+    if args.kd_baseline_steps:
+        baselines[f"kd_anchor_{args.kd_baseline_steps}"] = kd_anchor_baseline
     sets = wf.heldout_sets(eval_idx, args.eval_k, args.num_heldout_sets, args.seed)
     results = wf.evaluate_heldout(
         unwrapped, teachers, sets, logits["test"], wf_data.tensors(splits["test"])[1], test_dl,
         gather=accelerator.gather_for_metrics, finetune=finetune if args.finetune_steps else None,
         prepare_student=recompute_bn if args.recompute_bn_stats else None, device=accelerator.device,
-        baselines={f"kd_anchor_{args.kd_baseline_steps}": kd_anchor_baseline} if args.kd_baseline_steps else None,
+        baselines=baselines,
     )
     results.update(train_teachers=train_teachers.names, finetune_steps=args.finetune_steps, train_steps=progress.step)
     if validation is not None:

@@ -110,6 +110,11 @@ def test_launch_writes_generator_and_eval_results(tiny, tmp_path):
     assert "mean_gain_recovered" in results and "mean_finetuned_gain_recovered" in results
     assert "| set | anchor |" in proc.stdout and "mean G over 1 distinct held-out set =" in proc.stdout
     assert "kd_anchor_1000 G" in proc.stdout and "mean_kd_anchor_1000_gain_recovered" in results
+    # the student a user with validation data gets (`generate --anchor best`): the set's best teacher on the
+    # meta split as anchor
+    assert "best_val_anchor_student G" in proc.stdout and "mean_best_val_anchor_student_gain_recovered" in results
+    for entry in results["heldout_sets"]:
+        assert entry["best_val_anchor_student_accuracy"] > 0
     assert list(out.glob("**/events.out.tfevents.*"))  # the tracker received the figures
 
     from transformers import AutoModel
@@ -475,3 +480,32 @@ def test_resuming_from_a_folder_that_is_no_checkpoint_is_named(tmp_path):
     with pytest.raises(WeightFormerError, match="is not a checkpoint of this script: it lacks model.safetensors, "
                                                 "optimizer.bin"):  # fmt: skip
         train.load_checkpoint(None, tmp_path / "emptied")
+
+
+def test_the_best_val_anchor_student_of_an_untrained_generator_is_the_sets_best_teacher_on_the_meta_split(
+    tiny, tmp_path
+):
+    from weightformer_hf import data, pool
+    from weightformer_hf.hub import load_teachers
+
+    out = tmp_path / "out"
+    proc = run(tiny, "--output_dir", out, "--max_train_steps", "0", "--kd_baseline_steps", "0")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads((out / "eval_results.json").read_text())
+    os.environ["WEIGHTFORMER_HF_CACHE"] = tiny["env"]["WEIGHTFORMER_HF_CACHE"]
+    try:
+        raw = data.load_raw_splits("mnist1d", mnist1d=TINY["mnist1d"])
+        folders = {p.name: p for p in pool.teacher_paths(pool.default_pool_dir("tiny"))}
+    finally:
+        os.environ.pop("WEIGHTFORMER_HF_CACHE")
+    meta_x, meta_y = data.tensors(data.task_splits(raw, data.signal_transform())["meta"])
+    chosen = []
+    for entry in results["heldout_sets"]:
+        members = load_teachers([str(folders[Path(t).name]) for t in entry["teachers"]])
+        with torch.no_grad():
+            correct = [(members.model(j)(meta_x).logits.argmax(-1) == meta_y).float().mean() for j in range(2)]
+        best = max(range(2), key=lambda j: (correct[j], -j))
+        assert entry["best_val_anchor_student_accuracy"] == entry["single_accuracies"][best]
+        chosen.append((entry["teachers"][best], entry["anchor"], entry["single_accuracies"]))
+    # the check can tell: the best teacher is not the random anchor, and their test accuracies differ
+    assert any(b != a and acc[0] != acc[1] for b, a, acc in chosen), chosen
