@@ -44,6 +44,7 @@ from datasets import (
 
 from .cache_dirs import cache_root  # noqa: F401  (re-exported: data.cache_root)
 from .errors import TeacherMismatchError, WeightFormerError
+from .teachers import short_labels
 
 DIGIT_NAMES = [str(i) for i in range(10)]
 SIGNAL_COLUMN = "input_values"
@@ -256,8 +257,8 @@ def check_labels(teacher_labels: list[str], split: Dataset, dataset: str) -> Non
         if len(names) != n or (not generic and names != teacher_labels):
             how = "in another order" if sorted(names) == sorted(teacher_labels) else "different classes"
             raise TeacherMismatchError(
-                f"the teachers' labels {_short_labels(teacher_labels)} do not match dataset {dataset!r}'s "
-                f"{_short_labels(names)} ({how}): the logits would be scored against the wrong classes (if they are "
+                f"the teachers' labels {short_labels(teacher_labels)} do not match dataset {dataset!r}'s "
+                f"{short_labels(names)} ({how}): the logits would be scored against the wrong classes (if they are "
                 "the same classes spelt differently, give the teachers the dataset's names in their config.json)"
             )
         return
@@ -267,9 +268,6 @@ def check_labels(teacher_labels: list[str], split: Dataset, dataset: str) -> Non
             f"dataset {dataset!r} has label ids {min(labels)}..{max(labels)}, but the teachers have {n} classes"
         )
 
-
-def _short_labels(labels: list[str]) -> str:
-    return str(labels if len(labels) <= 10 else [*labels[:10], "..."]) + f" ({len(labels)} classes)"
 
 
 # ------------------------------------------------------------------------------------------ transforms

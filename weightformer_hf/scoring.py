@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from .errors import WeightFormerError
 from .evaluation import classification_metrics, ensemble_probs, predict_logits
-from .teachers import TeacherSet
+from .teachers import TeacherSet, short_labels
 
 _SIGNAL_FAMILIES = {"mlp", "cnn1d"}
 
@@ -201,18 +201,14 @@ def _label_ids(ds, label_column: str, label_names: list[str]) -> list[int]:
     generic = label_names in ([str(i) for i in range(n)], [f"LABEL_{i}" for i in range(n)])
     if names and not generic:  # other class names: scoring by raw ids would compare unrelated classes
         raise EvaluationDataError(
-            f"the dataset's classes {_short(names)} are not the model's {_short(label_names)}: pass a dataset with "
-            "the model's classes"
+            f"the dataset's classes {short_labels(names)} are not the model's {short_labels(label_names)}: pass a "
+            "dataset with the model's classes"
         )
     ids = [int(v) for v in values]
     if ids and not 0 <= min(ids) <= max(ids) < n:
         raise EvaluationDataError(f"the dataset has label ids {min(ids)}..{max(ids)}, but the model has {n} classes")
     return ids
 
-
-def _short(labels) -> str:
-    labels = list(labels)
-    return str(labels if len(labels) <= 10 else [*labels[:10], "..."]) + f" ({len(labels)} classes)"
 
 
 def _match_input_channels(config: dict, model: torch.nn.Module) -> dict:

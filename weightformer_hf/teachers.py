@@ -268,8 +268,8 @@ class TeacherSet:
             )
         if list(described.get("label_names", [])) != mine["label_names"]:
             raise TeacherMismatchError(
-                f"{what} serves labels {_short(described.get('label_names'))}, but the teachers "
-                f"({', '.join(self.names)}) have labels {_short(mine['label_names'])}"
+                f"{what} serves labels {short_labels(described.get('label_names'))}, but the teachers "
+                f"({', '.join(self.names)}) have labels {short_labels(mine['label_names'])}"
             )
 
 
@@ -338,7 +338,8 @@ def _arch_diff(expected: dict, got: dict) -> str:
     return "; ".join(diffs[:3])
 
 
-def _short(labels) -> str:
+def short_labels(labels) -> str:
+    """A label list for an error message: the first 12 and the count."""
     labels = list(labels or [])
     return str(labels if len(labels) <= 12 else [*labels[:12], "..."]) + f" ({len(labels)} classes)"
 
@@ -374,7 +375,8 @@ def _reorder_labels(
         if sorted(own) != sorted(reference):
             differing = sorted(set(own) ^ set(reference))
             raise TeacherMismatchError(
-                f"teacher {name!r} has labels {_short(own)} but teacher {names[0]!r} has {_short(reference)}; "
+                f"teacher {name!r} has labels {short_labels(own)} but teacher {names[0]!r} has "
+                f"{short_labels(reference)}; "
                 f"differing labels: {differing[:8]}"
             )
         order = torch.tensor([own.index(label) for label in reference])
