@@ -307,3 +307,20 @@ def test_repeated_class_names_are_fine_in_one_order_and_named_when_rows_must_be_
     TeacherSet.from_models([mlp(["cat", "cat", "emu"]), mlp(["cat", "cat", "emu"])])
     with pytest.raises(TeacherMismatchError, match=r"order their classes differently, and \['cat'\] appear more"):
         TeacherSet.from_models([mlp(["cat", "cat", "emu"]), mlp(["emu", "cat", "cat"])])
+
+
+def test_an_in_memory_timm_model_whose_constructor_arguments_are_not_visible_is_named():
+    import timm
+
+    from weightformer_hf import TeacherSet
+
+    def make():
+        return timm.create_model("resnet10t", num_classes=3, in_chans=1, stem_width=16)
+
+    with pytest.raises(TeacherMismatchError, match=r"tensor 'bn1.bias' is \(32,\) in the model but \(64,\) when built"
+                                                   r"\. timm models do not record"):  # fmt: skip
+        TeacherSet.from_models([make(), make()])
+    models = [make(), make()]
+    for model in models:  # what save_for_hf(model_args=...) would record
+        model.weightformer_model_args = {"in_chans": 1, "stem_width": 16}
+    assert TeacherSet.from_models(models).template.bn1.bias.shape == (32,)

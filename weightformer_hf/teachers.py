@@ -112,6 +112,7 @@ class TeacherSet:
                     f"{_arch_name(archs[0])} ({_arch_diff(archs[0], arch)})"
                 )
         per_teacher_labels = [first.label_names(m) for m in models]
+        _check_rebuildable(first, archs[0], per_teacher_labels[0], reference, names[0])
         state_dicts = [{k: v.detach() for k, v in m.state_dict().items()} for m in models]
         state_dicts = _reorder_labels(first, models[0], names, per_teacher_labels, state_dicts)
         infos = [TeacherInfo(name=n) for n in names]
@@ -336,6 +337,30 @@ def _arch_diff(expected: dict, got: dict) -> str:
     a, b = flat(expected), flat(got)
     diffs = [f"{k}: {a.get(k)} vs {b.get(k)}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
     return "; ".join(diffs[:3])
+
+
+def _check_rebuildable(family: Family, arch: dict, labels: list[str], state: Mapping, name: str) -> None:
+    """Raise unless the architecture described from an in-memory model builds with that model's tensors:
+    students are built from the description, and what it misses (a timm model's constructor arguments other
+    than `in_chans`, which an instance does not record) would otherwise surface as a missing tensor."""
+    try:
+        with torch.device("meta"):
+            built = {k: tuple(v.shape) for k, v in family.build(arch, labels).state_dict().items()}
+    except Exception:  # an architecture that cannot be built on the meta device: validation checks it later
+        return
+    own = {k: tuple(v.shape) for k, v in state.items()}
+    if built == own:
+        return
+    tensor = next(k for k in sorted(set(built) | set(own)) if built.get(k) != own.get(k))
+    hint = (
+        " timm models do not record their constructor arguments: set `model.weightformer_model_args` to the "
+        "keyword arguments it was created with, or save it with timm.models.save_for_hf(model_args=...) and load "
+        "the folder" if family.format == "timm" else ""
+    )
+    raise TeacherMismatchError(
+        f"teacher {name!r} does not match its described architecture {_arch_name(arch)}: tensor {tensor!r} is "
+        f"{own.get(tensor, 'absent')} in the model but {built.get(tensor, 'absent')} when built.{hint}"
+    )
 
 
 def short_labels(labels) -> str:
