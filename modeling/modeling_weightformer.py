@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import copy
 import math
+import operator
 import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -255,6 +256,10 @@ class WeightFormerModel(WeightFormerPreTrainedModel):
         There are no other arguments: transformers' machinery passes none to this forward (gradient
         checkpointing wraps the blocks, not the model), and an unknown keyword raises `TypeError`.
         """
+        try:  # numpy and torch integers too
+            anchor = operator.index(anchor)
+        except TypeError:
+            raise TypeError(f"anchor must be a teacher index (an int), not {anchor!r}") from None
         if not 0 <= anchor < len(teachers):
             raise IndexError(f"anchor {anchor} is out of range for {len(teachers)} teachers")
         self.check_teachers(teachers)

@@ -331,3 +331,20 @@ def test_teacher_set_to_device_keeps_students_identical():
     a, b = generator(teachers).student_state, generator(moved).student_state
     for name in a:
         assert torch.equal(a[name], b[name]), name
+
+
+def test_the_anchor_is_a_teacher_index():
+    import numpy as np
+
+    from weightformer_hf import TeacherSet, WeightFormerModel
+    from weightformer_hf.reference_models import MLPClassifier, MLPClassifierConfig
+
+    torch.manual_seed(0)
+    teachers = TeacherSet.from_models([MLPClassifier(MLPClassifierConfig(hidden_sizes=(8,))) for _ in range(2)])
+    generator = WeightFormerModel.for_teachers(teachers, hidden_size=16, num_attention_heads=2, intermediate_size=32)
+    student = generator.generate_student(teachers, anchor=np.int64(1))  # what an argmax returns
+    assert all(torch.equal(v, teachers.state_dicts[1][k]) for k, v in student.state_dict().items())
+    with pytest.raises(TypeError, match="anchor must be a teacher index"):
+        generator.generate_student(teachers, anchor=1.5)
+    with pytest.raises(IndexError, match="anchor 2 is out of range for 2 teachers"):
+        generator.generate_student(teachers, anchor=2)
