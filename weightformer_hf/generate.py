@@ -252,11 +252,11 @@ def generate(
             "student: use --format transformers"
         )
     model = load_generator(generator, teacher_set, token=token, trust_remote_code=trust_remote_code)
+    generator_id = describe_generator(model)
+    check_generator_weights(model, str(generator) if isinstance(generator, (str, Path)) else generator_id)
     source = getattr(model, "weightformer_source", None)
-    check_generator_weights(model, str(generator if isinstance(generator, (str, Path)) else source))
     if out_dir is not None:
         out_dir = check_out_dir(out_dir, teacher_set, source if source and Path(source).is_dir() else None)
-    generator_id = describe_generator(model)
     choice = None
     if anchor == "best":
         from .scoring import choose_anchor
