@@ -230,7 +230,7 @@ def main(args):
             args.teachers, args.preset, args.preset_name, raw, args.dataset_name, args.pool_dir,
             args.shared_init, may_build=accelerator.is_main_process,
         )  # fmt: skip
-        wf_data.check_labels(teachers.label_names, raw["train"], args.dataset_name)
+        wf_data.check_labels(teachers.label_names, raw["train"], args.dataset_name or args.train_dir)
         splits = wf_data.task_splits(raw, transform := wf_data.transform_for(raw, teachers))
         cache = wf.TeacherLogitsCache(wf_data.cache_root() / "teacher_logits")
         logits = {  # (pool, rows, classes) per split, computed once per teacher and data
