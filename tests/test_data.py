@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from weightformer_hf import TeacherSet, data, training
+from weightformer_hf import InvalidWeightsError, TeacherSet, data, training
 from weightformer_hf.reference_models import MLPClassifier, MLPClassifierConfig
 
 LABELS = {i: str(i) for i in range(10)}
@@ -67,6 +67,14 @@ def test_teacher_logits_cache_is_keyed_by_teacher_and_data(tmp_path, monkeypatch
     assert len(caught) == 2 and "NaN or inf values" in str(caught[1].message)
     torch.testing.assert_close(again, first)
     torch.testing.assert_close(load_file(b_path)["logits"], first[1])
+    # a teacher whose finite weights overflow on the data has no distillation target: named, nothing cached
+    with torch.no_grad():
+        for param in models[1].parameters():
+            param.mul_(1e25)  # two layers: logits near 1e50
+    overflowing = TeacherSet.from_models(models, ["a", "b"])
+    with pytest.raises(InvalidWeightsError, match=r"teacher 'b' gives NaN or inf logits on 100 of 100 rows"):
+        cache.logits(overflowing, split["meta"], "meta-v3", show_progress=False)
+    assert not cache.path(overflowing.infos[1].identity, "meta-v3").exists()
 
 
 def test_recompute_bn_stats_matches_the_data():
