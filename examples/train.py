@@ -27,6 +27,7 @@ from weightformer_hf import data as wf_data
 from weightformer_hf import pool as wf_pool
 from weightformer_hf import training as wf
 from weightformer_hf.baselines import kd_anchor
+from weightformer_hf.errors import first_line
 
 # Flag → argparse options. Preset values become the defaults; flags given on the command line win.
 FLAGS = {
@@ -190,9 +191,8 @@ def load_checkpoint(accelerator, path: Path) -> None:
     except WeightFormerError:
         raise
     except Exception as err:  # safetensors, torch's unpickler and load_state_dict raise several kinds
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise WeightFormerError(
-            f"cannot resume from {str(path)!r}: {first} (a truncated checkpoint, or one of another generator "
+            f"cannot resume from {str(path)!r}: {first_line(err)} (a truncated checkpoint, or one of another generator "
             "configuration?)"
         ) from err
 

@@ -43,8 +43,8 @@ from datasets import (
 )
 
 from .cache_dirs import cache_root  # noqa: F401  (re-exported: data.cache_root)
-from .errors import TeacherMismatchError, WeightFormerError
-from .teachers import short_labels
+from .errors import TeacherMismatchError, WeightFormerError, first_line
+from .teachers import generic_labels, short_labels
 
 DIGIT_NAMES = [str(i) for i in range(10)]
 SIGNAL_COLUMN = "input_values"
@@ -136,7 +136,7 @@ def _load_cached(path: Path) -> DatasetDict:
         return load_from_disk(str(path))
     except (OSError, ValueError, KeyError) as err:  # json.JSONDecodeError is a ValueError
         raise DataError(
-            f"the cached dataset {str(path)!r} is unreadable ({str(err).splitlines()[0] if str(err) else err!r}): "
+            f"the cached dataset {str(path)!r} is unreadable ({first_line(err)}): "
             "delete that folder and run again (it is generated again in seconds)"
         ) from None
 
@@ -253,8 +253,7 @@ def check_labels(teacher_labels: list[str], split: Dataset, dataset: str) -> Non
     n = len(teacher_labels)
     if isinstance(feature, ClassLabel):
         names = list(feature.names)
-        generic = teacher_labels in ([str(i) for i in range(n)], [f"LABEL_{i}" for i in range(n)])
-        if len(names) != n or (not generic and names != teacher_labels):
+        if len(names) != n or (not generic_labels(teacher_labels) and names != teacher_labels):
             how = "in another order" if sorted(names) == sorted(teacher_labels) else "different classes"
             raise TeacherMismatchError(
                 f"the teachers' labels {short_labels(teacher_labels)} do not match dataset {dataset!r}'s "

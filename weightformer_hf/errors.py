@@ -3,6 +3,12 @@
 from __future__ import annotations
 
 
+def first_line(err: BaseException) -> str:
+    """The first line of an exception's message (its type when it has none): libraries' messages go on with
+    advice that is not ours to give."""
+    return str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+
+
 class WeightFormerError(ValueError):
     """Base class of every error weightformer_hf raises for bad input."""
 

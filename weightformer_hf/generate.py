@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .errors import TeacherSourceError, WeightFormerError
+from .errors import TeacherSourceError, WeightFormerError, first_line
 from .scoring import AnchorChoice
 from .teachers import TeacherSet
 
@@ -74,7 +74,7 @@ def _load_saved_generator(spec: str, token, trust_remote_code: bool):
             model = WeightFormerModel.from_pretrained(path, dtype=torch.float32, local_files_only=True)
         except (OSError, ValueError, KeyError, RuntimeError) as err:  # RuntimeError: config and weights disagree
             raise TeacherSourceError(
-                f"generator {spec!r}: cannot load a WeightFormer from it ({_first_line(err)})"
+                f"generator {spec!r}: cannot load a WeightFormer from it ({first_line(err)})"
             ) from err
         model.weightformer_source = str(path.resolve())
         return model
@@ -87,7 +87,7 @@ def _load_saved_generator(spec: str, token, trust_remote_code: bool):
         validate_repo_id(repo_id)
     except HFValidationError as err:
         raise TeacherSourceError(
-            f"generator {spec!r} is neither an existing folder nor a valid Hub repo id ({_first_line(err)})"
+            f"generator {spec!r} is neither an existing folder nor a valid Hub repo id ({first_line(err)})"
         ) from None
     api = hub_api(token)
     sha = resolve_hub_revision(api, repo_id, rev, spec, role="generator")
@@ -102,10 +102,6 @@ def _load_saved_generator(spec: str, token, trust_remote_code: bool):
     )
     model.weightformer_source = f"{repo_id}@{sha}"
     return model
-
-
-def _first_line(err: BaseException) -> str:
-    return str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
 
 
 def _check_generator_folder(path: Path, spec: str) -> None:

@@ -27,7 +27,13 @@ import torch
 from torch import nn
 
 from .allocator import release_free_memory
-from .errors import TeacherMismatchError, TeacherSourceError, UnsupportedArchitectureError, WeightFormerError
+from .errors import (
+    TeacherMismatchError,
+    TeacherSourceError,
+    UnsupportedArchitectureError,
+    WeightFormerError,
+    first_line,
+)
 from .families import FAMILIES, Family, family_of, supported_families
 from .teachers import TeacherInfo, TeacherSet, _reorder_labels
 from .weight_files import (
@@ -289,7 +295,7 @@ def hub_call(fn, spec: str, repo_id: str, rev: str | None, role: str = "teacher"
     except (EntryNotFoundError, LocalEntryNotFoundError) as err:
         if missing == "revision":
             raise TeacherSourceError(f"{where}: revision {rev!r} not found in repo {repo_id!r}") from err
-        raise TeacherSourceError(f"{where}: file not found in repo {repo_id!r} ({_first_line(err)})") from err
+        raise TeacherSourceError(f"{where}: file not found in repo {repo_id!r} ({first_line(err)})") from err
     except RevisionResolutionError as err:
         raise TeacherSourceError(
             f"{where}: cannot reach the Hub at {constants.ENDPOINT} and revision {rev or 'main'!r} of "
@@ -298,7 +304,7 @@ def hub_call(fn, spec: str, repo_id: str, rev: str | None, role: str = "teacher"
     except HfHubHTTPError as err:
         if missing == "revision" and getattr(getattr(err, "response", None), "status_code", None) == 404:
             raise TeacherSourceError(f"{where}: revision {rev!r} not found in repo {repo_id!r}") from err
-        raise TeacherSourceError(f"{where}: Hub request failed ({_first_line(err)})") from err
+        raise TeacherSourceError(f"{where}: Hub request failed ({first_line(err)})") from err
     except (OSError, ConnectionError) as err:
         raise TeacherSourceError(f"{where}: cannot reach the Hub at {constants.ENDPOINT} ({err})") from err
     except Exception as err:
@@ -307,10 +313,6 @@ def hub_call(fn, spec: str, repo_id: str, rev: str | None, role: str = "teacher"
                 f"{where}: cannot reach the Hub at {constants.ENDPOINT} ({err})"
             ) from err
         raise
-
-
-def _first_line(err: Exception) -> str:
-    return str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
 
 
 def _read_json(path: Path, src: _Source) -> dict:

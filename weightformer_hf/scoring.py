@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from .errors import WeightFormerError
 from .evaluation import classification_metrics, ensemble_probs, predict_logits
-from .teachers import TeacherSet, short_labels
+from .teachers import TeacherSet, generic_labels, short_labels
 
 _SIGNAL_FAMILIES = {"mlp", "cnn1d"}
 
@@ -198,8 +198,7 @@ def _label_ids(ds, label_column: str, label_names: list[str]) -> list[int]:
     if names and set(names) == set(label_names):
         return [label_names.index(names[v]) for v in values]
     n = len(label_names)
-    generic = label_names in ([str(i) for i in range(n)], [f"LABEL_{i}" for i in range(n)])
-    if names and not generic:  # other class names: scoring by raw ids would compare unrelated classes
+    if names and not generic_labels(label_names):  # other names: raw ids would compare unrelated classes
         raise EvaluationDataError(
             f"the dataset's classes {short_labels(names)} are not the model's {short_labels(label_names)}: pass a "
             "dataset with the model's classes"

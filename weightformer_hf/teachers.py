@@ -363,6 +363,12 @@ def _check_rebuildable(family: Family, arch: dict, labels: list[str], state: Map
     )
 
 
+def generic_labels(labels: Sequence[str]) -> bool:
+    """Whether class names say nothing about the classes (`0`, `1`, ... or transformers' `LABEL_0`, ...)."""
+    n = len(labels)
+    return list(labels) in ([str(i) for i in range(n)], [f"LABEL_{i}" for i in range(n)])
+
+
 def short_labels(labels) -> str:
     """A label list for an error message: the first 12 and the count."""
     labels = list(labels or [])

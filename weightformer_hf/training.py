@@ -32,7 +32,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from .errors import InvalidWeightsError, WeightFormerError
+from .errors import InvalidWeightsError, WeightFormerError, first_line
 from .evaluation import ece, ensemble_probs, gain_recovered, logits_of, nll
 from .teachers import TeacherSet
 
@@ -528,7 +528,7 @@ class TeacherLogitsCache:
                 return logits
             problem = f"shape {tuple(logits.shape)} for {rows} rows" if len(logits) != rows else "NaN or inf values"
         except (SafetensorError, OSError, KeyError) as err:
-            problem = str(err).splitlines()[0] if str(err) else type(err).__name__
+            problem = first_line(err)
         warnings.warn(f"cached teacher logits {str(path)!r} are unusable ({problem}): computing them again",
                       stacklevel=3)
         return None

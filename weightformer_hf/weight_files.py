@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
-from .errors import InvalidWeightsError, TeacherSourceError
+from .errors import InvalidWeightsError, TeacherSourceError, first_line
 
 SAFE_INDEX = "model.safetensors.index.json"
 SAFE_SINGLE = "model.safetensors"
@@ -302,10 +302,9 @@ def load_pickle_state_dict(folder: Path, files: list[str], where: str) -> dict[s
             loaded = torch.load(folder / name, map_location="cpu", weights_only=True)
         except Exception as err:  # torch raises many types for bad pickles
             # its first line only: the rest advises `weights_only=False`, which would run the file's code
-            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             raise InvalidWeightsError(
-                f"{where}: cannot read pickle weight file {name!r} safely ({first}); it is truncated, corrupt or "
-                "holds objects other than tensors"
+                f"{where}: cannot read pickle weight file {name!r} safely ({first_line(err)}); it is truncated, "
+                "corrupt or holds objects other than tensors"
             ) from err
         for key in ("state_dict", "model", "state_dict_ema"):
             if isinstance(loaded, dict) and isinstance(loaded.get(key), dict):
