@@ -396,3 +396,30 @@ def test_evaluate_refuses_a_dataset_whose_classes_are_not_the_models(timm_repos,
     assert code == 2 and "are not the model's ['cat', 'dog', 'emu']" in err
     code, _, err = _run(capsys, "evaluate", "--model", timm_repos.ids[0], "--dataset", "mnist1d", "--num-samples", "0")
     assert code == 2 and "not a positive number" in err
+
+
+def test_a_generator_whose_config_disagrees_with_its_weights_is_named(timm_repos, tmp_path, capsys):
+    teachers = load_teachers(timm_repos.ids[:2])
+    WeightFormerModel.for_teachers(teachers, hidden_size=16, intermediate_size=32).save_pretrained(tmp_path / "g")
+    config = json.loads((tmp_path / "g" / "config.json").read_text())
+    config["intermediate_size"] = 48  # the saved MLP weights are 32 wide
+    (tmp_path / "g" / "config.json").write_text(json.dumps(config))
+    code, _, err = _run(capsys, "generate", "--generator", str(tmp_path / "g"), "--teachers", *timm_repos.ids[:2],
+                        "--out", str(tmp_path / "student"), "--quiet")  # fmt: skip
+    assert code == 2 and "cannot load a WeightFormer from it" in err and str(tmp_path / "g") in err
+    assert err.count("\n") == 1 and not (tmp_path / "student").exists()
+
+
+def test_evaluate_refuses_label_ids_beyond_the_models_classes_and_columns_without_images(timm_repos, tmp_path, capsys):
+    import numpy as np
+    from datasets import Dataset, Features, Image, Value
+    from PIL import Image as PILImage
+
+    image = PILImage.fromarray(np.zeros((28, 28), dtype=np.uint8), mode="L")
+    features = Features({"image": Image(), "label": Value("int64")})
+    Dataset.from_dict({"image": [image, image], "label": [0, 4]}, features=features).save_to_disk(tmp_path / "ds")
+    common = ["evaluate", "--model", timm_repos.ids[0], "--dataset", str(tmp_path / "ds")]
+    code, _, err = _run(capsys, *common)
+    assert code == 2 and "label ids 0..4, but the model has 3 classes" in err
+    code, _, err = _run(capsys, *common, "--image-column", "label")
+    assert code == 2 and "column 'label' of dataset" in err and "holds int values, not images" in err

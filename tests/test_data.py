@@ -172,3 +172,11 @@ def test_teacher_labels_must_mean_the_datasets_classes():
     data.check_labels([str(i) for i in range(5)], ids, "ids")
     with pytest.raises(TeacherMismatchError, match=r"label ids 0..4, but the teachers have 3 classes"):
         data.check_labels(["a", "b", "c"], ids, "ids")
+
+
+def test_an_unreadable_cached_dataset_names_the_folder_to_delete(tmp_path):
+    data.mnist1d_splits(300, meta_samples=100, cache_dir=tmp_path)
+    (cached,) = [p for p in tmp_path.iterdir() if p.name.startswith("mnist1d-")]
+    (cached / "dataset_dict.json").write_text("{")
+    with pytest.raises(data.DataError, match=rf"the cached dataset '{cached}' is unreadable .*delete that folder"):
+        data.mnist1d_splits(300, meta_samples=100, cache_dir=tmp_path)

@@ -324,3 +324,28 @@ def test_an_in_memory_timm_model_whose_constructor_arguments_are_not_visible_is_
     for model in models:  # what save_for_hf(model_args=...) would record
         model.weightformer_model_args = {"in_chans": 1, "stem_width": 16}
     assert TeacherSet.from_models(models).template.bn1.bias.shape == (32,)
+
+
+def test_malformed_configs_and_pickles_are_named_with_the_teacher(tmp_path):
+    a = save_timm(tiny_timm(0), tmp_path / "a")
+    listed = tmp_path / "listed"
+    shutil.copytree(a, listed)
+    config = json.loads((listed / "config.json").read_text())
+    config["model_args"] = ["in_chans", 1]
+    (listed / "config.json").write_text(json.dumps(config))
+    with pytest.raises(UnsupportedArchitectureError, match=r"teacher '.*listed': config.json's model_args is a list"):
+        load_teachers([a, listed])
+    hf = save_hf(tiny_hf("resnet", 0), tmp_path / "hf")
+    config = json.loads((hf / "config.json").read_text())
+    config["hidden_sizes"] = "x"  # a field of the wrong type: huggingface_hub's strict dataclasses refuse it
+    (hf / "config.json").write_text(json.dumps(config))
+    with pytest.raises(UnsupportedArchitectureError, match=r"teacher '.*hf': cannot read its transformers config"):
+        load_teachers([hf])
+    pickled = tmp_path / "pickled"
+    shutil.copytree(a, pickled)
+    (pickled / "model.safetensors").unlink()
+    (pickled / "pytorch_model.bin").write_bytes(b"not a zip archive")
+    with pytest.raises(InvalidWeightsError) as error:
+        load_teachers([pickled], allow_pickle=True)
+    message = str(error.value)
+    assert "pickled" in message and "'pytorch_model.bin' safely" in message and "weights_only=False" not in message

@@ -443,6 +443,7 @@ def test_preset_files_that_cannot_work_are_refused_naming_the_key(tmp_path, caps
                                                                   "mean 'learning_rate'?)"),
         "gen.json": (json.dumps({**TINY, "generator": {"hidden_szie": 8}}), "unknown generator key(s) 'hidden_szie'"),
         "pool.json": (json.dumps({**TINY, "pool": {**TINY["pool"], "num_teacher": 3}}), "unknown pool key(s)"),
+        "gen_list.json": (json.dumps({**TINY, "generator": [1]}), "'generator' must be a JSON object"),
     }  # fmt: skip
     for name, (text, message) in cases.items():
         (tmp_path / name).write_text(text)
@@ -509,3 +510,21 @@ def test_the_best_val_anchor_student_of_an_untrained_generator_is_the_sets_best_
         chosen.append((entry["teachers"][best], entry["anchor"], entry["single_accuracies"]))
     # the check can tell: the best teacher is not the random anchor, and their test accuracies differ
     assert any(b != a and acc[0] != acc[1] for b, a, acc in chosen), chosen
+
+
+def test_resuming_from_a_truncated_checkpoint_is_named(tmp_path):
+    sys.path.insert(0, str(Path(SCRIPT).parent))
+    import train
+    from accelerate import Accelerator
+
+    from weightformer_hf import WeightFormerError
+
+    accelerator = Accelerator(cpu=True)
+    model = torch.nn.Linear(3, 2)
+    optimizer = torch.optim.AdamW(model.parameters())
+    model, optimizer = accelerator.prepare(model, optimizer)
+    accelerator.save_state(str(tmp_path / "step_000001"))
+    weights = tmp_path / "step_000001" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:40])
+    with pytest.raises(WeightFormerError, match=r"cannot resume from '.*step_000001': .*\(a truncated checkpoint"):
+        train.load_checkpoint(accelerator, tmp_path / "step_000001")
