@@ -355,3 +355,33 @@ def test_kd_ceiling_refuses_one_step_with_more_samples_before_loading_anything(m
     monkeypatch.setattr(kd_ceiling, "load_run", lambda pool: pytest.fail("the pool was loaded"))
     with pytest.raises(SystemExit, match="--one_step reads the meta split"):
         kd_ceiling.main(["--one_step", "0.1", "--meta_samples", "1000"])
+
+
+def test_closed_form_merge_of_permuted_copies_recovers_the_teacher():
+    """`closed_form_merge.py`: K copies of one MLP with shuffled hidden units are matched back to the anchor's
+    order, so the aligned mean is the anchor's own pre-activations and the ridge fits give back its weights."""
+    import closed_form_merge as cfm
+
+    torch.manual_seed(0)
+    sizes = [12, 16, 8, 3]
+    anchor = [
+        (torch.randn(o, i, dtype=torch.float64), torch.randn(o, dtype=torch.float64)) for i, o in zip(sizes, sizes[1:])
+    ]
+    copies = [anchor]
+    for seed in (1, 2):
+        g = torch.Generator().manual_seed(seed)
+        perms = [torch.randperm(n, generator=g) for n in sizes[1:-1]]
+        layers, previous = [], None
+        for i, (w, b) in enumerate(anchor):
+            w = w if previous is None else w[:, previous]
+            if i < len(perms):
+                w, b = w[perms[i]], b[perms[i]]
+                previous = perms[i]
+            layers.append((w, b))
+        copies.append(layers)
+    probe = torch.randn(400, sizes[0], dtype=torch.float64)
+    assert not torch.equal(copies[1][0][0], anchor[0][0])  # the copies really are shuffled
+    for mode in ("aligned_mean", "aligned_mean_keep_l1", "refit_classifier"):
+        merged = cfm.merge(copies, probe, mode, strength=0.0)
+        for (w, b), (w0, b0) in zip(merged, anchor):
+            assert torch.allclose(w, w0, atol=1e-8) and torch.allclose(b, b0, atol=1e-8), mode
