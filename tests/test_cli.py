@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -334,10 +335,17 @@ def test_evaluate_timm_model_on_an_image_folder(timm_repos, tmp_path, capsys):
     assert code == 2 and "fine_label" in err
 
 
-def test_generate_never_writes_over_a_folder_that_is_not_a_student(timm_repos, tmp_path, capsys):
-    """A folder with other files, a teacher's folder, a file or an empty path: exit 2, nothing written or lost.
-    A previous student's folder may be written again, and a save leaves no staging folder behind."""
+def test_generate_never_writes_over_a_folder_that_is_not_a_student(timm_repos, tmp_path, capsys, monkeypatch):
+    """A folder with other files, a teacher's folder, a file, an empty path or a folder inside one that is not
+    writable: exit 2, nothing written or lost. A previous student's folder may be written again, and a save
+    leaves no staging folder behind."""
+    import os
+
     from safetensors.torch import load_file
+
+    locked, access = tmp_path / "locked", os.access
+    locked.mkdir()  # tests run as root, whom permission bits do not stop: the check itself is what is tested
+    monkeypatch.setattr(os, "access", lambda path, mode, **kw: Path(path) != locked and access(path, mode, **kw))
 
     teacher = save_timm(timm_repos.models[0], tmp_path / "teacher")
     before = load_file(teacher / "model.safetensors")
@@ -347,9 +355,11 @@ def test_generate_never_writes_over_a_folder_that_is_not_a_student(timm_repos, t
     (tmp_path / "afile").write_text("x")
     common = ["generate", "--generator", "none", "--quiet", "--teachers", str(teacher), timm_repos.ids[1]]
     for out, message in [(mine, "is not empty and holds no student"), (teacher, "is teacher"),
-                         (tmp_path / "afile", "it is a file"), ("", "empty path")]:  # fmt: skip
+                         (tmp_path / "afile", "it is a file"), ("", "empty path"),
+                         (locked / "new" / "student", f"{str(locked)!r} is not writable")]:  # fmt: skip
         code, _, err = _run(capsys, *common, "--out", str(out))
         assert code == 2 and message in err, err
+    assert list(locked.iterdir()) == []
     assert sorted(p.name for p in mine.iterdir()) == ["notes.txt"] and (mine / "notes.txt").read_text() == "keep"
     after = load_file(teacher / "model.safetensors")
     assert all(torch.equal(before[k], after[k]) for k in before)

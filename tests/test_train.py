@@ -196,8 +196,9 @@ def test_validation_on_held_out_meta_rows_keeps_the_most_accurate_step(tiny, tmp
     flags = ["--max_train_steps", "12", "--num_heldout_sets", "1", "--num_val_teachers", "2", "--k_max", "2",
              "--eval_steps", "3", "--val_data_fraction", "0.25", "--metric_for_best_model", "accuracy",
              "--kd_baseline_steps", "0"]  # fmt: skip
-    result = run(tiny, *flags, "--output_dir", out)
+    result = run(tiny, *flags, "--checkpointing_steps", "4", "--output_dir", out)
     assert result.returncode == 0, result.stderr[-3000:]
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_000004", "step_000008", "step_000012"]
     results = json.loads((out / "eval_results.json").read_text())
     curve = results["validation_curve"]
     assert [c[0] for c in curve] == [0, 3, 6, 9, 12]
@@ -209,6 +210,12 @@ def test_validation_on_held_out_meta_rows_keeps_the_most_accurate_step(tiny, tmp
     assert again.returncode == 2 and "already holds a run" in again.stderr and "--overwrite_output_dir" in again.stderr
     assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == written
     assert f"kept the generator of step {results['kept_step']} (validation accuracy" in result.stdout
+    # unless asked to: then the old run's checkpoints go first, so `latest` can only be one of the new run's
+    replaced = run(tiny, *flags, "--max_train_steps", "6", "--checkpointing_steps", "5", "--overwrite_output_dir",
+                   "--output_dir", out)  # fmt: skip
+    assert replaced.returncode == 0, replaced.stderr[-3000:]
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_000005"]
+    assert [c[0] for c in json.loads((out / "eval_results.json").read_text())["validation_curve"]] == [0, 3, 6]
 
 
 def test_sigterm_saves_a_checkpoint(tiny, tmp_path):
