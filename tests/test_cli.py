@@ -264,6 +264,59 @@ def test_generate_anchor_best_picks_the_most_accurate_teacher(tmp_path, capsys):
     assert result.anchor == 1 and _same_weights(result.student, models[1])
 
 
+def test_generate_finetune_distils_the_student_as_kd_anchor_does(mlp_folders, tmp_path, capsys):
+    """`--finetune-steps N --finetune-dataset D`: the saved student is the generated one after exactly the
+    benchmark's KD recipe (`baselines.kd_anchor`) on the teachers' ensemble over D, and says so."""
+    import copy
+
+    from safetensors.torch import load_file
+
+    from weightformer_hf import baselines
+    from weightformer_hf.evaluation import predict_logits
+    from weightformer_hf.scoring import evaluation_data
+
+    student = tmp_path / "student"
+    code, out, err = _run(capsys, "generate", "--generator", "none", "--teachers", *mlp_folders, "--anchor", "1",
+                          "--out", str(student), "--finetune-steps", "25", "--finetune-dataset", "mnist1d",
+                          "--finetune-num-samples", "300")  # fmt: skip
+    assert code == 0, err
+    assert "fine-tuned: 25 KD steps on mnist1d, seed 2, 300 samples" in out
+    teachers = load_teachers(mlp_folders)
+    inputs, labels = evaluation_data(teachers, "mnist1d", "train", 300, 2, "image", "label")
+    models = [teachers.model(i) for i in range(len(teachers))]
+    logits = torch.stack([predict_logits(lambda x, m=m: teachers.family.logits(m, x), inputs, 256) for m in models])
+    expected = baselines.kd_anchor(copy.deepcopy(teachers.model(1)), inputs, labels, logits, steps=25,
+                                   learning_rate=3e-4, batch_size=256, temperature=4.0, alpha=0.3, seed=2)  # fmt: skip
+    saved = load_file(student / "model.safetensors")
+    assert saved.keys() == expected.state_dict().keys()
+    assert all(torch.equal(saved[k], v) for k, v in expected.state_dict().items())
+    assert not _same_weights(expected, teachers.model(1))  # the steps changed something
+    provenance = json.loads((student / "weightformer_config.json").read_text())["finetuning"]
+    assert {k: provenance[k] for k in ("steps", "data", "learning_rate", "alpha", "batch_size")} == {
+        "steps": 25, "data": "mnist1d, seed 2, 300 samples", "learning_rate": 3e-4, "alpha": 0.3, "batch_size": 256
+    }  # fmt: skip
+    card = ModelCard.load(student / "README.md").text
+    assert "distilled on the teachers' ensemble for 25 steps" in card and "no training data was used" not in card
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--finetune-steps", "10"], "needs labelled data"),
+        (["--finetune-dataset", "mnist1d"], "only with --finetune-steps"),
+        (["--finetune-steps", "-1", "--finetune-dataset", "mnist1d"], "must be a whole number ≥ 0"),
+        (["--finetune-steps", "5", "--finetune-dataset", "mnist1d", "--finetune-learning-rate", "0"], "positive"),
+        (["--finetune-steps", "5", "--finetune-dataset", "mnist1d", "--finetune-learning-rate", "nan"], "positive"),
+    ],
+)
+def test_generate_finetune_requests_that_cannot_work(mlp_folders, tmp_path, capsys, flags, message):
+    out_dir = tmp_path / "student"
+    code, _, err = _run(capsys, "generate", "--generator", "none", "--teachers", *mlp_folders, "--out",
+                        str(out_dir), *flags)  # fmt: skip
+    assert code == 2 and message in err and err.count("\n") == 1, err
+    assert not out_dir.exists()
+
+
 @pytest.mark.parametrize(
     "flags, message",
     [
@@ -433,3 +486,21 @@ def test_evaluate_refuses_label_ids_beyond_the_models_classes_and_columns_withou
     assert code == 2 and "label ids 0..4, but the model has 3 classes" in err
     code, _, err = _run(capsys, *common, "--image-column", "label")
     assert code == 2 and "column 'label' of dataset" in err and "holds int values, not images" in err
+
+
+def test_image_data_too_large_for_memory_is_refused_before_it_is_loaded(timm_repos, tmp_path, capsys, monkeypatch):
+    import numpy as np
+    from datasets import Dataset, Features, Image, Value
+    from PIL import Image as PILImage
+
+    from weightformer_hf import scoring
+
+    image = PILImage.fromarray(np.zeros((28, 28), dtype=np.uint8), mode="L")
+    features = Features({"image": Image(), "label": Value("int64")})
+    Dataset.from_dict({"image": [image] * 3, "label": [0, 1, 2]}, features=features).save_to_disk(tmp_path / "ds")
+    model = load_teachers([timm_repos.ids[0]])
+    one = scoring.evaluation_data(model, str(tmp_path / "ds"), "train", 1, 0, "image", "label")[0][0]
+    monkeypatch.setattr(scoring, "MAX_INPUT_BYTES", 2 * one.numel() * one.element_size())  # room for two
+    assert len(scoring.evaluation_data(model, str(tmp_path / "ds"), "train", 2, 0, "image", "label")[0]) == 2
+    code, _, err = _run(capsys, "evaluate", "--model", timm_repos.ids[0], "--dataset", str(tmp_path / "ds"))
+    assert code == 2 and f"3 preprocessed images of shape {tuple(one.shape)}" in err and "at most 2 samples" in err

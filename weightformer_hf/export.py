@@ -49,6 +49,7 @@ def save_student(
     dataset_split: str = "test",
     model_name: str | None = None,
     anchor_choice=None,
+    finetuning=None,
 ) -> Path:
     """Save `student` to `out_dir` as a loadable repo folder with a model card; return the folder.
 
@@ -64,6 +65,7 @@ def save_student(
         dataset_split: its split.
         model_name: name in the card (default: the folder name).
         anchor_choice: the `scoring.AnchorChoice` that picked the anchor on data, if one did.
+        finetuning: the `distill.Finetuning` that distilled the student on data after generation, if any.
 
     Raises:
         UnsupportedArchitectureError: an unknown format, or a transformers student asked for as timm.
@@ -79,7 +81,7 @@ def save_student(
     out = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
     try:
         _write_student(student, out, fmt, family, teachers, generator, metrics, anchor, dataset,
-                       dataset_split, model_name or final.resolve().name, anchor_choice)  # fmt: skip
+                       dataset_split, model_name or final.resolve().name, anchor_choice, finetuning)  # fmt: skip
         _move_into(out, final)
     finally:
         shutil.rmtree(out, ignore_errors=True)
@@ -102,7 +104,7 @@ def _move_into(staged: Path, final: Path) -> None:
 
 def _write_student(
     student, out, fmt, family, teachers, generator, metrics, anchor, dataset, dataset_split, model_name,
-    anchor_choice,
+    anchor_choice, finetuning,
 ) -> None:  # fmt: skip
     labels = family.label_names(student)
     if fmt == "timm":
@@ -123,6 +125,7 @@ def _write_student(
         "generator": generator_id,
         "anchor": anchor,
         **({"anchor_choice": anchor_choice.to_dict()} if anchor_choice is not None else {}),
+        **({"finetuning": finetuning.to_dict()} if finetuning is not None else {}),
         "teachers": [_teacher_record(info) for info in teachers.infos] if teachers is not None else [],
     }
     (out / PROVENANCE_FILE).write_text(json.dumps(provenance, indent=2) + "\n")
@@ -138,6 +141,7 @@ def _write_student(
         model_name,
         len(labels),
         anchor_choice,
+        finetuning,
     )
     card.save(out / "README.md")
 
@@ -284,6 +288,7 @@ def student_model_card(
     model_name: str,
     num_classes: int,
     anchor_choice=None,
+    finetuning=None,
 ):
     """The student's `ModelCard`: Hub teachers as `base_model` (merge), license, tags, model-index, text."""
     from huggingface_hub import EvalResult, ModelCard, ModelCardData
@@ -320,19 +325,21 @@ def student_model_card(
         **extra,
     )
     body = _card_body(
-        infos, fmt, family, generator_id, anchor, metrics, dataset, model_name, num_classes, anchor_choice
+        infos, fmt, family, generator_id, anchor, metrics, dataset, model_name, num_classes, anchor_choice, finetuning
     )
     return ModelCard(f"---\n{data.to_yaml()}\n---\n\n{body}")
 
 
 def _card_body(
-    infos, fmt, family, generator_id, anchor, metrics, dataset, model_name, num_classes, anchor_choice=None
-) -> str:
-    data_use = (
-        "no training data was used to make it"
-        if anchor_choice is None
-        else "its weights come from the teachers' weights alone; labelled data only chose the anchor"
-    )
+    infos, fmt, family, generator_id, anchor, metrics, dataset, model_name, num_classes, anchor_choice=None,
+    finetuning=None,
+) -> str:  # fmt: skip
+    if finetuning is not None:
+        data_use = f"then distilled on the teachers' ensemble for {finetuning.steps:,} steps over labelled data"
+    elif anchor_choice is None:
+        data_use = "no training data was used to make it"
+    else:
+        data_use = "its weights come from the teachers' weights alone; labelled data only chose the anchor"
     lines = [
         f"# {model_name}",
         "",
@@ -361,6 +368,12 @@ def _card_body(
             lines.append(f"  (the most accurate teacher on {anchor_choice.data}; accuracy by teacher: {scores})")
             if anchor_choice.student_accuracy is not None:
                 lines.append(f"  The student's accuracy on the same data: {anchor_choice.student_accuracy:.4f}")
+    if finetuning is not None:
+        lines.append(
+            f"- Fine-tuning: {finetuning.steps:,} AdamW steps (learning rate {finetuning.learning_rate:g}, batch "
+            f"{finetuning.batch_size}) on {finetuning.data}: KD towards the teachers' ensemble (weight "
+            f"{finetuning.alpha:g}, T = {finetuning.temperature:g}) plus cross-entropy on the labels"
+        )
     lines += ["", "## Usage", ""]
     if fmt == "timm":
         lines += [
@@ -401,7 +414,7 @@ def _generator_line(generator_id: str | None) -> str:
     if generator_id is None:
         return "not recorded"
     if generator_id == UNTRAINED:
-        return "an untrained WeightFormer (`--generator none`): the student equals the anchor teacher"
+        return "an untrained WeightFormer (`--generator none`): its student equals the anchor teacher"
     if "@" in generator_id and not generator_id.startswith(("/", ".")):
         repo, sha = generator_id.split("@", 1)
         return f"`{repo}` at commit `{sha}`"

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .distill import Finetuning, check_finetune_request
 from .errors import TeacherSourceError, WeightFormerError, first_line
 from .scoring import AnchorChoice
 from .teachers import TeacherSet
@@ -32,6 +33,7 @@ class GenerationResult:
     commit: object | None = None  # huggingface_hub.CommitInfo when pushed
     anchor: int = 0
     anchor_choice: AnchorChoice | None = None  # set when anchor="best" chose it on data
+    finetuning: Finetuning | None = None  # set when finetune_steps > 0 distilled the student on data
 
 
 def load_generator(
@@ -195,6 +197,12 @@ def generate(
     anchor_seed: int = 1,
     image_column: str = "image",
     label_column: str = "label",
+    finetune_steps: int = 0,
+    finetune_dataset: str | None = None,
+    finetune_split: str = "train",
+    finetune_num_samples: int = 10000,
+    finetune_seed: int = 2,
+    finetune_learning_rate: float = 3e-4,
 ) -> GenerationResult:
     """Generate one student from K teachers, save it as a repo folder and optionally push it.
 
@@ -218,6 +226,11 @@ def generate(
             data `anchor="best"` chooses on, as `weightformer evaluate` reads it (`anchor_seed`: mnist1d's
             generator seed, by default not `evaluate`'s, so the choice is not made on the data the student
             is then measured on).
+        finetune_steps, finetune_dataset, finetune_split, finetune_num_samples, finetune_seed,
+            finetune_learning_rate: after generation, distil the student on the teachers' ensemble for
+            `finetune_steps` AdamW steps over this labelled data (`distill.finetune_on_dataset`: the
+            benchmark's `kd_anchor_1k` recipe; `finetune_seed` is mnist1d's generator seed, by default
+            neither evaluate's nor the anchor choice's). Worth it for teachers trained from scratch.
     """
     from .export import describe_generator, save_student
     from .hub import load_teachers, no_progress_bars
@@ -227,6 +240,7 @@ def generate(
     if format not in (None, "timm", "transformers"):
         raise WeightFormerError(f"unknown format {format!r}: use 'timm' or 'transformers'")
     _check_anchor_request(anchor, anchor_dataset)
+    check_finetune_request(finetune_steps, finetune_dataset, finetune_learning_rate)
     # 1-2. load and validate everything before any progress bar
     if isinstance(teachers, TeacherSet):
         teacher_set = teachers
@@ -263,7 +277,8 @@ def generate(
         anchor = choice.index
 
     show = sys.stderr.isatty() if progress is None else progress
-    stages = ["generate"] + (["save"] if out_dir is not None else []) + (["push"] if push_to_hub else [])
+    stages = ["generate"] + (["finetune"] if finetune_steps else []) + (["save"] if out_dir is not None else [])
+    stages += ["push"] if push_to_hub else []
     from tqdm.auto import tqdm
 
     bar = tqdm(total=len(stages), desc="weightformer", disable=not show, file=sys.stderr)
@@ -271,9 +286,19 @@ def generate(
         bar.set_postfix_str(f"generating from {len(teacher_set)} teachers")
         student = model.generate_student(teacher_set, anchor=anchor)
         _check_student(student, generator_id)
-        if choice is not None:
-            choice.measure_student(student, teacher_set.family)
         bar.update()
+        finetuning = None
+        if finetune_steps:
+            from .distill import finetune_on_dataset
+
+            bar.set_postfix_str(f"fine-tuning for {finetune_steps} steps on {finetune_dataset}")
+            finetuning = finetune_on_dataset(
+                student, teacher_set, finetune_dataset, finetune_steps, finetune_split, finetune_num_samples,
+                finetune_seed, finetune_learning_rate, image_column=image_column, label_column=label_column,
+            )  # fmt: skip
+            bar.update()
+        if choice is not None:  # the student that is saved: after fine-tuning, if any
+            choice.measure_student(student, teacher_set.family)
         saved = None
         if out_dir is not None:
             bar.set_postfix_str(f"saving to {out_dir}")
@@ -287,6 +312,7 @@ def generate(
                     metrics=metrics,
                     anchor=anchor,
                     anchor_choice=choice,
+                    finetuning=finetuning,
                 )
             bar.update()
         commit = None
@@ -299,7 +325,7 @@ def generate(
             bar.update()
     finally:
         bar.close()
-    return GenerationResult(student, teacher_set, generator_id, saved, commit, anchor, choice)
+    return GenerationResult(student, teacher_set, generator_id, saved, commit, anchor, choice, finetuning)
 
 
 def _check_anchor_request(anchor, anchor_dataset: str | None) -> None:

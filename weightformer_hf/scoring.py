@@ -19,6 +19,7 @@ from .evaluation import classification_metrics, ensemble_probs, predict_logits
 from .teachers import TeacherSet, generic_labels, short_labels
 
 _SIGNAL_FAMILIES = {"mlp", "cnn1d"}
+MAX_INPUT_BYTES = 4 * 2**30  # preprocessed images held at once (a 224² RGB image is 0.6 MB in float32)
 
 
 class EvaluationDataError(WeightFormerError):
@@ -185,7 +186,18 @@ def _image_dataset(models, dataset, split, num_samples, image_column, label_colu
             f"column {image_column!r} of dataset {dataset!r} holds {type(images[0]).__name__} values, not images "
             "(use --image-column)"
         )
-    inputs = torch.stack([preprocess(image) for image in images])
+    first = preprocess(images[0])
+    needed = first.numel() * first.element_size() * len(images)
+    if needed > MAX_INPUT_BYTES:
+        fits = max(1, MAX_INPUT_BYTES // (first.numel() * first.element_size()))
+        raise EvaluationDataError(
+            f"{len(images):,} preprocessed images of shape {tuple(first.shape)} would take {needed / 2**30:.1f} GiB "
+            f"in memory (at most {MAX_INPUT_BYTES / 2**30:.0f}): ask for at most {fits:,} samples"
+        )
+    inputs = first.new_empty((len(images), *first.shape))  # filled in place: no list of tensors beside it
+    inputs[0] = first
+    for i in range(1, len(images)):
+        inputs[i] = preprocess(images[i])
     labels = torch.as_tensor(_label_ids(ds, label_column, models.label_names), dtype=torch.long)
     return inputs, labels
 

@@ -151,6 +151,7 @@ def main(argv=None):
         help="score an exponential moving average of the generator's weights with this decay (updated after "
         "every optimizer step, started at the initial weights) instead of the last weights; 0 = off",
     )
+    p.add_argument("--save_generator", metavar="DIR", help="also save the trained generator here (save_pretrained)")
     p.add_argument("--tag", required=True)
     p.add_argument("--no_record", action="store_true")
     args = p.parse_args(argv)
@@ -249,6 +250,8 @@ def main(argv=None):
     )
     if not curve or curve[-1]["step"] != args.gen_steps:
         evaluate(generator, args.gen_steps)
+    if args.save_generator:
+        generator.save_pretrained(args.save_generator)
     record = {
         "tag": args.tag,
         "pool": args.pool,

@@ -5,6 +5,9 @@ per-set optimisation it amortises (AdamW on the same objective and meta split, `
 several budgets, so its G says what the objective and data allow. Validation sets only (teachers 232–255).
 
     OMP_NUM_THREADS=1 python examples/experiments/kd_ceiling.py --pool mlp_scratch --steps 1000 3000 10000
+
+With `--generator DIR` (a generator saved by `generator_design.py --save_generator`) KD starts from the set's
+generated student instead of its anchor: what `weightformer generate --finetune-steps N` does.
 """
 
 from __future__ import annotations
@@ -44,6 +47,7 @@ def main(argv=None):
         help="instead: one plain gradient step on the first --batch_size meta examples, at each of these learning "
         "rates (the most a single gradient-shaped update can give)",
     )
+    p.add_argument("--generator", metavar="DIR", help="start from the student this saved generator makes of each set")
     p.add_argument("--trainable", help="regex: only parameters whose names match are trained (default: all)")
     p.add_argument(
         "--meta_samples",
@@ -72,8 +76,20 @@ def main(argv=None):
            "alpha": args.alpha, "meta_samples": args.meta_samples or len(data.meta_x), "anchor_G": anchors}  # fmt: skip
     if args.one_step:
         return _one_step(args, run, teachers, data, sets, anchors)
+    generator = None
+    if args.generator:
+        from weightformer_hf import WeightFormerModel
+
+        generator = WeightFormerModel.from_pretrained(args.generator).eval()
+        out["generator"] = args.generator
     for i, members in enumerate(sets):  # one run per set, evaluated at each budget on the way
-        model, done, start = copy.deepcopy(teachers.model(members[0])), 0, time.perf_counter()
+        start = time.perf_counter()
+        if generator is None:
+            model, done = copy.deepcopy(teachers.model(members[0])), 0
+        else:
+            model, done = run.prepare(generator.generate_student(teachers.subset(members), anchor=0)), 0
+            g = run.row(args.k, i, "wf", run.test_probs_of(model), members, 0.0)["gain_recovered"]
+            out.setdefault("0", []).append(g)
         for name, param in model.named_parameters():
             param.requires_grad_(args.trainable is None or re.search(args.trainable, name) is not None)
         for steps in sorted(args.steps):
@@ -86,7 +102,7 @@ def main(argv=None):
             g = run.row(args.k, i, "kd", run.test_probs_of(model), members, 0.0)["gain_recovered"]
             out.setdefault(str(steps), []).append(g)
             print(f"set {i} steps {steps}: G {g:.3f} ({time.perf_counter() - start:.0f}s)", flush=True)
-    for steps in sorted(args.steps):
+    for steps in ([0] if generator is not None else []) + sorted(args.steps):
         g = out[str(steps)]
         paired = report.mean_ci([a - b for a, b in zip(g, anchors)])
         print(f"{steps} steps: G {report.mean_ci(g)[0]:.3f} ± {report.mean_ci(g)[1]:.3f}, paired {paired[0]:+.3f} ± "
