@@ -71,24 +71,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="index of the teacher whose channel order the student keeps (default: 0, the first teacher), "
         "or 'best': the most accurate teacher on --anchor-dataset",
     )
-    gen.add_argument(
-        "--anchor-dataset",
-        default=None,
-        metavar="DATASET",
-        help="with --anchor best: held-out labelled data to compare the teachers on, as evaluate's --dataset "
-        "reads it (not the data you will report the student's accuracy on)",
-    )
-    gen.add_argument("--anchor-split", default="validation", help="its split (default: validation)")
-    gen.add_argument(
-        "--anchor-num-samples", type=_positive, default=1000, help="compare on at most this many samples"
-    )
-    gen.add_argument(
-        "--anchor-seed",
-        type=int,
-        default=1,
-        help="seed of generated mnist1d samples (default: 1; evaluate's default is 0, so the choice is not "
-        "made on the samples evaluate then measures)",
-    )
+    _add_data_flags(
+        gen, "anchor", "with --anchor best: held-out labelled data to compare the teachers on (not the data you will "
+        "report the student's accuracy on)", "validation", 1000, "compare on", 1,
+        "evaluate's default is 0, so the choice is not made on the samples evaluate then measures",
+    )  # fmt: skip
     gen.add_argument(
         "--finetune-steps",
         type=int,
@@ -98,22 +85,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--finetune-dataset (KD weight 0.3, T = 4, plus cross-entropy on its labels; the benchmark's "
         "kd_anchor_1k recipe). Worth it for teachers trained from scratch (default: 0, none)",
     )
-    gen.add_argument(
-        "--finetune-dataset",
-        metavar="DATASET",
-        help="with --finetune-steps: labelled data to distil on, as evaluate's --dataset reads it",
-    )
-    gen.add_argument("--finetune-split", default="train", help="its split (default: train)")
-    gen.add_argument(
-        "--finetune-num-samples", type=_positive, default=10000, help="distil on at most this many samples"
-    )
-    gen.add_argument(
-        "--finetune-seed",
-        type=int,
-        default=2,
-        help="seed of generated mnist1d samples and of the minibatch order (default: 2; neither evaluate's 0 "
-        "nor --anchor-seed's 1)",
-    )
+    _add_data_flags(
+        gen, "finetune", "with --finetune-steps: labelled data to distil on", "train", 10000, "distil on", 2,
+        "also the minibatch order; neither evaluate's 0 nor --anchor-seed's 1",
+    )  # fmt: skip
     gen.add_argument(
         "--finetune-learning-rate", type=float, default=3e-4, help="AdamW learning rate (default: 3e-4)"
     )
@@ -175,6 +150,20 @@ def build_parser() -> argparse.ArgumentParser:
         description="List the architecture families WeightFormer can read and write.",
     )
     return parser
+
+
+def _add_data_flags(parser, prefix: str, what: str, split: str, num_samples: int, verb: str, seed: int, why: str):
+    """--PREFIX-dataset, -split, -num-samples and -seed: labelled data read as `evaluate` reads --dataset."""
+    parser.add_argument(
+        f"--{prefix}-dataset", metavar="DATASET", help=f"{what}, as evaluate's --dataset reads it"
+    )
+    parser.add_argument(f"--{prefix}-split", default=split, help=f"its split (default: {split})")
+    parser.add_argument(
+        f"--{prefix}-num-samples", type=_positive, default=num_samples, help=f"{verb} at most this many samples"
+    )
+    parser.add_argument(
+        f"--{prefix}-seed", type=int, default=seed, help=f"seed of generated mnist1d samples (default: {seed}; {why})"
+    )
 
 
 def _positive(value: str) -> int:
