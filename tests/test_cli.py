@@ -299,6 +299,19 @@ def test_generate_finetune_distils_the_student_as_kd_anchor_does(mlp_folders, tm
     assert "distilled on the teachers' ensemble for 25 steps" in card and "no training data was used" not in card
 
 
+def test_finetune_request_values_from_python():
+    import numpy as np
+
+    from weightformer_hf.distill import check_finetune_request
+    from weightformer_hf.errors import WeightFormerError
+
+    check_finetune_request(np.int64(5), "mnist1d", 1e-3, torch.tensor(3))  # integers of any library
+    check_finetune_request(0, None, 3e-4)  # off
+    for steps, samples in ((1.5, 10), (True, 10), (5, 0), (5, 2.0)):
+        with pytest.raises(WeightFormerError, match="must be a whole number"):
+            check_finetune_request(steps, "mnist1d", 1e-3, samples)
+
+
 @pytest.mark.parametrize(
     "flags, message",
     [

@@ -10,6 +10,7 @@ T = 4 plus cross-entropy on the labels), started from the student instead of the
 from __future__ import annotations
 
 import math
+import operator
 import time
 from dataclasses import dataclass
 
@@ -39,10 +40,15 @@ class Finetuning:
         }
 
 
-def check_finetune_request(steps: int, dataset: str | None, learning_rate: float) -> None:
+def check_finetune_request(steps: int, dataset: str | None, learning_rate: float, num_samples: int = 1) -> None:
     """Raise `WeightFormerError` for a fine-tuning request that cannot run, before anything is loaded."""
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
-        raise WeightFormerError(f"finetune_steps must be a whole number ≥ 0, got {steps!r}")
+    for name, value, least in (("finetune_steps", steps, 0), ("finetune_num_samples", num_samples, 1)):
+        try:  # numpy and torch integers too
+            whole = not isinstance(value, bool) and operator.index(value) >= least
+        except TypeError:
+            whole = False
+        if not whole:
+            raise WeightFormerError(f"{name} must be a whole number ≥ {least}, got {value!r}")
     if steps and not dataset:
         raise WeightFormerError("fine-tuning needs labelled data: pass --finetune-dataset (or finetune_dataset=)")
     if dataset and not steps:

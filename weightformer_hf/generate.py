@@ -240,7 +240,7 @@ def generate(
     if format not in (None, "timm", "transformers"):
         raise WeightFormerError(f"unknown format {format!r}: use 'timm' or 'transformers'")
     _check_anchor_request(anchor, anchor_dataset)
-    check_finetune_request(finetune_steps, finetune_dataset, finetune_learning_rate)
+    check_finetune_request(finetune_steps, finetune_dataset, finetune_learning_rate, finetune_num_samples)
     # 1-2. load and validate everything before any progress bar
     if isinstance(teachers, TeacherSet):
         teacher_set = teachers
