@@ -48,6 +48,9 @@ def main(argv=None):
         "rates (the most a single gradient-shaped update can give)",
     )
     p.add_argument("--generator", metavar="DIR", help="start from the student this saved generator makes of each set")
+    p.add_argument("--heldout", action="store_true",
+                   help="the benchmark's held-out (test) sets instead of the validation sets: only to check a "
+                   "choice already made on the validation sets")  # fmt: skip
     p.add_argument("--trainable", help="regex: only parameters whose names match are trained (default: all)")
     p.add_argument(
         "--meta_samples",
@@ -57,12 +60,15 @@ def main(argv=None):
         "0 = the meta split",
     )
     args = p.parse_args(argv)
+    if args.heldout and args.meta_samples:
+        raise SystemExit("--meta_samples computes fresh logits for the validation teachers only; not with --heldout")
     if args.one_step and args.meta_samples:  # before the pool is loaded
         raise SystemExit("--one_step reads the meta split; it does not combine with --meta_samples")
     torch.set_num_threads(1)
     run = load_run(args.pool)
     teachers, data = run.teachers, run.data
-    sets = validation_sets(run.plan, args.num_val_teachers, args.k)
+    # the benchmark's own held-out sets, for a check after a choice made on the validation sets
+    sets = run.plan.heldout_sets()[args.k] if args.heldout else validation_sets(run.plan, args.num_val_teachers, args.k)
     meta_logits = run.meta_logits
     if args.meta_samples:
         from benchmarking.methods import stacked_logits
