@@ -396,6 +396,17 @@ def test_evaluate_timm_model_on_an_image_folder(timm_repos, tmp_path, capsys):
     assert code == 0, err
     result = json.loads(out)[timm_repos.ids[0]]
     assert result["accuracy"] == pytest.approx(expected, abs=1e-6)  # fp32 mean
+    # the same data distils a timm student (--finetune-steps): it trains, and timm loads the result
+    student = tmp_path / "student"
+    code, out, err = _run(capsys, "generate", "--generator", "none", "--teachers", *timm_repos.ids[:2], "--out",
+                          str(student), "--finetune-steps", "2", "--finetune-dataset",
+                          str(tmp_path / "images"))  # fmt: skip
+    assert code == 0, err
+    assert f"fine-tuned: 2 KD steps on {tmp_path / 'images'}, split train, 6 samples" in out
+    import timm
+
+    loaded = timm.create_model(f"local-dir:{student}", pretrained=True)
+    assert not _same_weights(loaded, model)
     code, _, err = _run(capsys, "evaluate", "--model", timm_repos.ids[0], "--dataset", str(tmp_path / "images"),
                         "--split", "train", "--label-column", "fine_label")  # fmt: skip
     assert code == 2 and "fine_label" in err
