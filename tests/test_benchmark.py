@@ -34,7 +34,7 @@ POOLS = {
 COMMON = {"single_mean", "single_best_val", "single_long", "ensemble", "uniform_soup", "greedy_soup",
           "aligned_average", "kd_anchor_1k", "kd_converged", "weightformer", "weightformer_best_val_anchor",
           "weightformer_in_pool",
-          "weightformer_finetuned"}  # fmt: skip
+          "weightformer_finetuned", "weightformer_kd_1k"}  # fmt: skip
 FINETUNE_ONLY = {"task_arithmetic", "ties_merge"}
 
 

@@ -42,6 +42,7 @@ METHODS = [
     "weightformer_best_val_anchor",
     "weightformer_in_pool",
     "weightformer_finetuned",
+    "weightformer_kd_1k",
 ]
 
 
@@ -357,6 +358,11 @@ def score_set(run: PoolRun, generator, k: int, i: int, members: list[int], share
     probs = run.test_probs_of(tuned)
     add("weightformer_finetuned", probs, gen_seconds + time.perf_counter() - start + k * run.logit_seconds,
         **run.honesty(probs, members, tuned))  # fmt: skip
+    start = time.perf_counter()  # kd_anchor_1k's steps from the generated student (`generate --finetune-steps`)
+    distilled = run.kd_anchor(members, args.kd_steps, args.kd_lr, model=generator.generate_student(sub, anchor=0))
+    probs = run.test_probs_of(run.prepare(distilled))
+    add("weightformer_kd_1k", probs, time.perf_counter() - start + k * run.logit_seconds,
+        **run.honesty(probs, members, distilled))  # fmt: skip
     return rows
 
 

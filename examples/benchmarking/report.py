@@ -208,7 +208,7 @@ def plot_accuracy_vs_k(rows: list[dict], path: Path) -> None:
     for ax in axes[len(pools) :]:
         ax.axis("off")
     styles = {"ensemble": "k-", "single_mean": "k--", "weightformer": "C3o-", "weightformer_finetuned": "C3s:",
-              "weightformer_best_val_anchor": "C6*-",
+              "weightformer_best_val_anchor": "C6*-", "weightformer_kd_1k": "C3P--",
               "kd_anchor_1k": "C0^-", "kd_converged": "C2v-", "greedy_soup": "C1d-", "uniform_soup": "C5x-",
               "ties_merge": "C4P-", "single_best_val": "C7.-"}  # fmt: skip
     for ax, pool in zip(axes, pools):
