@@ -320,14 +320,18 @@ def test_finetune_request_values_from_python():
         (["--finetune-steps", "-1", "--finetune-dataset", "mnist1d"], "must be a whole number ≥ 0"),
         (["--finetune-steps", "5", "--finetune-dataset", "mnist1d", "--finetune-learning-rate", "0"], "positive"),
         (["--finetune-steps", "5", "--finetune-dataset", "mnist1d", "--finetune-learning-rate", "nan"], "positive"),
+        (["--finetune-steps", "5", "--finetune-dataset", "org/images"], "evaluate them with --dataset mnist1d"),
     ],
 )
-def test_generate_finetune_requests_that_cannot_work(mlp_folders, tmp_path, capsys, flags, message):
+def test_generate_finetune_requests_that_cannot_work(mlp_folders, tmp_path, capsys, monkeypatch, flags, message):
+    """Each is refused before anything is generated (data that cannot be read included), and nothing is written."""
+    generated = []
+    monkeypatch.setattr(WeightFormerModel, "generate_student", lambda *a, **k: generated.append(1))
     out_dir = tmp_path / "student"
     code, _, err = _run(capsys, "generate", "--generator", "none", "--teachers", *mlp_folders, "--out",
                         str(out_dir), *flags)  # fmt: skip
     assert code == 2 and message in err and err.count("\n") == 1, err
-    assert not out_dir.exists()
+    assert not out_dir.exists() and generated == []
 
 
 @pytest.mark.parametrize(

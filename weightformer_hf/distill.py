@@ -1,10 +1,12 @@
 """Distil a generated student on its teachers' ensemble over labelled data: what `weightformer generate
 --finetune-steps N --finetune-dataset DATA` runs after generation.
 
-On teachers trained from scratch a few hundred KD steps gain more than the generator does (README,
-Benchmark); on fine-tunes of one base the generated student is already ahead of 1,000 KD steps. This is the
-benchmark's `kd_anchor_1k` recipe (AdamW at a constant rate, random minibatches of 256, KD weight 0.3 at
-T = 4 plus cross-entropy on the labels), started from the student instead of the anchor.
+`load_finetune_data` reads the data and the teachers' logits before generation, so bad data stops the command
+first; `finetune_on_data` distils. On teachers trained from scratch a few hundred KD steps gain more than the
+generator does, and they gain more still started from the generated student (README, Benchmark); on fine-tunes
+of one base the generated student is already ahead of 1,000 KD steps. The recipe is the benchmark's
+`kd_anchor_1k` (AdamW at a constant rate, random minibatches of 256, KD weight 0.3 at T = 4 plus
+cross-entropy on the labels), started from the student instead of the anchor.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from .teachers import TeacherSet
 
 @dataclass
 class Finetuning:
-    """What `finetune_on_dataset` did, for the card and `weightformer_config.json`."""
+    """What `finetune_on_data` did, for the card and `weightformer_config.json`."""
 
     steps: int
     data: str  # in words: "mnist1d, seed 2, 10,000 samples"
@@ -57,27 +59,30 @@ def check_finetune_request(steps: int, dataset: str | None, learning_rate: float
         raise WeightFormerError(f"the fine-tuning learning rate must be a positive number, got {learning_rate!r}")
 
 
-def finetune_on_dataset(
-    student: torch.nn.Module,
+@dataclass
+class FinetuneData:
+    """Labelled inputs and the teachers' logits on them, read before anything is generated."""
+
+    inputs: torch.Tensor
+    labels: torch.Tensor
+    teacher_logits: torch.Tensor  # (K, N, C)
+    description: str  # in words, for the card
+    seconds: float
+
+
+def load_finetune_data(
     teachers: TeacherSet,
     dataset: str,
-    steps: int,
     split: str = "train",
     num_samples: int = 10000,
     seed: int = 2,
-    learning_rate: float = 3e-4,
-    alpha: float = 0.3,
-    temperature: float = 4.0,
-    batch_size: int = 256,
     image_column: str = "image",
     label_column: str = "label",
-) -> Finetuning:
-    """Distil `student` (changed in place, left in eval mode) on the ensemble of `teachers` over `dataset`.
-
-    The data is read as `weightformer evaluate` reads it (`scoring.evaluation_data`; for `mnist1d`, samples
-    generated with `seed`, by default neither evaluate's seed 0 nor the anchor choice's 1).
-    """
-    from .baselines import kd_anchor
+    batch_size: int = 256,
+) -> FinetuneData:
+    """`dataset` read as `weightformer evaluate` reads it (`scoring.evaluation_data`; for `mnist1d`, samples
+    generated with `seed`, by default neither evaluate's seed 0 nor the anchor choice's 1), with every
+    teacher's logits on it. Teachers whose logits are not finite are named: there is no ensemble to distil."""
     from .evaluation import predict_logits
     from .scoring import evaluation_data
 
@@ -92,16 +97,36 @@ def finetune_on_dataset(
         bad = sorted({int(i) for i in (~torch.isfinite(teacher_logits)).flatten(1).any(1).nonzero().flatten()})
         raise WeightFormerError(
             f"teacher(s) {', '.join(teachers.infos[i].name for i in bad)} give NaN or infinite logits on {dataset}: "
-            "there is no ensemble to distil towards (nothing was fine-tuned)"
+            "there is no ensemble to distil towards (nothing was generated)"
         )
+    where = f"seed {seed}" if dataset.lower() == "mnist1d" else f"split {split}"
+    return FinetuneData(inputs, labels, teacher_logits, f"{dataset}, {where}, {len(labels):,} samples",
+                        time.perf_counter() - start)  # fmt: skip
+
+
+def finetune_on_data(
+    student: torch.nn.Module,
+    data: FinetuneData,
+    steps: int,
+    learning_rate: float = 3e-4,
+    seed: int = 2,
+    alpha: float = 0.3,
+    temperature: float = 4.0,
+    batch_size: int = 256,
+) -> Finetuning:
+    """Distil `student` (changed in place, left in eval mode) on the teachers' ensemble over `data` for `steps`
+    AdamW steps, random minibatches drawn with `seed`."""
+    from .baselines import kd_anchor
+
+    start = time.perf_counter()
+    batch_size = min(batch_size, len(data.inputs))
     with torch.enable_grad():
-        kd_anchor(student, inputs, labels, teacher_logits, steps=steps, learning_rate=learning_rate,
-                  batch_size=min(batch_size, len(inputs)), temperature=temperature, alpha=alpha, seed=seed)  # fmt: skip
+        kd_anchor(student, data.inputs, data.labels, data.teacher_logits, steps=steps, learning_rate=learning_rate,
+                  batch_size=batch_size, temperature=temperature, alpha=alpha, seed=seed)  # fmt: skip
     if not all(torch.isfinite(p).all() for p in student.parameters()):
         raise WeightFormerError(
             f"fine-tuning made the student's weights NaN or infinite (learning rate {learning_rate}): try a smaller "
             "one; nothing was saved"
         )
-    where = f"seed {seed}" if dataset.lower() == "mnist1d" else f"split {split}"
-    return Finetuning(steps, f"{dataset}, {where}, {len(labels):,} samples", learning_rate, alpha, temperature,
-                      min(batch_size, len(inputs)), time.perf_counter() - start)  # fmt: skip
+    seconds = data.seconds + time.perf_counter() - start
+    return Finetuning(steps, data.description, learning_rate, alpha, temperature, batch_size, seconds)

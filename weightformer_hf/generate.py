@@ -228,7 +228,7 @@ def generate(
             is then measured on).
         finetune_steps, finetune_dataset, finetune_split, finetune_num_samples, finetune_seed,
             finetune_learning_rate: after generation, distil the student on the teachers' ensemble for
-            `finetune_steps` AdamW steps over this labelled data (`distill.finetune_on_dataset`: the
+            `finetune_steps` AdamW steps over this labelled data (`distill.finetune_on_data`: the
             benchmark's `kd_anchor_1k` recipe; `finetune_seed` is mnist1d's generator seed, by default
             neither evaluate's nor the anchor choice's). Worth it for teachers trained from scratch.
     """
@@ -275,6 +275,12 @@ def generate(
             teacher_set, anchor_dataset, anchor_split, anchor_num_samples, anchor_seed, image_column, label_column
         )
         anchor = choice.index
+    finetune_data = None
+    if finetune_steps:
+        from .distill import load_finetune_data
+
+        finetune_data = load_finetune_data(teacher_set, finetune_dataset, finetune_split, finetune_num_samples,
+                                           finetune_seed, image_column, label_column)  # fmt: skip
 
     show = sys.stderr.isatty() if progress is None else progress
     stages = ["generate"] + (["finetune"] if finetune_steps else []) + (["save"] if out_dir is not None else [])
@@ -288,14 +294,11 @@ def generate(
         _check_student(student, generator_id)
         bar.update()
         finetuning = None
-        if finetune_steps:
-            from .distill import finetune_on_dataset
+        if finetune_data is not None:
+            from .distill import finetune_on_data
 
             bar.set_postfix_str(f"fine-tuning for {finetune_steps} steps on {finetune_dataset}")
-            finetuning = finetune_on_dataset(
-                student, teacher_set, finetune_dataset, finetune_steps, finetune_split, finetune_num_samples,
-                finetune_seed, finetune_learning_rate, image_column=image_column, label_column=label_column,
-            )  # fmt: skip
+            finetuning = finetune_on_data(student, finetune_data, finetune_steps, finetune_learning_rate, finetune_seed)
             bar.update()
         if choice is not None:  # the student that is saved: after fine-tuning, if any
             choice.measure_student(student, teacher_set.family)
