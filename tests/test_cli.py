@@ -516,19 +516,41 @@ def test_evaluate_refuses_label_ids_beyond_the_models_classes_and_columns_withou
     assert code == 2 and "column 'label' of dataset" in err and "holds int values, not images" in err
 
 
-def test_image_data_too_large_for_memory_is_refused_before_it_is_loaded(timm_repos, tmp_path, capsys, monkeypatch):
+def test_image_data_beyond_the_memory_cap_is_read_on_access_with_the_same_results(timm_repos, tmp_path, capsys,
+                                                                                   monkeypatch):  # fmt: skip
+    """Past `MAX_INPUT_BYTES` the images are preprocessed when a batch is taken (`LazyImages`): the same tensors,
+    so `evaluate` and `--finetune-steps` give the very numbers and weights of the in-memory path."""
     import numpy as np
     from datasets import Dataset, Features, Image, Value
     from PIL import Image as PILImage
+    from safetensors.torch import load_file
 
     from weightformer_hf import scoring
 
-    image = PILImage.fromarray(np.zeros((28, 28), dtype=np.uint8), mode="L")
+    rng = np.random.default_rng(0)
+    images = [PILImage.fromarray(rng.integers(0, 256, (28, 28), dtype=np.uint8), mode="L") for _ in range(5)]
     features = Features({"image": Image(), "label": Value("int64")})
-    Dataset.from_dict({"image": [image] * 3, "label": [0, 1, 2]}, features=features).save_to_disk(tmp_path / "ds")
-    model = load_teachers([timm_repos.ids[0]])
-    one = scoring.evaluation_data(model, str(tmp_path / "ds"), "train", 1, 0, "image", "label")[0][0]
+    Dataset.from_dict({"image": images, "label": [0, 1, 2, 1, 0]}, features=features).save_to_disk(tmp_path / "ds")
+    model, ds = load_teachers([timm_repos.ids[0]]), str(tmp_path / "ds")
+
+    def outputs(tag):
+        student = tmp_path / f"student-{tag}"
+        code, out, err = _run(capsys, "evaluate", "--model", timm_repos.ids[0], "--dataset", ds, "--json")
+        assert code == 0, err
+        code, _, err = _run(capsys, "generate", "--generator", "none", "--teachers", *timm_repos.ids[:2], "--out",
+                            str(student), "--finetune-steps", "3", "--finetune-dataset", ds, "--quiet")  # fmt: skip
+        assert code == 0, err
+        return json.loads(out), load_file(student / "model.safetensors")
+
+    eager_inputs = scoring.evaluation_data(model, ds, "train", 5, 0, "image", "label")[0]
+    eager = outputs("eager")
+    one = eager_inputs[0]
     monkeypatch.setattr(scoring, "MAX_INPUT_BYTES", 2 * one.numel() * one.element_size())  # room for two
-    assert len(scoring.evaluation_data(model, str(tmp_path / "ds"), "train", 2, 0, "image", "label")[0]) == 2
-    code, _, err = _run(capsys, "evaluate", "--model", timm_repos.ids[0], "--dataset", str(tmp_path / "ds"))
-    assert code == 2 and f"3 preprocessed images of shape {tuple(one.shape)}" in err and "at most 2 samples" in err
+    lazy_inputs = scoring.evaluation_data(model, ds, "train", 5, 0, "image", "label")[0]
+    assert isinstance(lazy_inputs, scoring.LazyImages) and len(lazy_inputs) == 5
+    assert torch.equal(lazy_inputs[1:4], eager_inputs[1:4])
+    assert torch.equal(lazy_inputs[torch.tensor([4, 0, 4])], eager_inputs[torch.tensor([4, 0, 4])])
+    lazy = outputs("lazy")
+    assert lazy[0] == eager[0]
+    assert lazy[1].keys() == eager[1].keys() and all(torch.equal(lazy[1][k], eager[1][k]) for k in eager[1])
+    assert not torch.equal(eager[1]["fc.weight"], timm_repos.models[0].state_dict()["fc.weight"])  # it trained

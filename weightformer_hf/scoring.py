@@ -22,6 +22,27 @@ _SIGNAL_FAMILIES = {"mlp", "cnn1d"}
 MAX_INPUT_BYTES = 4 * 2**30  # preprocessed images held at once (a 224² RGB image is 0.6 MB in float32)
 
 
+class LazyImages:
+    """A dataset's images, preprocessed when indexed: stands in for the `(N, *shape)` input tensor when that
+    tensor would pass `MAX_INPUT_BYTES`. Indexing by a slice (scoring) or a tensor of row indices (KD
+    minibatches) gives the very tensor the in-memory path would."""
+
+    def __init__(self, ds, column: str, preprocess, shape: tuple[int, ...], dtype: torch.dtype):
+        self.ds, self.column, self.preprocess = ds, column, preprocess
+        self.shape, self.dtype = (len(ds), *shape), dtype
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, index) -> torch.Tensor:
+        rows = range(*index.indices(len(self))) if isinstance(index, slice) else torch.as_tensor(index).flatten()
+        rows = [int(r) for r in rows]
+        out = torch.empty((len(rows), *self.shape[1:]), dtype=self.dtype)
+        for j, image in enumerate(self.ds[rows][self.column]):
+            out[j] = self.preprocess(image)
+        return out
+
+
 class EvaluationDataError(WeightFormerError):
     """A dataset that does not fit the models or lacks a needed split or column."""
 
@@ -180,24 +201,19 @@ def _image_dataset(models, dataset, split, num_samples, image_column, label_colu
         raise EvaluationDataError(f"dataset {dataset!r} split {split!r} has no rows")
     ds = ds.select(range(min(num_samples, len(ds))))
     preprocess = _preprocessor(models)
-    images = ds[image_column]
-    if not hasattr(images[0], "convert"):
+    example = ds[0][image_column]
+    if not hasattr(example, "convert"):
         raise EvaluationDataError(
-            f"column {image_column!r} of dataset {dataset!r} holds {type(images[0]).__name__} values, not images "
+            f"column {image_column!r} of dataset {dataset!r} holds {type(example).__name__} values, not images "
             "(use --image-column)"
         )
-    first = preprocess(images[0])
-    needed = first.numel() * first.element_size() * len(images)
-    if needed > MAX_INPUT_BYTES:
-        fits = max(1, MAX_INPUT_BYTES // (first.numel() * first.element_size()))
-        raise EvaluationDataError(
-            f"{len(images):,} preprocessed images of shape {tuple(first.shape)} would take {needed / 2**30:.1f} GiB "
-            f"in memory (at most {MAX_INPUT_BYTES / 2**30:.0f}): ask for at most {fits:,} samples"
-        )
-    inputs = first.new_empty((len(images), *first.shape))  # filled in place: no list of tensors beside it
-    inputs[0] = first
-    for i in range(1, len(images)):
-        inputs[i] = preprocess(images[i])
+    first = preprocess(example)
+    if first.numel() * first.element_size() * len(ds) > MAX_INPUT_BYTES:  # read on access, a batch at a time
+        inputs = LazyImages(ds, image_column, preprocess, tuple(first.shape), first.dtype)
+    else:
+        inputs = first.new_empty((len(ds), *first.shape))  # filled in place: no list of tensors beside it
+        for i, image in enumerate(ds[image_column]):
+            inputs[i] = preprocess(image)
     labels = torch.as_tensor(_label_ids(ds, label_column, models.label_names), dtype=torch.long)
     return inputs, labels
 
