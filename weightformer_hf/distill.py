@@ -83,16 +83,11 @@ def load_finetune_data(
     """`dataset` read as `weightformer evaluate` reads it (`scoring.evaluation_data`; for `mnist1d`, samples
     generated with `seed`, by default neither evaluate's seed 0 nor the anchor choice's 1), with every
     teacher's logits on it. Teachers whose logits are not finite are named: there is no ensemble to distil."""
-    from .evaluation import predict_logits
-    from .scoring import evaluation_data
+    from .scoring import evaluation_data, model_logits
 
     start = time.perf_counter()
     inputs, labels = evaluation_data(teachers, dataset, split, num_samples, seed, image_column, label_column)
-    logits = []
-    for i in range(len(teachers)):
-        model = teachers.model(i)
-        logits.append(predict_logits(lambda x, m=model: teachers.family.logits(m, x), inputs, batch_size))
-    teacher_logits = torch.stack(logits)
+    teacher_logits = torch.stack(model_logits(teachers, inputs, batch_size))
     if not torch.isfinite(teacher_logits).all():
         bad = sorted({int(i) for i in (~torch.isfinite(teacher_logits)).flatten(1).any(1).nonzero().flatten()})
         raise WeightFormerError(

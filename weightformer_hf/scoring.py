@@ -111,23 +111,25 @@ def choose_anchor(
     from .evaluation import accuracy
 
     inputs, labels = evaluation_data(teachers, dataset, split, num_samples, seed, image_column, label_column)
-    accuracies = []
-    for i in range(len(teachers)):
-        model = teachers.model(i)
-        logits = predict_logits(lambda x, m=model: teachers.family.logits(m, x), inputs, batch_size)
-        accuracies.append(accuracy(logits, labels))
+    accuracies = [accuracy(logits, labels) for logits in model_logits(teachers, inputs, batch_size)]
     index = max(range(len(teachers)), key=lambda i: (accuracies[i], -i))  # as `baselines.single_best_val`
     where = f"seed {seed}" if dataset.lower() == "mnist1d" else f"split {split}"
     return AnchorChoice(index, accuracies, f"{dataset}, {where}, {len(labels):,} samples", None, inputs, labels,
                         batch_size)  # fmt: skip
 
 
-def score(models: TeacherSet, inputs: torch.Tensor, labels: torch.Tensor, batch_size: int = 256) -> dict:
-    results, all_logits = {}, []
-    for i, info in enumerate(models.infos):
+def model_logits(models: TeacherSet, inputs: torch.Tensor, batch_size: int = 256) -> list[torch.Tensor]:
+    """Each model's fp32 logits on `inputs` (a tensor or `LazyImages`), in batches."""
+    out = []
+    for i in range(len(models)):
         model = models.model(i)
-        logits = predict_logits(lambda x, m=model: models.family.logits(m, x), inputs, batch_size)
-        all_logits.append(logits)
+        out.append(predict_logits(lambda x, m=model: models.family.logits(m, x), inputs, batch_size))
+    return out
+
+
+def score(models: TeacherSet, inputs: torch.Tensor, labels: torch.Tensor, batch_size: int = 256) -> dict:
+    results, all_logits = {}, model_logits(models, inputs, batch_size)
+    for info, logits in zip(models.infos, all_logits):
         results[info.name] = classification_metrics(F.softmax(logits, -1), labels)
     if len(all_logits) > 1:
         results["ensemble"] = classification_metrics(ensemble_probs(all_logits), labels)
