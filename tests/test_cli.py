@@ -312,6 +312,32 @@ def test_finetune_request_values_from_python():
             check_finetune_request(steps, "mnist1d", 1e-3, samples)
 
 
+def test_generate_finetune_refuses_overflowing_teachers_and_a_diverging_student(mlp_folders, tmp_path, capsys):
+    """Teachers whose finite weights overflow on the data give no target (named, before generation); a learning
+    rate that sends the student to inf is named and nothing is saved."""
+    from safetensors.torch import load_file, save_file
+
+    huge = tmp_path / "huge"
+    import shutil
+
+    shutil.copytree(mlp_folders[1], huge)
+    state = load_file(huge / "model.safetensors")
+    save_file({k: v * 1e20 if k.endswith("weight") else v for k, v in state.items()}, huge / "model.safetensors")
+    out_dir = tmp_path / "student"
+    common = ["generate", "--generator", "none", "--out", str(out_dir), "--finetune-dataset", "mnist1d",
+              "--finetune-num-samples", "256"]  # fmt: skip
+    code, _, err = _run(capsys, *common, "--teachers", mlp_folders[0], str(huge), "--finetune-steps", "2")
+    assert code == 2 and f"teacher {str(huge)!r} gives NaN or inf logits on" in err, err
+    code, _, err = _run(capsys, *common, "--teachers", *mlp_folders, "--finetune-steps", "5",
+                        "--finetune-learning-rate", "1e30")  # fmt: skip
+    assert code == 2 and "fine-tuning made the student's" in err and "NaN or infinite" in err, err
+    assert err.count("\n") == 1
+    code, _, err = _run(capsys, *common, "--teachers", *mlp_folders, "--finetune-steps", "5",
+                        "--finetune-learning-rate", "1e38")  # fmt: skip  (AdamW's own step overflows in torch)
+    assert code == 2 and "fine-tuning failed at learning rate 1e+38" in err and err.count("\n") == 1, err
+    assert not out_dir.exists()
+
+
 @pytest.mark.parametrize(
     "flags, message",
     [

@@ -268,7 +268,6 @@ def check_labels(teacher_labels: list[str], split: Dataset, dataset: str) -> Non
         )
 
 
-
 # ------------------------------------------------------------------------------------------ transforms
 @dataclass
 class Transform:

@@ -18,8 +18,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .errors import WeightFormerError
-from .teachers import TeacherSet
+from .errors import WeightFormerError, first_line
+from .teachers import TeacherSet, first_non_finite
 
 
 @dataclass
@@ -82,18 +82,16 @@ def load_finetune_data(
 ) -> FinetuneData:
     """`dataset` read as `weightformer evaluate` reads it (`scoring.evaluation_data`; for `mnist1d`, samples
     generated with `seed`, by default neither evaluate's seed 0 nor the anchor choice's 1), with every
-    teacher's logits on it. Teachers whose logits are not finite are named: there is no ensemble to distil."""
+    teacher's logits on it. A teacher whose logits are not finite is named: there is no ensemble to distil."""
+    from .evaluation import check_finite_logits
     from .scoring import evaluation_data, model_logits
 
     start = time.perf_counter()
     inputs, labels = evaluation_data(teachers, dataset, split, num_samples, seed, image_column, label_column)
-    teacher_logits = torch.stack(model_logits(teachers, inputs, batch_size))
-    if not torch.isfinite(teacher_logits).all():
-        bad = sorted({int(i) for i in (~torch.isfinite(teacher_logits)).flatten(1).any(1).nonzero().flatten()})
-        raise WeightFormerError(
-            f"teacher(s) {', '.join(teachers.infos[i].name for i in bad)} give NaN or infinite logits on {dataset}: "
-            "there is no ensemble to distil towards (nothing was generated)"
-        )
+    logits = model_logits(teachers, inputs, batch_size)
+    for info, one in zip(teachers.infos, logits):
+        check_finite_logits(one, info.name)
+    teacher_logits = torch.stack(logits)
     where = f"seed {seed}" if dataset.lower() == "mnist1d" else f"split {split}"
     return FinetuneData(inputs, labels, teacher_logits, f"{dataset}, {where}, {len(labels):,} samples",
                         time.perf_counter() - start)  # fmt: skip
@@ -115,12 +113,21 @@ def finetune_on_data(
 
     start = time.perf_counter()
     batch_size = min(batch_size, len(data.inputs))
-    with torch.enable_grad():
-        kd_anchor(student, data.inputs, data.labels, data.teacher_logits, steps=steps, learning_rate=learning_rate,
-                  batch_size=batch_size, temperature=temperature, alpha=alpha, seed=seed)  # fmt: skip
-    if not all(torch.isfinite(p).all() for p in student.parameters()):
+    try:
+        with torch.enable_grad():
+            kd_anchor(student, data.inputs, data.labels, data.teacher_logits, steps=steps, learning_rate=learning_rate,
+                      batch_size=batch_size, temperature=temperature, alpha=alpha, seed=seed)  # fmt: skip
+    except RuntimeError as err:
+        if "overflow" not in str(err):  # only a learning rate whose AdamW step overflows float32 is the input's fault
+            raise
         raise WeightFormerError(
-            f"fine-tuning made the student's weights NaN or infinite (learning rate {learning_rate}): try a smaller "
+            f"fine-tuning failed at learning rate {learning_rate} ({first_line(err)}): try a smaller one; nothing "
+            "was saved"
+        ) from None
+    bad = first_non_finite(student.state_dict().items())
+    if bad is not None:
+        raise WeightFormerError(
+            f"fine-tuning made the student's {bad!r} NaN or infinite (learning rate {learning_rate}): try a smaller "
             "one; nothing was saved"
         )
     seconds = data.seconds + time.perf_counter() - start

@@ -13,6 +13,19 @@ def logits_of(output) -> torch.Tensor:
     return output if isinstance(output, torch.Tensor) else output.logits
 
 
+def check_finite_logits(logits: torch.Tensor, teacher: str) -> None:
+    """Raise `InvalidWeightsError` if a teacher's `(N, C)` logits hold NaN or inf: finite weights whose outputs
+    overflow float32 give no distillation target."""
+    from .errors import InvalidWeightsError
+
+    bad = int((~torch.isfinite(logits)).any(-1).sum())
+    if bad:
+        raise InvalidWeightsError(
+            f"teacher {teacher!r} gives NaN or inf logits on {bad} of {len(logits)} rows of the data: its weights or "
+            "the inputs' scale overflow float32"
+        )
+
+
 @torch.no_grad()
 def predict_logits(
     forward: Callable[[torch.Tensor], torch.Tensor], inputs: torch.Tensor, batch_size: int = 1024

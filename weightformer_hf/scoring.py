@@ -239,7 +239,6 @@ def _label_ids(ds, label_column: str, label_names: list[str]) -> list[int]:
     return ids
 
 
-
 def _match_input_channels(config: dict, model: torch.nn.Module) -> dict:
     """timm keeps the architecture's default (3-channel) `pretrained_cfg` for models built with another
     `in_chans`: take the channel count from the first convolution and average mean/std over channels, as

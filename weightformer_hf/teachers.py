@@ -8,7 +8,7 @@ Validation happens here, once, before any generation, and every error names the 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from functools import cached_property
 
@@ -285,6 +285,12 @@ def _non_finite(tensor: torch.Tensor, block: int = 1 << 22) -> str | None:
         if not bool(torch.isfinite(part).all()):
             return "NaN" if bool(torch.isnan(part).any()) else "inf"
     return None
+
+
+def first_non_finite(tensors: Iterable[tuple[str, torch.Tensor]]) -> str | None:
+    """The name of the first floating tensor holding NaN or inf (a model's `named_parameters()` or
+    `state_dict().items()`), else None."""
+    return next((name for name, tensor in tensors if _non_finite(tensor) is not None), None)
 
 
 def _non_finite_rows(

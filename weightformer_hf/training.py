@@ -32,8 +32,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from .errors import InvalidWeightsError, WeightFormerError, first_line
-from .evaluation import ece, ensemble_probs, gain_recovered, logits_of, nll
+from .errors import WeightFormerError, first_line
+from .evaluation import check_finite_logits, ece, ensemble_probs, gain_recovered, logits_of, nll
 from .teachers import TeacherSet
 
 
@@ -503,12 +503,7 @@ class TeacherLogitsCache:
                 continue
             model = teachers.model(i).to(device)
             logits = batch_logits(lambda x, m=model: logits_of(m(x)), split, batch_size, device)
-            bad = (~torch.isfinite(logits)).any(-1).sum().item()
-            if bad:  # finite weights whose outputs overflow: no distillation target, and not worth caching
-                raise InvalidWeightsError(
-                    f"teacher {info.name!r} gives NaN or inf logits on {bad} of {len(logits)} rows of the data: its "
-                    "weights or the inputs' scale overflow float32"
-                )
+            check_finite_logits(logits, info.name)  # before caching: such logits are not worth keeping
             self.root.mkdir(parents=True, exist_ok=True)
             tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
             save_file({"logits": logits.contiguous()}, tmp, metadata={"teacher": info.identity, "data": fingerprint})
