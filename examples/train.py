@@ -26,7 +26,7 @@ from weightformer_hf import WeightFormerError, WeightFormerModel
 from weightformer_hf import data as wf_data
 from weightformer_hf import pool as wf_pool
 from weightformer_hf import training as wf
-from weightformer_hf.baselines import kd_anchor
+from weightformer_hf.baselines import best_index, kd_anchor
 from weightformer_hf.errors import first_line
 
 # Flag → argparse options. Preset values become the defaults; flags given on the command line win.
@@ -251,8 +251,6 @@ def main(args):
         return DataLoader(wf_data.BatchedSplit(splits["meta"]), batch_size=256, shuffle=True,
                           collate_fn=wf_data.collate, generator=torch.Generator().manual_seed(args.seed))
 
-    meta_dl = meta_batches()
-
     def recompute_bn(student):
         return wf.recompute_bn_stats(student, meta_batches(), num_batches=20)
 
@@ -365,26 +363,28 @@ def main(args):
 
     # Held-out evaluation: students for several sets of teachers the generator never saw.
     unwrapped = accelerator.unwrap_model(generator)
-    def finetune(student, members):  # --finetune_steps: distil the generated student on its set's ensemble
-        return wf.finetune_student(student, meta_dl, logits["meta"][members], args.finetune_steps,
-                                   args.finetune_learning_rate, args.alpha, args.temperature, accelerator.device)
+    meta = {}  # the meta split as tensors, read only if fine-tuning or a baseline needs it
 
-    meta = {}  # the meta split as tensors, read only if the KD baseline runs
-
-    def kd_anchor_baseline(members, anchor):  # what a user would do instead: distil the anchor on the ensemble
+    def meta_tensors():
         if not meta:
             meta["x"], meta["y"] = wf_data.tensors(splits["meta"])
-        meta_x, meta_y = meta["x"], meta["y"]
-        model = teachers.model(members[anchor]).to(accelerator.device)
-        return kd_anchor(model, meta_x.to(accelerator.device), meta_y.to(accelerator.device),
-                         logits["meta"][members].to(accelerator.device), steps=args.kd_baseline_steps,
+        return meta["x"], meta["y"]
+
+    def distil(model, members, steps, learning_rate):  # KD on the set's ensemble over the meta split
+        (meta_x, meta_y), device = meta_tensors(), accelerator.device
+        return kd_anchor(model.to(device), meta_x.to(device), meta_y.to(device),
+                         logits["meta"][members].to(device), steps=steps, learning_rate=learning_rate,
                          temperature=args.temperature, alpha=args.alpha, seed=args.seed)  # fmt: skip
 
+    def finetune(student, members):  # --finetune_steps: the KD of `weightformer generate --finetune-steps`
+        return distil(student, members, args.finetune_steps, args.finetune_learning_rate)
+
+    def kd_anchor_baseline(members, anchor):  # what a user would do instead: the same KD from the anchor
+        return distil(teachers.model(members[anchor]), members, args.kd_baseline_steps, 3e-4)  # the benchmark's
+
     def best_val_anchor_student(members, anchor):  # what `weightformer generate --anchor best` keeps
-        if not meta:
-            meta["x"], meta["y"] = wf_data.tensors(splits["meta"])
-        correct = (logits["meta"][members].argmax(-1) == meta["y"]).float().mean(1)  # no teacher trained on it
-        best = max(range(len(members)), key=lambda j: (correct[j].item(), -j))  # as baselines.single_best_val
+        correct = (logits["meta"][members].argmax(-1) == meta_tensors()[1]).float().mean(1)  # no teacher trained on it
+        best = best_index(correct.tolist())
         student = unwrapped.generate_student(teachers.subset(members), anchor=best, device=accelerator.device)
         return recompute_bn(student) if args.recompute_bn_stats else student
 

@@ -490,16 +490,35 @@ def test_resuming_from_a_folder_that_is_no_checkpoint_is_named(tmp_path):
         train.load_checkpoint(None, tmp_path / "emptied")
 
 
+@pytest.fixture(scope="module")
+def untrained_run(tiny, tmp_path_factory) -> dict:
+    """A run whose generator never trains (every student is its anchor), with 7 KD steps both from the
+    anchor (`kd_anchor_7`) and from the generated student (`--finetune_steps 7`)."""
+    out = tmp_path_factory.mktemp("untrained") / "out"
+    proc = run(tiny, "--output_dir", out, "--max_train_steps", "0", "--kd_baseline_steps", "7",
+               "--finetune_steps", "7")  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads((out / "eval_results.json").read_text())
+
+
+def test_finetuning_the_student_is_the_kd_baseline_from_the_generated_student(untrained_run):
+    """`--finetune_steps N` runs `kd_anchor_N`'s KD (`weightformer generate --finetune-steps`): from an
+    untrained generator's student, which is the anchor, the two give the same model on every set."""
+    sets = untrained_run["heldout_sets"]
+    for entry in sets:
+        assert entry["student_accuracy"] == entry["anchor_accuracy"]
+        assert entry["finetuned_student_nll"] == entry["kd_anchor_7_nll"]
+        assert entry["finetuned_student_accuracy"] == entry["kd_anchor_7_accuracy"]
+        assert entry["finetuned_student_nll"] != entry["student_nll"]  # the 7 steps did something
+
+
 def test_the_best_val_anchor_student_of_an_untrained_generator_is_the_sets_best_teacher_on_the_meta_split(
-    tiny, tmp_path
+    tiny, untrained_run
 ):
     from weightformer_hf import data, pool
     from weightformer_hf.hub import load_teachers
 
-    out = tmp_path / "out"
-    proc = run(tiny, "--output_dir", out, "--max_train_steps", "0", "--kd_baseline_steps", "0")
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    results = json.loads((out / "eval_results.json").read_text())
+    results = untrained_run
     os.environ["WEIGHTFORMER_HF_CACHE"] = tiny["env"]["WEIGHTFORMER_HF_CACHE"]
     try:
         raw = data.load_raw_splits("mnist1d", mnist1d=TINY["mnist1d"])

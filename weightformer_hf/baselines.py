@@ -59,11 +59,16 @@ def uniform_soup(teachers: TeacherSet | Sequence[nn.Module]) -> nn.Module:
     return teachers.build_student(_average(_states(teachers)))
 
 
+def best_index(scores: Sequence[float]) -> int:
+    """The index of the highest score, the first of equals: how every "best teacher" here is picked
+    (`single_best_val`, `weightformer generate --anchor best`, `examples/train.py`'s best-val anchor)."""
+    return max(range(len(scores)), key=lambda i: (scores[i], -i))
+
+
 def single_best_val(teachers: TeacherSet | Sequence[nn.Module], score: Score) -> int:
     """The index of the teacher with the best validation score (the first of equals)."""
     teachers = as_teacher_set(teachers)
-    scores = [score(teachers.model(i)) for i in range(len(teachers))]
-    return max(range(len(scores)), key=lambda i: (scores[i], -i))
+    return best_index([score(teachers.model(i)) for i in range(len(teachers))])
 
 
 def greedy_soup(

@@ -108,11 +108,12 @@ def choose_anchor(
     On the benchmark this anchor gives the best student on fine-tunes of one base (README, Benchmark:
     `weightformer_best_val_anchor`). Choose on data you will not report the student's accuracy on: the
     default mnist1d seed (1) differs from `weightformer evaluate`'s (0)."""
+    from .baselines import best_index
     from .evaluation import accuracy
 
     inputs, labels = evaluation_data(teachers, dataset, split, num_samples, seed, image_column, label_column)
     accuracies = [accuracy(logits, labels) for logits in model_logits(teachers, inputs, batch_size)]
-    index = max(range(len(teachers)), key=lambda i: (accuracies[i], -i))  # as `baselines.single_best_val`
+    index = best_index(accuracies)
     where = f"seed {seed}" if dataset.lower() == "mnist1d" else f"split {split}"
     return AnchorChoice(index, accuracies, f"{dataset}, {where}, {len(labels):,} samples", None, inputs, labels,
                         batch_size)  # fmt: skip

@@ -643,7 +643,8 @@ def evaluate_heldout(
             base_logits, _ = predict(make(members, anchor).to(device), test_loader, gather)
             scored = score_set(metric, base_logits, test_logits[members], test_labels)
             entry.update(
-                {f"{name}_accuracy": scored["student_accuracy"], f"{name}_gain_recovered": scored["gain_recovered"]}
+                {f"{name}_{k.removeprefix('student_')}": scored[k] for k in ("student_accuracy", "gain_recovered",
+                                                                              "student_nll")}
             )
         if finetune is not None:
             tuned_logits, _ = predict(finetune(student, members), test_loader, gather)
@@ -719,35 +720,6 @@ def tracker_metrics(results: dict) -> dict[str, float]:
 
 
 # ------------------------------------------------------------------------------ after generation
-def finetune_student(
-    student: nn.Module,
-    dataloader: Iterable[dict],
-    teacher_logits: torch.Tensor,
-    steps: int,
-    learning_rate: float = 3e-4,
-    alpha: float = 0.9,
-    temperature: float = 4.0,
-    device: torch.device | str = "cpu",
-) -> nn.Module:
-    """Distil the generated student itself on the ensemble for `steps` AdamW steps (the paper's "minor
-    fine-tuning"). `teacher_logits` `(K, N, C)` are the set's cached logits on the loader's rows."""
-    student = student.to(device).train()
-    optimizer = torch.optim.AdamW(student.parameters(), lr=learning_rate)
-    done = 0
-    while done < steps:
-        for batch in dataloader:
-            inputs = batch["inputs"].to(device)
-            targets = teacher_logits[:, batch["index"]].to(device)
-            loss = kd_loss(logits_of(student(inputs)), targets, batch["labels"].to(device), alpha, temperature)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            done += 1
-            if done == steps:
-                break
-    return student.eval()
-
-
 def recompute_bn_stats(
     student: nn.Module, batches: Iterable[dict | torch.Tensor], num_batches: int | None = None
 ) -> nn.Module:
