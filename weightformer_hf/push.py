@@ -69,34 +69,22 @@ def push_student_to_hub(
         private, revision, create_pr: passed to `create_repo` / `upload_folder`.
         token: Hub token (never printed or logged).
     """
+    def upload(folder: str | Path):
+        return upload_folder_once(folder, repo_id, private=private, revision=revision, create_pr=create_pr,
+                                  token=token, commit_message=commit_message)  # fmt: skip
+
     if isinstance(out_dir_or_student, nn.Module):
         from .export import save_student
 
         with tempfile.TemporaryDirectory() as tmp:
             save_student(out_dir_or_student, tmp, model_name=repo_id.split("/")[-1], **save_kwargs)
-            return upload_folder_once(
-                tmp,
-                repo_id,
-                private=private,
-                revision=revision,
-                create_pr=create_pr,
-                token=token,
-                commit_message=commit_message,
-            )
+            return upload(tmp)
     folder = Path(out_dir_or_student)
     if not (folder / "config.json").is_file():
         raise FileNotFoundError(
             f"{folder} is not a saved student folder (no config.json); run save_student first"
         )
-    return upload_folder_once(
-        folder,
-        repo_id,
-        private=private,
-        revision=revision,
-        create_pr=create_pr,
-        token=token,
-        commit_message=commit_message,
-    )
+    return upload(folder)
 
 
 # ------------------------------------------------------------------------------------ generator card
