@@ -385,3 +385,38 @@ def test_closed_form_merge_of_permuted_copies_recovers_the_teacher():
         merged = cfm.merge(copies, probe, mode, strength=0.0)
         for (w, b), (w0, b0) in zip(merged, anchor):
             assert torch.allclose(w, w0, atol=1e-8) and torch.allclose(b, b0, atol=1e-8), mode
+
+
+@pytest.mark.parametrize("anchor_first", [False, True])
+def test_fixed_set_episodes_draw_only_those_sets(monkeypatch, anchor_first):
+    import random
+
+    import generator_design
+
+    monkeypatch.setattr(training, "sample_episode", training.sample_episode)  # restored after the test
+    generator_design._episodes_from_fixed_sets([[10, 11, 12], [20, 21, 22]], anchor_first=anchor_first)
+    rng, anchors = random.Random(0), set()
+    for _ in range(50):
+        members, anchor = training.sample_episode(rng, 6, 2, 6)
+        assert sorted(members) in ([0, 1, 2], [3, 4, 5])  # positions in the pool of exactly those teachers
+        anchors.add(members[anchor] % 3)
+    assert anchors == ({0} if anchor_first else {0, 1, 2})  # the set's first member, or each in turn
+
+
+def test_weight_space_target_adds_its_weight_for_an_untrained_generator_and_nothing_at_the_target(monkeypatch):
+    import generator_design
+
+    teachers = wf.TeacherSet.from_models([make_model("mlp", seed) for seed in range(3)])
+    generator = wf.WeightFormerModel.for_teachers(teachers, hidden_size=16, intermediate_size=32)
+    x, labels = torch.randn(6, 40), torch.randint(0, 10, (6,))
+    logits = torch.stack([teachers.model(i)(x).logits for i in range(3)]).detach()
+    functional = training.kd_loss(teachers.model(0)(x).logits, logits, labels, 0.3, 4.0)  # untrained: the anchor
+    anchor = teachers.state_dicts[0]
+    change = {n: torch.randn_like(t) for n, t in anchor.items()}
+    monkeypatch.setattr(training, "episode_loss", training.episode_loss)  # restored after the test
+    generator_design._weight_space_target({0: change}, weight=0.5)
+    loss = training.episode_loss(generator, teachers, ([1, 0, 2], 1), x, labels, logits, 0.3, 4.0)
+    assert torch.allclose(loss, functional + 0.5)  # every tensor misses its whole change: 1 each, weighed 0.5
+    generator_design._weight_space_target({0: {n: torch.zeros_like(t) for n, t in anchor.items()}}, weight=0.5)
+    loss = training.episode_loss(generator, teachers, ([1, 0, 2], 1), x, labels, logits, 0.3, 4.0)
+    assert torch.allclose(loss, functional)  # the untrained student is the anchor: no change was the target

@@ -151,6 +151,39 @@ def main(argv=None):
         help="score an exponential moving average of the generator's weights with this decay (updated after "
         "every optimizer step, started at the initial weights) instead of the last weights; 0 = off",
     )
+    p.add_argument(
+        "--fit_sets",
+        type=int,
+        default=0,
+        metavar="N",
+        help="capacity diagnostic: train on the first N disjoint sets of --k training teachers only (episodes of "
+        "exactly those sets, every member as anchor) and score those same sets, next to KD from each anchor on the "
+        "same objective (1,000 and 3,000 steps at batch 256, and --gen_steps at the generator's batch and schedule "
+        "lr): can the generator write a set's student as well as KD when it never has to generalise?",
+    )
+    p.add_argument(
+        "--fixed_sets",
+        action="store_true",
+        help="train on fixed disjoint sets of --k training teachers, each anchored on its first member (episodes "
+        "draw one of them, the others in a random order); scored on the validation sets as usual: the control "
+        "for --kd_target_weight",
+    )
+    p.add_argument(
+        "--kd_target_weight",
+        type=float,
+        default=0.0,
+        help="with --fixed_sets: add this weight times a weight-space loss, each tensor's squared distance of the "
+        "generated change (student − anchor) from the change 1,000 KD steps make from that anchor on that set "
+        "(kd_anchor_1k's recipe), over the KD change's squared norm, averaged over tensors: a dense target for "
+        "what the generator should write; 0 = off",
+    )
+    p.add_argument(
+        "--kd_reference",
+        nargs="*",
+        choices=["kd_1k", "kd_3k", "kd_gen_schedule"],
+        default=["kd_1k", "kd_3k", "kd_gen_schedule"],
+        help="with --fit_sets: which KD references to run",
+    )
     p.add_argument("--save_generator", metavar="DIR", help="also save the trained generator here (save_pretrained)")
     p.add_argument("--tag", required=True)
     p.add_argument("--no_record", action="store_true")
@@ -167,6 +200,18 @@ def main(argv=None):
         run.meta_logits = methods.stacked_logits(teachers, data.meta_x)
     train_ids = list(range(plan.num_train - args.num_val_teachers))[: args.num_train_teachers]
     sets = validation_sets(plan, args.num_val_teachers, args.k)
+    if args.fit_sets:
+        sets = [train_ids[i * args.k : (i + 1) * args.k] for i in range(args.fit_sets)]
+        train_ids = [t for members in sets for t in members]
+        args.k_min = args.k_max = args.k
+        _episodes_from_fixed_sets(sets)
+    if args.fixed_sets:
+        fixed = [train_ids[i * args.k : (i + 1) * args.k] for i in range(len(train_ids) // args.k)]
+        train_ids = [t for members in fixed for t in members]
+        args.k_min = args.k_max = args.k
+        _episodes_from_fixed_sets(fixed, anchor_first=True)
+        if args.kd_target_weight:
+            _weight_space_target(_kd_changes(run, data, fixed, args), args.kd_target_weight)
     recipe = methods.GeneratorRecipe(
         max_train_steps=args.gen_steps,
         learning_rate=args.lr,
@@ -245,6 +290,7 @@ def main(argv=None):
             flush=True,
         )
 
+    kd_reference = _kd_on_fixed_sets(run, data, sets, args) if args.fit_sets else None
     generator, stats = methods.train(
         plan, teachers, train_ids, data, run.meta_logits, recipe, on_eval=(args.eval_every, evaluate)
     )
@@ -281,6 +327,10 @@ def main(argv=None):
         "ema": args.ema,
         "canonical_rounds": args.canonical_rounds if args.canonical == "mean" else 0,
         "meta_samples": args.meta_samples or len(data.meta_x),
+        "fit_sets": args.fit_sets,
+        "fixed_sets": args.fixed_sets,
+        "kd_target_weight": args.kd_target_weight,
+        "kd_reference": kd_reference,
         "config": recipe.config,
         "anchor_G": report.mean_ci(anchors),
         "best_val_G": report.mean_ci(best_val),
@@ -409,6 +459,121 @@ def _canonicalise(teachers, reference_ids: list[int], mode: str, rounds: int) ->
         teachers.state_dicts[i] = {n: t.to(dtype[n]) for n, t in matched(reference, i).items()}
     teachers.alignment_cache.clear()
     print(f"canonical unit order ({mode}): {len(teachers.state_dicts)} teachers in {time.perf_counter() - t0:.0f} s")
+
+
+def _episodes_from_fixed_sets(sets: list[list[int]], anchor_first: bool = False) -> None:
+    """Every training episode is one of `sets` (as positions in the training pool, which holds exactly their
+    teachers), in a random order, with a random member as anchor (`anchor_first`: the set's first member)."""
+    from weightformer_hf import training
+
+    positions = [[i * len(sets[0]) + j for j in range(len(members))] for i, members in enumerate(sets)]
+
+    def sample_episode(rng, pool_size, k_min, k_max):
+        chosen = list(positions[rng.randrange(len(positions))])
+        rng.shuffle(chosen)
+        return chosen, chosen.index(min(chosen)) if anchor_first else rng.randrange(len(chosen))
+
+    training.sample_episode = sample_episode
+
+
+def _kd_changes(run, data, sets: list[list[int]], args) -> dict[int, dict[str, torch.Tensor]]:
+    """For each set (keyed by its first member's position in the training pool), the change of every float
+    tensor that `kd_anchor_1k`'s 1,000 KD steps make from that first member, cached on disk by the sets."""
+    import copy
+    import hashlib
+
+    from safetensors.torch import load_file, save_file
+
+    from weightformer_hf import baselines
+
+    key = hashlib.sha256(json.dumps([sets, args.alpha, args.temperature, args.seed]).encode()).hexdigest()[:12]
+    from weightformer_hf.cache_dirs import cache_root
+
+    path = cache_root() / "experiments" / f"kd_changes_{args.pool}_{key}.safetensors"
+    if path.exists():
+        changes = {}
+        for key, tensor in load_file(path).items():  # "position/tensor name"
+            position, name = key.split("/", 1)
+            changes.setdefault(int(position), {})[name] = tensor
+        return changes
+    changes, start = {}, time.perf_counter()
+    for i, members in enumerate(sets):
+        anchor = run.teachers.model(members[0])
+        before = {n: t.detach().clone() for n, t in anchor.state_dict().items() if t.is_floating_point()}
+        model = baselines.kd_anchor(copy.deepcopy(anchor), data.meta_x, data.meta_y, run.meta_logits[members],
+                                    steps=1000, temperature=args.temperature, alpha=args.alpha,
+                                    seed=args.seed)  # fmt: skip
+        changes[i * len(members)] = {n: model.state_dict()[n] - before[n] for n in before}
+        if i % 10 == 0:
+            print(f"KD changes: {i + 1}/{len(sets)} sets ({time.perf_counter() - start:.0f}s)", flush=True)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({f"{i}/{n}": t.contiguous() for i, state in changes.items() for n, t in state.items()}, path)
+    return changes
+
+
+def _weight_space_target(changes: dict[int, dict[str, torch.Tensor]], weight: float) -> None:
+    """Wrap `training.episode_loss`: the functional loss plus `weight` × the mean over tensors of
+    ‖generated change − KD change‖² / ‖KD change‖², for episodes anchored on a set's first member."""
+    from weightformer_hf.modeling import run_student
+
+    from weightformer_hf import training
+
+    def episode_loss(generator, pool, episode, inputs, labels, teacher_logits, alpha, temperature):
+        members, anchor = episode
+        subset = pool.subset(members)
+        out = generator(subset, anchor=anchor)
+        logits = run_student(subset, out.student_state, inputs)
+        loss = training.kd_loss(logits, teacher_logits.to(logits.device), labels, alpha, temperature)
+        target, anchor_state = changes[members[anchor]], pool.state_dicts[members[anchor]]
+        terms = [
+            ((out.student_state[n] - anchor_state[n].float()) - t).pow(2).sum() / t.pow(2).sum().clamp_min(1e-12)
+            for n, t in target.items()
+        ]
+        return loss + weight * torch.stack(terms).mean()
+
+    training.episode_loss = episode_loss
+
+
+def _kd_on_fixed_sets(run, data, sets: list[list[int]], args) -> dict:
+    """G of KD from each set's first member on the generator's objective: 1,000 and 3,000 AdamW steps at batch
+    256 (`kd_anchor_1k`'s recipe), and --gen_steps steps at the generator's batch with a warm-up + cosine lr
+    peaking at --lr (the free parameterisation the generator stands in for)."""
+    import copy
+
+    from weightformer_hf import baselines, training
+
+    out = {}
+    for name, steps, batch in (("kd_1k", 1000, 256), ("kd_3k", 3000, 256), ("kd_gen_schedule", args.gen_steps,
+                                                                          args.batch_size)):  # fmt: skip
+        if name not in args.kd_reference:
+            continue
+        gains = []
+        for i, members in enumerate(sets):
+            model = copy.deepcopy(run.teachers.model(members[0]))
+            if name == "kd_gen_schedule":
+                optimizer, scheduler = training.optimizer_and_scheduler(
+                    model, args.lr, 0.01, "cosine", max(1, steps // 20), steps
+                )
+                targets = training.ensemble_targets(run.meta_logits[members], args.temperature)
+                generator = torch.Generator().manual_seed(args.seed)
+                model.train()
+                for _ in range(steps):
+                    index = torch.randint(len(data.meta_x), (batch,), generator=generator)
+                    loss = training.distillation_loss(model(data.meta_x[index]).logits, targets[index],
+                                                      data.meta_y[index], args.alpha, args.temperature)  # fmt: skip
+                    optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    optimizer.step()
+                    scheduler.step()
+                model.eval()
+            else:
+                baselines.kd_anchor(model, data.meta_x, data.meta_y, run.meta_logits[members], steps=steps,
+                                    batch_size=batch, temperature=args.temperature, alpha=args.alpha,
+                                    seed=args.seed)  # fmt: skip
+            gains.append(run.row(args.k, i, name, run.test_probs_of(model), members, 0.0)["gain_recovered"])
+        out[name] = {"G": report.mean_ci(gains), "per_set": gains}
+        print(f"{name}: G {out[name]['G'][0]:.3f} per set {[round(g, 3) for g in gains]}", flush=True)
+    return out
 
 
 def _episodes_anchor_on_best_val(accuracy: list[float]) -> None:
