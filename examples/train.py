@@ -379,8 +379,8 @@ def main(args):
     def finetune(student, members):  # --finetune_steps: the KD of `weightformer generate --finetune-steps`
         return distil(student, members, args.finetune_steps, args.finetune_learning_rate)
 
-    def kd_anchor_baseline(members, anchor):  # what a user would do instead: the same KD from the anchor
-        return distil(teachers.model(members[anchor]), members, args.kd_baseline_steps, 3e-4)  # the benchmark's
+    def kd_anchor_baseline(members, anchor):  # what a user would do instead: the same KD from the anchor, at
+        return distil(teachers.model(members[anchor]), members, args.kd_baseline_steps, 3e-4)  # kd_anchor_1k's lr
 
     def best_val_anchor_student(members, anchor):  # what `weightformer generate --anchor best` keeps
         correct = (logits["meta"][members].argmax(-1) == meta_tensors()[1]).float().mean(1)  # no teacher trained on it
