@@ -420,3 +420,41 @@ def test_weight_space_target_adds_its_weight_for_an_untrained_generator_and_noth
     generator_design._weight_space_target({0: {n: torch.zeros_like(t) for n, t in anchor.items()}}, weight=0.5)
     loss = training.episode_loss(generator, teachers, ([1, 0, 2], 1), x, labels, logits, 0.3, 4.0)
     assert torch.allclose(loss, functional)  # the untrained student is the anchor: no change was the target
+
+
+def test_permuted_episodes_keep_the_anchors_function_and_align_the_others_to_it_without_new_matching(monkeypatch):
+    import generator_design
+
+    from weightformer_hf import alignment
+    from weightformer_hf.alignment import permute_tensor
+
+    base = wf.TeacherSet.from_models([make_model("mlp", 0)])
+    spec = base.family.permutation_spec(base.template)
+    g = torch.Generator().manual_seed(1)
+    planted = {group: torch.randperm(16, generator=g) for group in ("P_net.0", "P_net.2")}
+    shuffled = make_model("mlp", 0)
+    shuffled.load_state_dict({n: permute_tensor(n, v, spec, planted) for n, v in base.state_dicts[0].items()})
+    teachers = wf.TeacherSet.from_models([make_model("mlp", 0), shuffled, make_model("mlp", 1)])
+    generator = wf.WeightFormerModel.for_teachers(teachers, hidden_size=16, intermediate_size=32)
+    x, labels = torch.randn(6, 40), torch.randint(0, 10, (6,))
+    logits = torch.stack([teachers.model(i)(x).logits for i in range(3)]).detach()
+    plain = training.episode_loss(generator, teachers, ([1, 0, 2], 1), x, labels, logits, 0.3, 4.0)
+    seen = []
+    monkeypatch.setattr(training, "episode_loss", lambda gen, pool, episode, *rest: seen.append(pool) or plain)
+    generator_design._augment_episodes_by_permuting(teachers, seed=0)
+    monkeypatch.setattr(alignment, "weight_matching", lambda *a, **k: pytest.fail("weight matching ran again"))
+    training.episode_loss(generator, teachers, ([1, 0, 2], 1), x, labels, logits, 0.3, 4.0)
+    subset = seen[0]
+    anchor = subset.state_dicts[1]
+    assert not torch.equal(anchor["net.0.weight"], teachers.state_dicts[0]["net.0.weight"])  # reordered
+    assert torch.allclose(run_student(subset, anchor, x), teachers.model(0)(x).logits, atol=1e-5)  # same function
+    (key, perms), *_ = [(k, v) for k, v in subset.alignment_cache.items() if k[1] == subset.infos[0].identity]
+    assert key[0] == subset.infos[1].identity != teachers.infos[0].identity
+    aligned = {n: permute_tensor(n, v, spec, perms) for n, v in subset.state_dicts[0].items()}
+    assert all(torch.equal(aligned[n], anchor[n]) for n in anchor)  # the planted copy lands on the reordered anchor
+    monkeypatch.undo()
+    monkeypatch.setattr(training, "episode_loss", training.episode_loss)  # restored after the test
+    generator_design._augment_episodes_by_permuting(teachers, seed=0)  # the wrapper, now around the real loss
+    monkeypatch.setattr(alignment, "weight_matching", lambda *a, **k: pytest.fail("weight matching ran again"))
+    augmented = training.episode_loss(generator, teachers, ([1, 0, 2], 1), x, labels, logits, 0.3, 4.0)
+    assert torch.allclose(augmented, plain, atol=1e-6)  # an untrained generator returns the (reordered) anchor

@@ -56,6 +56,13 @@ def main(argv=None):
         "teacher (incoming row ×a, outgoing column ×1/a, log a ~ U[-s, s]); 0 = off",
     )
     p.add_argument(
+        "--permute",
+        action="store_true",
+        help="function-preserving augmentation: every episode puts its anchor's hidden units in a fresh random "
+        "order, and the others, aligned to it, follow (their alignments composed with it, no new weight "
+        "matching): the same episode, in a column order the generator has not seen",
+    )
+    p.add_argument(
         "--meta_samples",
         type=int,
         default=0,
@@ -226,6 +233,8 @@ def main(argv=None):
         _canonicalise(teachers, train_ids, args.canonical, args.canonical_rounds)
     if args.rescale:
         _augment_episodes_by_rescaling(teachers, args.rescale, args.seed)
+    if args.permute:
+        _augment_episodes_by_permuting(teachers, args.seed)
     if args.augment:
         from weightformer_hf import training
 
@@ -311,6 +320,7 @@ def main(argv=None):
         "alpha": args.alpha,
         "temperature": args.temperature,
         "rescale": args.rescale,
+        "permute": args.permute,
         "augment": args.augment,
         "coupled": args.coupled,
         "bilinear_rank": args.bilinear_rank,
@@ -374,6 +384,46 @@ def _augment_episodes_by_rescaling(teachers, scale: float, seed: int) -> None:
         members, anchor = episode
         subset = pool.subset(members)
         subset.state_dicts = [rescaled(sd) for sd in subset.state_dicts]
+        return original(generator, subset, (list(range(len(members))), anchor), *rest, **kwargs)
+
+    training.episode_loss = episode_loss
+
+
+def _augment_episodes_by_permuting(teachers, seed: int) -> None:
+    """Wrap `training.episode_loss` so every episode's anchor has its hidden units in a fresh random order P
+    (every permuted group), which keeps its function. Each other member's alignment to it is its alignment
+    to the original anchor composed with P (`permute_tensor` gathers, so `π[P]`), put in the episode's own
+    alignment cache: no weight matching runs, and the episode is the original one in another column order."""
+    import dataclasses
+    import itertools
+
+    from weightformer_hf import training
+    from weightformer_hf.alignment import permute_tensor
+
+    spec = teachers.family.permutation_spec(teachers.template)
+    rng = torch.Generator().manual_seed(seed + 54321)
+    original, episodes = training.episode_loss, itertools.count()
+
+    def episode_loss(generator, pool, episode, *rest, **kwargs):
+        members, anchor = episode
+        subset = pool.subset(members)
+        module = getattr(generator, "module", generator)
+        aligned = module._alignments(subset, anchor)  # to the original anchor: cached after the first episode
+        state = subset.state_dicts[anchor]
+        order = {g: torch.randperm(len(p), generator=rng) for g, p in next(a for a in aligned if a).items()}
+        subset.state_dicts = list(subset.state_dicts)
+        subset.state_dicts[anchor] = {n: permute_tensor(n, t, spec, order) for n, t in state.items()}
+        info = subset.infos[anchor]
+        subset.infos = list(subset.infos)
+        subset.infos[anchor] = dataclasses.replace(
+            info, repo_id=None, revision=None, content_hash=f"{info.identity}#permuted-{next(episodes)}", extra={}
+        )
+        subset.alignment_cache = {}
+        key = (subset.infos[anchor].identity, module.config.align_max_iter, 0, 1e-3)  # align_to_anchor's defaults
+        for k in range(len(members)):
+            if k != anchor:
+                composed = {g: p[order[g]] for g, p in aligned[k].items()}
+                subset.alignment_cache[(key[0], subset.infos[k].identity, *key[1:])] = composed
         return original(generator, subset, (list(range(len(members))), anchor), *rest, **kwargs)
 
     training.episode_loss = episode_loss
