@@ -458,3 +458,18 @@ def test_permuted_episodes_keep_the_anchors_function_and_align_the_others_to_it_
     monkeypatch.setattr(alignment, "weight_matching", lambda *a, **k: pytest.fail("weight matching ran again"))
     augmented = training.episode_loss(generator, teachers, ([1, 0, 2], 1), x, labels, logits, 0.3, 4.0)
     assert torch.allclose(augmented, plain, atol=1e-6)  # an untrained generator returns the (reordered) anchor
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--fit_sets", "2", "--fixed_sets"], "pass one"),
+        (["--kd_target_weight", "1"], "needs --fixed_sets"),
+    ],
+)
+def test_episode_flags_that_do_not_combine_are_refused_before_loading_anything(monkeypatch, flags, message):
+    import generator_design
+
+    monkeypatch.setattr(generator_design.plans, "full_plans", lambda: pytest.fail("the pool was loaded"))
+    with pytest.raises(SystemExit, match=message):
+        generator_design.main([*flags, "--tag", "x", "--no_record"])

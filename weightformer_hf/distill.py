@@ -84,16 +84,14 @@ def load_finetune_data(
     generated with `seed`, by default neither evaluate's seed 0 nor the anchor choice's 1), with every
     teacher's logits on it. A teacher whose logits are not finite is named: there is no ensemble to distil."""
     from .evaluation import check_finite_logits
-    from .scoring import evaluation_data, model_logits
+    from .scoring import describe_data, evaluation_data, model_logits
 
     start = time.perf_counter()
     inputs, labels = evaluation_data(teachers, dataset, split, num_samples, seed, image_column, label_column)
     logits = model_logits(teachers, inputs, batch_size)
     for info, one in zip(teachers.infos, logits):
         check_finite_logits(one, info.name)
-    teacher_logits = torch.stack(logits)
-    where = f"seed {seed}" if dataset.lower() == "mnist1d" else f"split {split}"
-    return FinetuneData(inputs, labels, teacher_logits, f"{dataset}, {where}, {len(labels):,} samples",
+    return FinetuneData(inputs, labels, torch.stack(logits), describe_data(dataset, split, seed, len(labels)),
                         time.perf_counter() - start)  # fmt: skip
 
 

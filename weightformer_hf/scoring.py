@@ -113,10 +113,8 @@ def choose_anchor(
 
     inputs, labels = evaluation_data(teachers, dataset, split, num_samples, seed, image_column, label_column)
     accuracies = [accuracy(logits, labels) for logits in model_logits(teachers, inputs, batch_size)]
-    index = best_index(accuracies)
-    where = f"seed {seed}" if dataset.lower() == "mnist1d" else f"split {split}"
-    return AnchorChoice(index, accuracies, f"{dataset}, {where}, {len(labels):,} samples", None, inputs, labels,
-                        batch_size)  # fmt: skip
+    return AnchorChoice(best_index(accuracies), accuracies, describe_data(dataset, split, seed, len(labels)), None,
+                        inputs, labels, batch_size)  # fmt: skip
 
 
 def model_logits(models: TeacherSet, inputs: torch.Tensor, batch_size: int = 256) -> list[torch.Tensor]:
@@ -135,6 +133,12 @@ def score(models: TeacherSet, inputs: torch.Tensor, labels: torch.Tensor, batch_
     if len(all_logits) > 1:
         results["ensemble"] = classification_metrics(ensemble_probs(all_logits), labels)
     return results
+
+
+def describe_data(dataset: str, split: str, seed: int, num_rows: int) -> str:
+    """What `evaluation_data` read, in words for cards and reports: "mnist1d, seed 2, 10,000 samples"."""
+    where = f"seed {seed}" if dataset.lower() == "mnist1d" else f"split {split}"
+    return f"{dataset}, {where}, {num_rows:,} samples"
 
 
 def evaluation_data(
@@ -215,7 +219,8 @@ def _image_dataset(models, dataset, split, num_samples, image_column, label_colu
         inputs = LazyImages(ds, image_column, preprocess, tuple(first.shape), first.dtype)
     else:
         inputs = first.new_empty((len(ds), *first.shape))  # filled in place: no list of tensors beside it
-        for i, image in enumerate(ds[image_column]):
+        inputs[0] = first
+        for i, image in enumerate(ds[image_column][1:], start=1):
             inputs[i] = preprocess(image)
     labels = torch.as_tensor(_label_ids(ds, label_column, models.label_names), dtype=torch.long)
     return inputs, labels

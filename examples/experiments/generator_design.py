@@ -195,6 +195,10 @@ def main(argv=None):
     p.add_argument("--tag", required=True)
     p.add_argument("--no_record", action="store_true")
     args = p.parse_args(argv)
+    if args.fit_sets and args.fixed_sets:  # before the pool is loaded
+        raise SystemExit("--fit_sets and --fixed_sets choose the training episodes two ways; pass one")
+    if args.kd_target_weight and not args.fixed_sets:
+        raise SystemExit("--kd_target_weight needs --fixed_sets: the KD changes are computed for those sets only")
     torch.set_num_threads(1)
     t0 = time.perf_counter()
     plan = next(x for x in plans.full_plans() if x.name == args.pool)
