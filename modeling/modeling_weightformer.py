@@ -451,7 +451,8 @@ class WeightFormerModel(WeightFormerPreTrainedModel):
             release_free_memory()
         if inputs.streamed:  # chunk by chunk: the blocks' buffers (memory's norm, keys, values) are one chunk's
             queries = torch.cat([self._run_blocks(queries[c : c + 1], memory[c : c + 1]) for c in range(n_chunks)])
-        else:  # (chunks are independent problems: either way gives the same bits)
+        else:  # (chunks are independent problems: either way gives the same bits at one
+            # intra-op thread; with more, the last bits may differ)
             queries = self._run_blocks(queries, memory)
         del memory
         if inputs.streamed:  # and the blocks' before the decoded layer is taken
@@ -461,7 +462,7 @@ class WeightFormerModel(WeightFormerPreTrainedModel):
             cross, queries = queries[:, 0].mean(0), queries[:, 1:]
         if inputs.streamed and n_chunks > 1:  # decoded chunk by chunk into place: no second layer-sized buffer
             decrements = queries.new_empty((channels, n_chunks, chunk))
-            for c in range(n_chunks):  # (a chunk's GEMM gives the bits of the batched one)
+            for c in range(n_chunks):  # (a chunk's GEMM gives the bits of the batched one at one thread)
                 decrements[:, c] = self.decoders[index](queries[c])
         else:
             decrements = self.decoders[index](queries).transpose(0, 1)  # (C, n, chunk), normalised units
