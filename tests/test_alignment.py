@@ -306,3 +306,23 @@ def test_pending_assignments_are_bounded_by_the_threads(monkeypatch):
     assert len(_CountingPool.groups) >= 6  # the 6 blocks' MLP groups, in one run
     assert max(_CountingPool.pending_at_submit) == 1  # never a third cost beside two pending assignments
     assert all(torch.equal(serial[g], slow[g]) for g in serial)
+
+
+@pytest.mark.parametrize("keep_wide_min", [64, 2048])
+def test_wide_square_contributions_are_updated_not_rebuilt(monkeypatch, keep_wide_min):
+    """A group at least `KEEP_WIDE_MIN` wide keeps the contributions whose inner dimension is at least its width
+    (VGG's 4,096 × 4,096 fc2) and updates them for the channels whose permutation changed: the permutations of
+    the original algorithm all the same. (Lowered to 64, the threshold reaches this MLP's square hidden layers.)"""
+    monkeypatch.setattr(alignment, "KEEP_WIDE_MIN", keep_wide_min)
+    a, b = (make_model("mlp", seed, hidden_sizes=(64, 64, 64)) for seed in (0, 1))
+    spec, _ = _spec_and_sizes(a)
+    sa, sb = a.state_dict(), b.state_dict()
+    stats = {}
+    found = weight_matching(spec, sa, sb, max_iter=10, tol=0, stats=stats)
+    if keep_wide_min == 64:
+        assert len(stats["kept_contributions"]) == 4 and stats["kept_updates"] > 0
+    else:
+        assert stats["kept_contributions"] == [] and stats["kept_updates"] == 0
+    expected = reference_weight_matching(spec, sa, sb, max_iter=10)
+    for group in expected:
+        assert torch.equal(found[group], expected[group]), group

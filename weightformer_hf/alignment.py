@@ -35,8 +35,13 @@ from .allocator import release_free_memory
 from .families import PermutationSpec
 from .weight_files import is_lazy
 
-# Bump when a change could alter the permutations found: the disk cache key includes it.
-ALGORITHM_VERSION = 3
+# Bump when a change could alter the permutations found: the disk cache key includes it. (4: wide square
+# contributions are kept and updated too, which changes the last bits of their costs.)
+ALGORITHM_VERSION = 4
+# Contributions to the cost of a group at least this wide whose inner dimension is at least its width (VGG's
+# 4,096 × 4,096 fc2: a 4,096³ GEMM per solve, 0.8 s on 2 cores) are kept and updated like the long ones: their
+# n × n value is no larger than their operands. Narrower square ones (ResNet's 1x1 convs) are cheap to rebuild.
+KEEP_WIDE_MIN = 2048
 # Teacher pairs with fewer elements than this are matched in milliseconds: not worth a disk cache file.
 DISK_CACHE_MIN_NUMEL = 1_000_000
 # Groups at least this wide (n * n entries) return freed heap memory before their assignment (see allocator).
@@ -161,7 +166,8 @@ def weight_matching(
     assignment or two rounds in a row raise the matching objective (the sum over groups of the assigned
     costs) by less than the fraction `tol` each. With `tol > 0` rounds sweep the groups in forward order,
     then backward; `tol=0` is `ALGORITHM_VERSION` 1 exactly (seeded random order, stop only when nothing
-    improves). `stats`, if given, receives the number of rounds, solves and linear assignments.
+    improves). `stats`, if given, receives the number of rounds, solves and linear assignments, and which
+    contributions were kept and updated.
 
     Consecutive groups of a round that share no tensor (a ViT's MLP hidden groups) can have their linear
     assignments solved in `workers` threads at once (default `alignment_workers()`) while the next group's
@@ -251,13 +257,15 @@ def _weight_matching(spec, anchor, other, max_iter, seed, tol, stats, workers) -
     del factors
     perms = {g: torch.arange(sizes[g]) for g in names}
 
-    # Contributions whose GEMM is long (inner dimension >= 4 n: VGG's fc1, 3x3 convs) are kept and updated
-    # for the channels whose permutation changed, which costs |changed| / n of a recomputation.
+    # Contributions whose GEMM is long (inner dimension >= 4 n: VGG's fc1, 3x3 convs) or wide and square (see
+    # KEEP_WIDE_MIN) are kept and updated for the channels whose permutation changed, which costs
+    # |changed| / n of a recomputation.
     kept: dict[tuple[str, int], tuple[torch.Tensor, torch.Tensor]] = {}  # (tensor, position) -> (value, perm)
     reread = 0  # bytes of tensors re-read from lazy teachers (and laid out) since freed memory last went back
+    updates = 0  # kept contributions updated for some changed channels instead of rebuilt
 
     def contribution(pair: _Pair, position: int, n: int) -> torch.Tensor:
-        nonlocal reread
+        nonlocal reread, updates
         g_i, g_j = (pair.groups[a] for a in pair.axes)
         perm = perms[g_j] if position == 0 else perms[g_i]
         key = (pair.name, position)
@@ -278,12 +286,13 @@ def _weight_matching(spec, anchor, other, max_iter, seed, tol, stats, workers) -
             else:
                 value.addmm_(wa.index_select(0, changed).reshape(-1, n).T, new_rows.reshape(-1, n))
             kept[key] = (value, perm.clone())
+            updates += 1
             return value
         if position == 0:
             value = wa.reshape(n, -1) @ wo.index_select(0, perm).reshape(-1, n)
         else:
             value = wa.reshape(-1, n).T @ wo.index_select(0, perm).reshape(-1, n)
-        if inner >= 4 * n:
+        if inner >= 4 * n or (n >= KEEP_WIDE_MIN and inner >= n):
             kept[key] = (value, perm.clone())
         return value
 
@@ -406,6 +415,8 @@ def _weight_matching(spec, anchor, other, max_iter, seed, tol, stats, workers) -
             solves=sum(r["solves"] for r in rounds),
             linear_assignments=sum(r["solves"] - r["argmax_shortcuts"] for r in rounds),
             history=rounds,
+            kept_contributions=sorted(kept),  # (tensor, position): kept, to be updated rather than rebuilt
+            kept_updates=updates,
         )
     return perms
 
