@@ -1,19 +1,20 @@
 """Seconds and peak memory of generating one student from large random timm teachers, alignment included.
 
     OMP_NUM_THREADS=2 python examples/large_generation.py [--cases resnet50 vgg11_bn vit_b32] [--out results]
+        [--teachers random|fine_tuned]
 
-For each case the teachers (random weights, 1000 classes) are saved with `timm.models.save_for_hf` in a
-temporary folder; then fresh child processes run `load_teachers` + `WeightFormerModel.for_teachers` +
-`generate_student` (teachers weight-matched to the anchor, `align_teachers=True`), first with an empty
-alignment cache ("cold"), then again with the cache the first run wrote ("warm"). Peak RSS is Linux
-`VmHWM` of the child, counted from the end of its imports (timm's included: `load_teachers` would
-otherwise import it inside the measured span), against the budget one teacher + K × the
-largest layer + the generator's parameters. File-backed pages that first came in during the span are
-reported apart (`RssFile` at its end minus at its start): they are the code of torch kernels the child had
-not run before (about 20 MiB), not data. They come in early, with the first layers, and stay, so the peak
-without them (peak increment minus their growth) is close to the peak of anonymous memory when the peak is
-late, as it is here. Writes `results/large_generation.json` and prints a table.
-"""
+For each case the teachers (random weights, 1000 classes; with `--teachers fine_tuned` one random base and K -
+1 noisy copies of it, channels in the base's order as fine-tunes of one checkpoint have) are saved with
+`timm.models.save_for_hf` in a temporary folder; then fresh child processes run `load_teachers` +
+`WeightFormerModel.for_teachers` + `generate_student` (teachers weight-matched to the anchor,
+`align_teachers=True`), first with an empty alignment cache ("cold"), then again with the cache the first run
+wrote ("warm"). Peak RSS is Linux `VmHWM` of the child, counted from the end of its imports (timm's included:
+`load_teachers` would otherwise import it inside the measured span), against the budget one teacher + K × the
+largest layer + the generator's parameters. File-backed pages that first came in during the span are reported
+apart (`RssFile` at its end minus at its start): they are the code of torch kernels the child had not run
+before (about 20 MiB), not data. They come in early, with the first layers, and stay, so the peak without them
+(peak increment minus their growth) is close to the peak of anonymous memory when the peak is late, as it is
+here. Writes `results/large_generation.json` (`large_generation_fine_tuned.json`) and prints a table. """
 
 from __future__ import annotations
 
@@ -27,6 +28,8 @@ import tempfile
 import time
 from pathlib import Path
 
+# Noise of a fine-tune-like teacher, in units of each tensor's std (docstring of `fine_tune_like`).
+FINE_TUNE_NOISE = 0.05
 CASES = {  # name: (timm architecture, K, key in the JSON)
     "resnet50": ("resnet50", 8, "resnet50_k8"),
     "vgg11_bn": ("vgg11_bn", 4, "vgg11_k4"),
@@ -41,6 +44,15 @@ def _status_bytes(key: str) -> int:
         if line.startswith(key + ":"):
             return int(line.split()[1]) * 1024
     return 0
+
+
+def cpu_model() -> str:
+    """The CPU's model name from `/proc/cpuinfo` (empty where there is none)."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return ""
+    return next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), "")
 
 
 def child(paths: list[str]) -> None:
@@ -76,7 +88,28 @@ def child(paths: list[str]) -> None:
     }))  # fmt: skip
 
 
-def run_case(name: str, folder: Path, cache: Path, timeout: float) -> dict:
+def fine_tune_like(base: dict, seed: int, scale: float = FINE_TUNE_NOISE) -> dict:
+    """`base` with every floating tensor moved by Gaussian noise of `scale` × its own std (BatchNorm variances
+    multiplied by exp of that noise, so they stay positive): a stand-in for a fine-tune of one base, whose
+    channels keep the base's order."""
+    import torch
+
+    generator = torch.Generator().manual_seed(seed)
+    out = {}
+    for key, value in base.items():
+        if not value.is_floating_point():
+            out[key] = value.clone()
+            continue
+        noise = torch.randn(value.shape, generator=generator) * scale
+        if key.endswith("running_var"):
+            out[key] = value * noise.exp()
+        else:
+            spread = value.std() if value.numel() > 1 else value.abs().mean()
+            out[key] = value + noise * (spread if spread > 0 else 1.0)
+    return out
+
+
+def run_case(name: str, folder: Path, cache: Path, timeout: float, teachers: str = "random") -> dict:
     import timm
     import torch
     from torch import nn
@@ -84,8 +117,12 @@ def run_case(name: str, folder: Path, cache: Path, timeout: float) -> dict:
     arch, k, _ = CASES[name]
     paths = []
     for i in range(k):
-        torch.manual_seed(1000 + i)
-        model = timm.create_model(arch, pretrained=False, num_classes=1000)
+        if teachers == "random" or i == 0:
+            torch.manual_seed(1000 + i)
+            model = timm.create_model(arch, pretrained=False, num_classes=1000)
+            base = {key: value.clone() for key, value in model.state_dict().items()}
+        else:
+            model.load_state_dict(fine_tune_like(base, seed=1000 + i))
         path = folder / f"{name}-{i}"
         timm.models.save_for_hf(model, str(path), safe_serialization=True)
         paths.append(str(path))
@@ -137,6 +174,11 @@ def main() -> None:
     parser.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES))
     parser.add_argument("--out", default="results")
     parser.add_argument("--timeout", type=float, default=1800)
+    parser.add_argument(
+        "--teachers", choices=["random", "fine_tuned"], default="random",
+        help="random: independent random inits (no true channel correspondence: weight matching's worst case); "
+        "fine_tuned: one random base and K - 1 copies moved by noise (fine_tune_like), written apart",
+    )  # fmt: skip
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -147,7 +189,9 @@ def main() -> None:
     results: dict = {}
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.cases:
-            results[CASES[name][2]] = run_case(name, Path(tmp) / "teachers", Path(tmp) / "cache", args.timeout)
+            results[CASES[name][2]] = run_case(
+                name, Path(tmp) / "teachers", Path(tmp) / "cache", args.timeout, args.teachers
+            )
             print(name, json.dumps(results[CASES[name][2]]), flush=True)
     summary = {f"{key}_seconds": r["cold"]["seconds"] for key, r in results.items()}
     summary.update({f"{key}_seconds_warm": r["warm"]["seconds"] for key, r in results.items()})
@@ -160,6 +204,7 @@ def main() -> None:
     summary["details"] = results
     summary["machine"] = {
         "cpu": platform.processor() or platform.machine(),
+        "cpu_model": cpu_model(),
         "cpu_count": os.cpu_count(),
         "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"),
         "torch_threads": torch.get_num_threads(),
@@ -169,7 +214,11 @@ def main() -> None:
     }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "large_generation.json").write_text(json.dumps(summary, indent=2) + "\n")
+    summary["teachers"] = args.teachers
+    if args.teachers == "fine_tuned":
+        summary["fine_tune_noise"] = FINE_TUNE_NOISE
+    suffix = "" if args.teachers == "random" else f"_{args.teachers}"
+    (out / f"large_generation{suffix}.json").write_text(json.dumps(summary, indent=2) + "\n")
     print("| case | K | cold s | warm s | peak RSS increment MiB | budget MiB | over budget | file-backed MiB "
           "| over budget without them |")  # fmt: skip
     print("|---|---|---|---|---|---|---|---|---|")
