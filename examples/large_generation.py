@@ -1,10 +1,10 @@
-"""Seconds and peak memory of generating one student from large random timm teachers, alignment included.
+"""Seconds and peak memory of generating one student from large timm teachers, alignment included.
 
     OMP_NUM_THREADS=2 python examples/large_generation.py [--cases resnet50 vgg11_bn vit_b32] [--out results]
         [--teachers random|fine_tuned]
 
-For each case the teachers (random weights, 1000 classes; with `--teachers fine_tuned` one random base and K -
-1 noisy copies of it, channels in the base's order as fine-tunes of one checkpoint have) are saved with
+For each case the teachers (random weights, 1000 classes; with `--teachers fine_tuned` one random base and
+K - 1 noisy copies of it, channels in the base's order as fine-tunes of one checkpoint have) are saved with
 `timm.models.save_for_hf` in a temporary folder; then fresh child processes run `load_teachers` +
 `WeightFormerModel.for_teachers` + `generate_student` (teachers weight-matched to the anchor,
 `align_teachers=True`), first with an empty alignment cache ("cold"), then again with the cache the first run
@@ -14,7 +14,8 @@ largest layer + the generator's parameters. File-backed pages that first came in
 apart (`RssFile` at its end minus at its start): they are the code of torch kernels the child had not run
 before (about 20 MiB), not data. They come in early, with the first layers, and stay, so the peak without them
 (peak increment minus their growth) is close to the peak of anonymous memory when the peak is late, as it is
-here. Writes `results/large_generation.json` (`large_generation_fine_tuned.json`) and prints a table. """
+here. Writes `results/large_generation.json` (`large_generation_fine_tuned.json`) and prints a table.
+"""
 
 from __future__ import annotations
 
