@@ -121,7 +121,8 @@ def run_case(name: str, folder: Path, cache: Path, timeout: float, teachers: str
         if teachers == "random" or i == 0:
             torch.manual_seed(1000 + i)
             model = timm.create_model(arch, pretrained=False, num_classes=1000)
-            base = {key: value.clone() for key, value in model.state_dict().items()}
+            if teachers == "fine_tuned":  # the base the other teachers are moved from (a copy: `model` is reused)
+                base = {key: value.clone() for key, value in model.state_dict().items()}
         else:
             model.load_state_dict(fine_tune_like(base, seed=1000 + i))
         path = folder / f"{name}-{i}"
