@@ -28,6 +28,10 @@ class WeightFormerConfig(PreTrainedConfig):
         use_cross_token (`bool`, defaults to `True`): carry a `[cross]` state from layer to layer.
         pool_aligned (`bool`, defaults to `True`): add the mean of the other teachers' aligned tokens of
             the same channel to each anchor query.
+        cross_attention (`str`, defaults to `"all"`): what each anchor channel's query attends to in the
+            cross-attention: `"all"`, every teacher's every channel of the layer (K × C keys); `"aligned"`,
+            only its own aligned channel in each teacher (K keys; the `[cross]` token still sees all). The
+            second costs K instead of K × C per query (docs/experiments.md v23).
         shift_consistency_weight (`float`, defaults to 0.0): weight of the paper's shift-consistency loss
             (MSE between students generated from two orders of the other teachers); 0 disables it.
         initializer_range (`float`, defaults to 0.02): std of the normal init of linear layers.
@@ -56,6 +60,7 @@ class WeightFormerConfig(PreTrainedConfig):
         align_max_iter: int = 30,
         use_cross_token: bool = True,
         pool_aligned: bool = True,
+        cross_attention: str = "all",
         shift_consistency_weight: float = 0.0,
         initializer_range: float = 0.02,
         student: dict | None = None,
@@ -69,6 +74,8 @@ class WeightFormerConfig(PreTrainedConfig):
             raise ValueError(
                 f"hidden_size ({hidden_size}) must be a multiple of num_attention_heads ({num_attention_heads})"
             )
+        if cross_attention not in ("all", "aligned"):
+            raise ValueError(f"cross_attention must be 'all' or 'aligned', not {cross_attention!r}")
         self.hidden_size = hidden_size
         self.num_hidden_layers = num_hidden_layers
         self.num_attention_heads = num_attention_heads
@@ -80,6 +87,7 @@ class WeightFormerConfig(PreTrainedConfig):
         self.align_max_iter = align_max_iter
         self.use_cross_token = use_cross_token
         self.pool_aligned = pool_aligned
+        self.cross_attention = cross_attention
         self.shift_consistency_weight = shift_consistency_weight
         self.initializer_range = initializer_range
         self.student = student or {}

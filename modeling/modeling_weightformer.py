@@ -125,6 +125,15 @@ def chunk_layout(width: int, chunk_size: int) -> tuple[int, int]:
     return n_chunks, math.ceil(width / n_chunks)
 
 
+def block_memory(tokens: torch.Tensor, cross_attention: str) -> torch.Tensor:
+    """What the blocks' cross-attention reads, from one layer's tokens `(K, C, n_chunks, d)`: per chunk, all
+    K × C tokens `(n, K × C, d)` (`"all"`), or each channel's K aligned tokens `(n, C, K, d)` (`"aligned"`)."""
+    if cross_attention == "aligned":
+        return tokens.permute(2, 1, 0, 3)
+    n_teachers, channels, n_chunks, dim = tokens.shape
+    return tokens.permute(2, 0, 1, 3).reshape(n_chunks, n_teachers * channels, dim)
+
+
 def describe_layers(teachers: TeacherSet) -> list[dict]:
     """The `student_layers` table of a config: name, channels and token width of each layer."""
     layers, _ = teachers.layers
@@ -153,10 +162,37 @@ class WeightFormerAttention(nn.Module):
         out = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0)
         return self.o_proj(out.transpose(1, 2).reshape(batch, n_q, dim))
 
+    def aligned(self, queries: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+        """Each of the last C `queries` `(B, Q, d)` attends only to its own channel's K keys, `keys[:, c]` of
+        `keys` `(B, C, K, d)`; the Q - C queries before them (the `[cross]` token) attend to all C × K."""
+        batch, n_q, dim = queries.shape
+        channels, n_keys = keys.shape[1], keys.shape[2]
+        heads, head_dim = self.num_heads, dim // self.num_heads
+        dropout = self.dropout if self.training else 0.0
+        q = self.q_proj(queries).view(batch, n_q, heads, head_dim)
+        # keys and values projected apart: each is contiguous, so the [cross] query reads it as a view
+        weight, bias = self.kv_proj.weight, self.kv_proj.bias
+        k, v = (
+            F.linear(keys, weight[i * dim : (i + 1) * dim], bias[i * dim : (i + 1) * dim]).view(
+                batch, channels, n_keys, heads, head_dim
+            )
+            for i in range(2)
+        )  # (B, C, K, H, hd)
+        lead = n_q - channels
+        # K keys per query: elementwise products instead of SDPA, whose kernels are made for long sequences
+        scores = (q[:, lead:, None] * k).sum(-1) * head_dim**-0.5  # (B, C, K, H)
+        weights = F.dropout(scores.softmax(dim=2), dropout, self.training)
+        out = (weights[..., None] * v).sum(2)  # (B, C, H, hd)
+        if lead:
+            k_all, v_all = (t.reshape(batch, channels * n_keys, heads, head_dim).transpose(1, 2) for t in (k, v))
+            lead_out = F.scaled_dot_product_attention(q[:, :lead].transpose(1, 2), k_all, v_all, dropout_p=dropout)
+            out = torch.cat([lead_out.transpose(1, 2), out], dim=1)
+        return self.o_proj(out.reshape(batch, n_q, dim))
+
 
 class WeightFormerBlock(GradientCheckpointingLayer):
-    """Pre-LN block: self-attention over the anchor's channels and [cross], cross-attention to all
-    teachers' channels of the layer, MLP."""
+    """Pre-LN block: self-attention over the anchor's channels and [cross], cross-attention to the teachers'
+    channels of the layer (all of them, or each channel's aligned ones), MLP."""
 
     def __init__(self, config: WeightFormerConfig):
         super().__init__()
@@ -177,7 +213,10 @@ class WeightFormerBlock(GradientCheckpointingLayer):
     def forward(self, queries: torch.Tensor, memory: torch.Tensor) -> torch.Tensor:
         x = self.self_norm(queries)
         queries = queries + self.self_attn(x, x)
-        queries = queries + self.cross_attn(self.cross_norm(queries), self.memory_norm(memory))
+        # memory (B, K × C, d): every query attends to all of it; (B, C, K, d) (`cross_attention="aligned"`):
+        # channel c's query to memory[:, c] only
+        attend = self.cross_attn.aligned if memory.dim() == 4 else self.cross_attn
+        queries = queries + attend(self.cross_norm(queries), self.memory_norm(memory))
         return queries + self.mlp(self.mlp_norm(queries))
 
 
@@ -442,7 +481,7 @@ class WeightFormerModel(WeightFormerPreTrainedModel):
             others = torch.cat([tokens[:anchor], tokens[anchor + 1 :]]).mean(0)
             queries = queries + self.pool_proj(others)
         queries = queries.transpose(0, 1)  # (n, C, d): chunks are independent attention problems
-        memory = tokens.permute(2, 0, 1, 3).reshape(n_chunks, n_teachers * channels, -1)
+        memory = block_memory(tokens, self.config.cross_attention)
         del tokens
         if self.config.use_cross_token:
             cross_in = cross.expand(n_chunks, 1, -1)

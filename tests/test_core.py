@@ -66,7 +66,11 @@ def test_perturbed_generator_changes_every_tensor_and_keeps_shapes(family_teache
     assert torch.isfinite(teachers.family.logits(student, make_inputs(family))).all()
 
 
-@pytest.mark.parametrize("family,options", [("mlp", {}), ("timm_resnet", {}), ("hf_vit", {})])
+@pytest.mark.parametrize(
+    "family,options",
+    [("mlp", {}), ("timm_resnet", {}), ("hf_vit", {}), ("mlp", {"cross_attention": "aligned"}),
+     ("timm_resnet", {"cross_attention": "aligned"})],
+)  # fmt: skip
 def test_permuting_other_teachers_leaves_student_unchanged(family, options):
     models = [make_model(family, seed) for seed in range(5)]
     teachers = wf.TeacherSet.from_models(models)

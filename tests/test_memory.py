@@ -143,8 +143,12 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_lazy_teachers_stream_layer_by_layer_and_give_the_in_memory_student(tmp_path, monkeypatch, dtype, one_thread):
+@pytest.mark.parametrize(
+    "dtype,options", [(torch.float32, {}), (torch.bfloat16, {}), (torch.float32, {"cross_attention": "aligned"})]
+)
+def test_lazy_teachers_stream_layer_by_layer_and_give_the_in_memory_student(
+    tmp_path, monkeypatch, dtype, options, one_thread
+):
     from weightformer_hf.modeling import modeling_weightformer as mw
 
     paths = _saved(tmp_path, n=3, dtype=dtype)
@@ -152,7 +156,7 @@ def test_lazy_teachers_stream_layer_by_layer_and_give_the_in_memory_student(tmp_
     eager = lazy.to("cpu")  # the same teachers, read into memory
     assert all(isinstance(sd, dict) for sd in eager.state_dicts)
     # chunks of 8: most layers have several, which a streamed layer runs through the blocks one at a time
-    generator = wf.WeightFormerModel.for_teachers(lazy, **SMALL, chunk_size=8)
+    generator = wf.WeightFormerModel.for_teachers(lazy, **SMALL, chunk_size=8, **options)
     assert max(mw.chunk_layout(w["width"], 8)[0] for w in generator.config.student_layers) > 4
     perturb(generator)
     mw.clear_token_cache()

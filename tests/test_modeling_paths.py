@@ -94,6 +94,18 @@ def test_configs_that_switch_a_removed_option_on_are_refused(tmp_path, old):
         wf.WeightFormerConfig(**old)
 
 
+def test_cross_attention_option_is_checked_and_saved(tmp_path):
+    with pytest.raises(ValueError, match="cross_attention must be 'all' or 'aligned', not 'local'"):
+        wf.WeightFormerConfig(cross_attention="local")
+    generator = wf.WeightFormerModel.for_teachers([make_model("mlp", 0)], **SMALL, cross_attention="aligned")
+    generator.save_pretrained(tmp_path)
+    assert wf.WeightFormerModel.from_pretrained(tmp_path).config.cross_attention == "aligned"
+    config = json.loads((tmp_path / "config.json").read_text())
+    del config["cross_attention"]  # a generator saved before the option existed attends to all tokens
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    assert wf.WeightFormerModel.from_pretrained(tmp_path).config.cross_attention == "all"
+
+
 # ---------------------------------------------------------------------------------- multi-chunk tokens
 def _reference_student(generator, teachers, anchor):
     """The generator's maths written out with explicit loops over channels and chunks (no alignment:
@@ -137,7 +149,11 @@ def _reference_student(generator, teachers, anchor):
             memory = torch.stack([token(k, i) for k in range(n_teachers) for i in range(layer.channels)])
             queries = torch.stack(([cross] if config.use_cross_token else []) + queries)
             for block in generator.blocks:
-                queries = block(queries[None], memory[None])[0]
+                if config.cross_attention == "all":
+                    queries = block(queries[None], memory[None])[0]
+                else:  # each channel's own K tokens, through the full attention module
+                    own = [torch.stack([token(k, i) for k in range(n_teachers)]) for i in range(layer.channels)]
+                    queries = _reference_aligned_block(block, queries, memory, own)
             queries = generator.final_norm(queries)
             if config.use_cross_token:
                 cross_outs.append(queries[0])
@@ -158,6 +174,19 @@ def _reference_student(generator, teachers, anchor):
             new = value * torch.exp(-dec) if t.positive else value - dec
             student[t.name] = new.movedim(0, t.channel_axis)
     return student
+
+
+def _reference_aligned_block(block, queries, memory, own):
+    """A block with `cross_attention="aligned"`, written with the `"all"` attention module: channel i's query
+    over its own K tokens `own[i]`, the `[cross]` query (if any) over every token of `memory`."""
+    x = block.self_norm(queries)
+    queries = queries + block.self_attn(x[None], x[None])[0]
+    q, lead = block.cross_norm(queries), len(queries) - len(own)
+    rows = [block.cross_attn(q[None, :lead], block.memory_norm(memory)[None])[0]] if lead else []
+    for i, keys in enumerate(own):
+        rows.append(block.cross_attn(q[None, lead + i : lead + i + 1], block.memory_norm(keys)[None])[0])
+    queries = queries + torch.cat(rows)
+    return queries + block.mlp(block.mlp_norm(queries))
 
 
 @pytest.mark.parametrize("family,chunk_size", [("mlp", 16), ("cnn1d", 6)])
@@ -183,6 +212,30 @@ def test_multi_chunk_tokens_match_a_loop_over_chunks(family, chunk_size):
     for name, tensor in expected.items():
         torch.testing.assert_close(state[name], tensor, rtol=1e-5, atol=1e-6, msg=name)
         assert not torch.equal(state[name], models[1].state_dict()[name]), name
+
+
+@pytest.mark.parametrize(
+    "family,chunk_size,use_cross_token", [("mlp", 16, True), ("cnn1d", 6, True), ("mlp", 64, False)]
+)
+def test_aligned_cross_attention_reads_each_channels_own_tokens(family, chunk_size, use_cross_token):
+    models = [make_model(family, seed) for seed in range(3)]
+    teachers = wf.TeacherSet.from_models(models)
+    options = dict(chunk_size=chunk_size, use_cross_token=use_cross_token, cross_attention="aligned")
+    generator = wf.WeightFormerModel.for_teachers(teachers, **SMALL, **options)
+    student = generator.generate_student(teachers, anchor=2).state_dict()
+    for name, tensor in models[2].state_dict().items():  # the untrained generator keeps the anchor
+        assert torch.equal(bits(student[name]), bits(tensor)), name
+    generator = wf.WeightFormerModel.for_teachers(teachers, **SMALL, **options, align_teachers=False)
+    perturb(generator, seed=4)
+    generator.eval()
+    with torch.no_grad():
+        state = generator(teachers, anchor=2).student_state
+        expected = _reference_student(generator, teachers, anchor=2)
+        generator.config.cross_attention = "all"  # the same weights attending to every token differ
+        everything = generator(teachers, anchor=2).student_state
+    for name, tensor in expected.items():
+        torch.testing.assert_close(state[name], tensor, rtol=1e-5, atol=1e-6, msg=name)
+        assert not torch.allclose(state[name], everything[name], rtol=1e-4, atol=1e-5), name
 
 
 def test_multi_chunk_reference_also_matches_single_chunk_layers():
@@ -231,11 +284,14 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients():
 
 
 # ---------------------------------------------------------------------------------- ablation switches
-@pytest.mark.parametrize("option", ["align_teachers", "pool_aligned", "use_cross_token"])
-def test_ablation_switches_keep_the_anchor_at_init_and_change_the_student(option):
+@pytest.mark.parametrize(
+    "option,value",
+    [("align_teachers", False), ("pool_aligned", False), ("use_cross_token", False), ("cross_attention", "aligned")],
+)
+def test_ablation_switches_keep_the_anchor_at_init_and_change_the_student(option, value):
     models = [make_model("mlp", seed) for seed in range(3)]
     teachers = wf.TeacherSet.from_models(models)
-    generator = wf.WeightFormerModel.for_teachers(teachers, **SMALL, **{option: False})
+    generator = wf.WeightFormerModel.for_teachers(teachers, **SMALL, **{option: value})
     student = generator.generate_student(teachers, anchor=1).state_dict()
     for name, tensor in models[1].state_dict().items():
         assert torch.equal(bits(student[name]), bits(tensor)), name
@@ -245,7 +301,7 @@ def test_ablation_switches_keep_the_anchor_at_init_and_change_the_student(option
     a = generator(teachers, anchor=1).student_state
     b = default(teachers, anchor=1).student_state
     for name in a:
-        assert not torch.allclose(a[name], b[name]), f"{option}=False left {name} as the default computes it"
+        assert not torch.allclose(a[name], b[name]), f"{option}={value!r} left {name} as the default computes it"
 
 
 def test_alignment_off_equals_pre_aligned_teachers():

@@ -24,6 +24,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarking import methods, plans, report  # noqa: E402
 from validation import validation_sets, with_fresh_meta  # noqa: E402
+from weightformer_hf.modeling.modeling_weightformer import block_memory  # noqa: E402
 
 from weightformer_hf.hub import no_progress_bars  # noqa: E402
 from weightformer_hf.training import EpisodeConfig  # noqa: E402
@@ -687,7 +688,7 @@ def _generator_pass(model, index, content, anchor, cross, message=None):
     if message is not None:
         queries = queries + message[:, None, :]
     queries = queries.transpose(0, 1)
-    memory = tokens.permute(2, 0, 1, 3).reshape(n_chunks, n_teachers * channels, -1)
+    memory = block_memory(tokens, model.config.cross_attention)
     if model.config.use_cross_token:
         queries = torch.cat([cross.expand(n_chunks, 1, -1), queries], dim=1)
     for block in model.blocks:
