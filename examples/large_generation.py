@@ -1,12 +1,13 @@
 """Seconds and peak memory of generating one student from large timm teachers, alignment included.
 
     OMP_NUM_THREADS=2 python examples/large_generation.py [--cases resnet50 vgg11_bn vit_b32] [--out results]
-        [--teachers random|fine_tuned]
+        [--teachers random|fine_tuned] [--generator_config '{"cross_attention": "all"}'] [--suffix _all]
 
 For each case the teachers (random weights, 1000 classes; with `--teachers fine_tuned` one random base and
 K - 1 noisy copies of it, channels in the base's order as fine-tunes of one checkpoint have) are saved with
 `timm.models.save_for_hf` in a temporary folder; then fresh child processes run `load_teachers` +
-`WeightFormerModel.for_teachers` + `generate_student` (teachers weight-matched to the anchor,
+`WeightFormerModel.for_teachers` (the class defaults, with `cross_attention="aligned"` as the presets train it,
+unless `--generator_config` says otherwise) + `generate_student` (teachers weight-matched to the anchor,
 `align_teachers=True`), first with an empty alignment cache ("cold"), then again with the cache the first run
 wrote ("warm"). Peak RSS is Linux `VmHWM` of the child, counted from the end of its imports (timm's included:
 `load_teachers` would otherwise import it inside the measured span), against the budget one teacher + K × the
@@ -56,7 +57,7 @@ def cpu_model() -> str:
     return next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), "")
 
 
-def child(paths: list[str]) -> None:
+def child(paths: list[str], generator_config: dict) -> None:
     """Runs in a fresh process: imports, then load + generate, reporting seconds and peak RSS."""
     import timm  # noqa: F401  (the teachers' library: its import, 20 MiB, is an import, not generation)
     import torch
@@ -69,7 +70,7 @@ def child(paths: list[str]) -> None:
     teachers = load_teachers(paths)
     load_seconds = time.perf_counter() - start
     after_load = _status_bytes("VmHWM")
-    generator = wf.WeightFormerModel.for_teachers(teachers)
+    generator = wf.WeightFormerModel.for_teachers(teachers, **generator_config)
     generator_bytes = sum(p.numel() * p.element_size() for p in generator.parameters())
     start = time.perf_counter()
     student = generator.generate_student(teachers, anchor=0)
@@ -110,7 +111,9 @@ def fine_tune_like(base: dict, seed: int, scale: float = FINE_TUNE_NOISE) -> dic
     return out
 
 
-def run_case(name: str, folder: Path, cache: Path, timeout: float, teachers: str = "random") -> dict:
+def run_case(
+    name: str, folder: Path, cache: Path, timeout: float, teachers: str = "random", generator_config: str = "{}"
+) -> dict:
     import timm
     import torch
     from torch import nn
@@ -141,7 +144,7 @@ def run_case(name: str, folder: Path, cache: Path, timeout: float, teachers: str
         env = {**os.environ, "WEIGHTFORMER_HF_CACHE": str(cache)}
         start = time.perf_counter()
         proc = subprocess.run(
-            [sys.executable, __file__, "--child", json.dumps(paths)],
+            [sys.executable, __file__, "--child", json.dumps(paths), "--generator_config", generator_config],
             capture_output=True, text=True, timeout=timeout, env=env,
         )  # fmt: skip
         wall = time.perf_counter() - start
@@ -181,10 +184,15 @@ def main() -> None:
         help="random: independent random inits (no true channel correspondence: weight matching's worst case); "
         "fine_tuned: one random base and K - 1 copies moved by noise (fine_tune_like), written apart",
     )  # fmt: skip
+    parser.add_argument(
+        "--generator_config", default='{"cross_attention": "aligned"}',
+        help="JSON: WeightFormerConfig kwargs over the class defaults (default: the presets' cross-attention)",
+    )  # fmt: skip
+    parser.add_argument("--suffix", default="", help="appended to the JSON file's name")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        child(json.loads(args.child))
+        child(json.loads(args.child), json.loads(args.generator_config))
         return
     import torch
 
@@ -192,7 +200,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.cases:
             results[CASES[name][2]] = run_case(
-                name, Path(tmp) / "teachers", Path(tmp) / "cache", args.timeout, args.teachers
+                name, Path(tmp) / "teachers", Path(tmp) / "cache", args.timeout, args.teachers, args.generator_config
             )
             print(name, json.dumps(results[CASES[name][2]]), flush=True)
     summary = {f"{key}_seconds": r["cold"]["seconds"] for key, r in results.items()}
@@ -217,9 +225,10 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     summary["teachers"] = args.teachers
+    summary["generator_config"] = json.loads(args.generator_config)
     if args.teachers == "fine_tuned":
         summary["fine_tune_noise"] = FINE_TUNE_NOISE
-    suffix = "" if args.teachers == "random" else f"_{args.teachers}"
+    suffix = ("" if args.teachers == "random" else f"_{args.teachers}") + args.suffix
     (out / f"large_generation{suffix}.json").write_text(json.dumps(summary, indent=2) + "\n")
     print("| case | K | cold s | warm s | peak RSS increment MiB | budget MiB | over budget | file-backed MiB "
           "| over budget without them |")  # fmt: skip

@@ -53,7 +53,7 @@ class GeneratorRecipe:
 
     config: dict = field(
         default_factory=lambda: {"hidden_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
-                                 "intermediate_size": 256}
+                                 "intermediate_size": 256, "cross_attention": "aligned"}
     )  # fmt: skip
     max_train_steps: int = 3000
     learning_rate: float = 3e-4
