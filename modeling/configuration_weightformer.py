@@ -15,7 +15,7 @@ class WeightFormerConfig(PreTrainedConfig):
     Args:
         hidden_size (`int`, defaults to 128): width `d` of tokens inside the generator.
         num_hidden_layers (`int`, defaults to 2): blocks (self-attention over the anchor's channels,
-            cross-attention to all teachers' channels, MLP) applied to every student layer.
+            cross-attention to the teachers' channels, MLP) applied to every student layer.
         num_attention_heads (`int`, defaults to 4): attention heads.
         intermediate_size (`int`, defaults to 256): hidden width of the blocks' MLP.
         chunk_size (`int`, defaults to 1024): longest token; wider channels (large fan-in) are split into

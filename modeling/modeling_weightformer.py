@@ -8,9 +8,10 @@ Data path, top to bottom:
    first weight-matched to the anchor when the family declares channel-order groups. Channels wider than
    `chunk_size` are split into chunks, each a token of its own.
 2. **Generator.** The anchor's tokens are the queries. Each block lets them attend to each other and a
-   `[cross]` token carried over from the previous layer, then to every teacher's tokens of the layer
-   (a set: no teacher ids, only an "is anchor" flag, so any K works and the order of the other teachers
-   does not matter), then applies an MLP.
+   `[cross]` token carried over from the previous layer, then to the teachers' tokens of the layer: all of
+   them, or (`cross_attention="aligned"`) each channel's own aligned token in every teacher (a set: no
+   teacher ids, only an "is anchor" flag, so any K works and the order of the other teachers does not
+   matter), then applies an MLP.
 3. **Residual decoding.** A zero-initialised projection turns each query into a change of its channel:
    student = anchor + change (positive tensors: anchor · exp(change)). An untrained generator therefore
    returns the anchor bit for bit.
