@@ -111,9 +111,7 @@ def fine_tune_like(base: dict, seed: int, scale: float = FINE_TUNE_NOISE) -> dic
     return out
 
 
-def run_case(
-    name: str, folder: Path, cache: Path, timeout: float, teachers: str = "random", generator_config: str = "{}"
-) -> dict:
+def run_case(name: str, folder: Path, cache: Path, timeout: float, teachers: str, generator_config: str) -> dict:
     import timm
     import torch
     from torch import nn
