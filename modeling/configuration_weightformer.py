@@ -28,10 +28,11 @@ class WeightFormerConfig(PreTrainedConfig):
         use_cross_token (`bool`, defaults to `True`): carry a `[cross]` state from layer to layer.
         pool_aligned (`bool`, defaults to `True`): add the mean of the other teachers' aligned tokens of
             the same channel to each anchor query.
-        cross_attention (`str`, defaults to `"all"`): what each anchor channel's query attends to in the
-            cross-attention: `"all"`, every teacher's every channel of the layer (K × C keys); `"aligned"`,
-            only its own aligned channel in each teacher (K keys; the `[cross]` token still sees all). The
-            second costs K instead of K × C per query (docs/experiments.md v23).
+        cross_attention (`str`, defaults to `"aligned"`): what each anchor channel's query attends to in the
+            cross-attention: `"aligned"`, only its own aligned channel in each teacher (K keys; the `[cross]`
+            token still sees all); `"all"`, every teacher's every channel of the layer (K × C keys). The first
+            costs K instead of K × C per query and measured as good (docs/experiments.md v23). A saved config
+            without the key is a generator from before the option, which attended to all: it loads as `"all"`.
         shift_consistency_weight (`float`, defaults to 0.0): weight of the paper's shift-consistency loss
             (MSE between students generated from two orders of the other teachers); 0 disables it.
         initializer_range (`float`, defaults to 0.02): std of the normal init of linear layers.
@@ -60,7 +61,7 @@ class WeightFormerConfig(PreTrainedConfig):
         align_max_iter: int = 30,
         use_cross_token: bool = True,
         pool_aligned: bool = True,
-        cross_attention: str = "all",
+        cross_attention: str = "aligned",
         shift_consistency_weight: float = 0.0,
         initializer_range: float = 0.02,
         student: dict | None = None,
@@ -95,6 +96,14 @@ class WeightFormerConfig(PreTrainedConfig):
         self.training_pool = list(training_pool or [])
         self.heldout_results = heldout_results or {}
         super().__init__(**kwargs)
+
+    @classmethod
+    def from_dict(cls, config_dict: dict, **kwargs) -> WeightFormerConfig:
+        """transformers' `from_dict` (used by `from_pretrained` and the Auto classes), except that a config
+        saved before the `cross_attention` option existed loads as the `"all"` generator it was trained as."""
+        if "cross_attention" not in config_dict:
+            config_dict = {**config_dict, "cross_attention": "all"}
+        return super().from_dict(config_dict, **kwargs)
 
 
 # option -> value that means "off": configs saved by earlier versions carry these keys

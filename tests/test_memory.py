@@ -144,7 +144,7 @@ def one_thread():
 
 
 @pytest.mark.parametrize(
-    "dtype,options", [(torch.float32, {}), (torch.bfloat16, {}), (torch.float32, {"cross_attention": "aligned"})]
+    "dtype,options", [(torch.float32, {}), (torch.bfloat16, {}), (torch.float32, {"cross_attention": "all"})]
 )
 def test_lazy_teachers_stream_layer_by_layer_and_give_the_in_memory_student(
     tmp_path, monkeypatch, dtype, options, one_thread

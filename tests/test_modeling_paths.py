@@ -9,6 +9,7 @@ import json
 import pytest
 import torch
 from families import SMALL, bits, make_inputs, make_model, perturb
+from transformers import AutoConfig
 from weightformer_hf.modeling.modeling_weightformer import chunk_layout, describe_layers
 
 import weightformer_hf as wf
@@ -97,13 +98,22 @@ def test_configs_that_switch_a_removed_option_on_are_refused(tmp_path, old):
 def test_cross_attention_option_is_checked_and_saved(tmp_path):
     with pytest.raises(ValueError, match="cross_attention must be 'all' or 'aligned', not 'local'"):
         wf.WeightFormerConfig(cross_attention="local")
-    generator = wf.WeightFormerModel.for_teachers([make_model("mlp", 0)], **SMALL, cross_attention="aligned")
-    generator.save_pretrained(tmp_path)
-    assert wf.WeightFormerModel.from_pretrained(tmp_path).config.cross_attention == "aligned"
-    config = json.loads((tmp_path / "config.json").read_text())
+    assert wf.WeightFormerConfig().cross_attention == "aligned"  # new generators: the presets' choice
+    generator = wf.WeightFormerModel.for_teachers([make_model("mlp", 0)], **SMALL)
+    assert generator.config.cross_attention == "aligned"
+    generator.save_pretrained(tmp_path / "new")
+    assert wf.WeightFormerModel.from_pretrained(tmp_path / "new").config.cross_attention == "aligned"
+    generator = wf.WeightFormerModel.for_teachers([make_model("mlp", 0)], **SMALL, cross_attention="all")
+    generator.save_pretrained(tmp_path / "all")
+    assert wf.WeightFormerModel.from_pretrained(tmp_path / "all").config.cross_attention == "all"
+    config = json.loads((tmp_path / "new" / "config.json").read_text())
     del config["cross_attention"]  # a generator saved before the option existed attends to all tokens
-    (tmp_path / "config.json").write_text(json.dumps(config))
-    assert wf.WeightFormerModel.from_pretrained(tmp_path).config.cross_attention == "all"
+    (tmp_path / "new" / "config.json").write_text(json.dumps(config))
+    assert wf.WeightFormerModel.from_pretrained(tmp_path / "new").config.cross_attention == "all"
+    assert AutoConfig.from_pretrained(tmp_path / "new").cross_attention == "all"
+    assert wf.WeightFormerConfig.from_pretrained(tmp_path / "new", cross_attention="aligned").cross_attention == (
+        "aligned"
+    )  # an explicit override still wins
 
 
 # ---------------------------------------------------------------------------------- multi-chunk tokens
@@ -286,7 +296,7 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients():
 # ---------------------------------------------------------------------------------- ablation switches
 @pytest.mark.parametrize(
     "option,value",
-    [("align_teachers", False), ("pool_aligned", False), ("use_cross_token", False), ("cross_attention", "aligned")],
+    [("align_teachers", False), ("pool_aligned", False), ("use_cross_token", False), ("cross_attention", "all")],
 )
 def test_ablation_switches_keep_the_anchor_at_init_and_change_the_student(option, value):
     models = [make_model("mlp", seed) for seed in range(3)]
