@@ -230,6 +230,10 @@ def main(args):
             args.teachers, args.preset, args.preset_name, raw, args.dataset_name, args.pool_dir,
             args.shared_init, may_build=accelerator.is_main_process,
         )  # fmt: skip
+        aligned = wf_data.align_labels(teachers.label_names, raw)
+        if aligned is not raw:  # the same classes in another order: the teachers' numbering wins
+            accelerator.print(f"renumbered the dataset's labels to the teachers' order: {teachers.label_names}")
+            raw = aligned
         wf_data.check_labels(teachers.label_names, raw["train"], args.dataset_name or args.train_dir)
         splits = wf_data.task_splits(raw, transform := wf_data.transform_for(raw, teachers))
         cache = wf.TeacherLogitsCache(wf_data.cache_root() / "teacher_logits")

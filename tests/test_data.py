@@ -174,6 +174,26 @@ def test_teacher_labels_must_mean_the_datasets_classes():
         data.check_labels(["a", "b", "c"], ids, "ids")
 
 
+def test_the_same_classes_in_another_order_are_renumbered_to_the_teachers():
+    from datasets import ClassLabel, Dataset, DatasetDict, Features, Value
+
+    zoo = Features({"label": ClassLabel(names=["cat", "dog", "emu"]), "x": Value("int64")})
+    splits = DatasetDict({
+        "train": Dataset.from_dict({"label": [0, 1, 2, 1], "x": [10, 11, 12, 13]}, features=zoo),
+        "test": Dataset.from_dict({"label": [2, 0], "x": [20, 21]}, features=zoo),
+    })  # fmt: skip
+    teachers = ["dog", "emu", "cat"]
+    aligned = data.align_labels(teachers, splits)
+    assert aligned["train"]["label"] == [2, 0, 1, 0] and aligned["test"]["label"] == [1, 2]
+    assert aligned["train"]["x"] == [10, 11, 12, 13]  # rows stay where they were
+    assert aligned["train"].features["label"].names == teachers
+    data.check_labels(teachers, aligned["train"], "zoo")
+    for same in (["cat", "dog", "emu"], ["0", "1", "2"], ["cat", "dog", "yak"]):  # nothing to renumber
+        assert data.align_labels(same, splits) is splits
+    twins = Dataset.from_dict({"label": [0, 1]}, features=Features({"label": ClassLabel(names=["A", "a"])}))
+    assert data.align_labels(["a", "A"], DatasetDict({"train": twins}))["train"]["label"] == [0, 1]
+
+
 def test_an_unreadable_cached_dataset_names_the_folder_to_delete(tmp_path):
     data.mnist1d_splits(300, meta_samples=100, cache_dir=tmp_path)
     (cached,) = [p for p in tmp_path.iterdir() if p.name.startswith("mnist1d-")]

@@ -242,6 +242,32 @@ def label_names_of(split: Dataset) -> list[str]:
     return [str(v) for v in sorted(set(split["label"]))]
 
 
+def align_labels(teacher_labels: list[str], splits: DatasetDict) -> DatasetDict:
+    """`splits` with their label ids renumbered to the teachers' order where a split's class names are the
+    teachers' names in another order (an `imagefolder` lists its classes alphabetically, a checkpoint's
+    `id2label` need not), with `datasets`' `align_labels_with_mapping`; `splits` itself where none is.
+
+    Anything else (other classes, names without a `ClassLabel`, names that differ only in case, which that
+    method cannot tell apart) is left for `check_labels` to judge."""
+    teacher_labels = [str(n) for n in teacher_labels]
+    label2id = {name: i for i, name in enumerate(teacher_labels)}
+    out, renumbered = {}, False
+    for key, split in splits.items():
+        feature = split.features.get("label")
+        names = list(feature.names) if isinstance(feature, ClassLabel) else None
+        if (
+            names is None
+            or names == teacher_labels
+            or sorted(names) != sorted(teacher_labels)
+            or len({n.lower() for n in names}) != len(names)
+        ):
+            out[key] = split
+            continue
+        out[key] = split.align_labels_with_mapping(label2id, "label")
+        renumbered = True
+    return DatasetDict(out) if renumbered else splits
+
+
 def check_labels(teacher_labels: list[str], split: Dataset, dataset: str) -> None:
     """Raise `TeacherMismatchError` unless the teachers' classifier rows can mean the dataset's labels.
 
@@ -258,7 +284,8 @@ def check_labels(teacher_labels: list[str], split: Dataset, dataset: str) -> Non
             raise TeacherMismatchError(
                 f"the teachers' labels {short_labels(teacher_labels)} do not match dataset {dataset!r}'s "
                 f"{short_labels(names)} ({how}): the logits would be scored against the wrong classes (if they are "
-                "the same classes spelt differently, give the teachers the dataset's names in their config.json)"
+                "the same classes spelt differently, give the teachers the dataset's names in their config.json; "
+                "the same names in another order: renumber the dataset with `align_labels`)"
             )
         return
     labels = split["label"]
