@@ -191,7 +191,7 @@ def test_the_same_classes_in_another_order_are_renumbered_to_the_teachers():
     for same in (["cat", "dog", "emu"], ["0", "1", "2"], ["cat", "dog", "yak"]):  # nothing to renumber
         assert data.align_labels(same, splits) is splits
     twins = Dataset.from_dict({"label": [0, 1]}, features=Features({"label": ClassLabel(names=["A", "a"])}))
-    assert data.align_labels(["a", "A"], DatasetDict({"train": twins}))["train"]["label"] == [0, 1]
+    assert data.align_labels(["a", "A"], DatasetDict({"train": twins}))["train"]["label"] == [1, 0]  # by exact name
 
 
 def test_an_unreadable_cached_dataset_names_the_folder_to_delete(tmp_path):

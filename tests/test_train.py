@@ -313,6 +313,37 @@ def _save_image_folder(folder: Path) -> None:
             Image.new("RGB", (8, 8), (40 * i, 0, 0)).save(folder / cls / f"{i}.png")
 
 
+def test_timm_teachers_train_on_an_image_folder_whose_classes_are_in_another_order(tiny, tmp_path):
+    """The image path end to end: timm teachers from local folders and an imagefolder, whose classes are
+    listed alphabetically, not in the teachers' order (refused before the dataset was renumbered)."""
+    import numpy as np
+    from conftest import save_timm, tiny_timm
+    from PIL import Image
+
+    labels = ["emu", "cat", "dog"]
+    teachers = [str(save_timm(tiny_timm(i, labels=labels), tmp_path / f"t{i}", labels=labels)) for i in range(5)]
+    rng = np.random.default_rng(0)
+    for name in labels:
+        (tmp_path / "images" / name).mkdir(parents=True)
+        for j in range(40):
+            image = Image.fromarray(rng.integers(0, 256, (28, 28), dtype=np.uint8), mode="L")
+            image.save(tmp_path / "images" / name / f"{j}.png")
+    keys = ("generator", "k_min", "alpha", "temperature", "lr_scheduler_type", "weight_decay", "max_grad_norm",
+            "learning_rate", "num_warmup_steps", "num_eval_teachers", "eval_k")  # fmt: skip
+    preset = {**{k: TINY[k] for k in keys}, "k_max": 2, "num_heldout_sets": 1, "max_train_steps": 2,
+              "per_device_train_batch_size": 4}  # fmt: skip
+    (tmp_path / "images.json").write_text(json.dumps(preset))
+    cmd = [sys.executable, SCRIPT, "--config", str(tmp_path / "images.json"), "--teachers", *teachers,
+           "--train_dir", str(tmp_path / "images"), "--kd_baseline_steps", "2", "--output_dir", str(tmp_path / "out")]
+    proc = subprocess.run(cmd, env=tiny["env"], capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "renumbered the dataset's labels to the teachers' order: ['emu', 'cat', 'dog']" in proc.stdout
+    results = json.loads((tmp_path / "out" / "eval_results.json").read_text())
+    assert len(results["heldout_sets"]) == 1 and SET_KEYS <= results["heldout_sets"][0].keys()
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert config["student"]["label_names"] == labels  # the generator serves the teachers' numbering
+
+
 @pytest.mark.parametrize(
     "case, expected",
     [
@@ -451,6 +482,8 @@ def test_preset_files_that_cannot_work_are_refused_naming_the_key(tmp_path, caps
         "gen.json": (json.dumps({**TINY, "generator": {"hidden_szie": 8}}), "unknown generator key(s) 'hidden_szie'"),
         "pool.json": (json.dumps({**TINY, "pool": {**TINY["pool"], "num_teacher": 3}}), "unknown pool key(s)"),
         "gen_list.json": (json.dumps({**TINY, "generator": [1]}), "'generator' must be a JSON object"),
+        "short.json": (json.dumps({k: v for k, v in TINY.items() if k not in ("weight_decay", "max_train_steps")}),
+                       "preset 'short' sets no --weight_decay, --max_train_steps (or --num_train_epochs): add them"),
     }  # fmt: skip
     for name, (text, message) in cases.items():
         (tmp_path / name).write_text(text)
@@ -459,6 +492,8 @@ def test_preset_files_that_cannot_work_are_refused_naming_the_key(tmp_path, caps
         assert exit_info.value.code == 2 and message in capsys.readouterr().err, name
     (tmp_path / "ok.json").write_text(json.dumps(TINY))
     assert train.parse_args(["--config", str(tmp_path / "ok.json")]).k_max == TINY["k_max"]
+    short = ["--config", str(tmp_path / "short.json"), "--weight_decay", "0", "--num_train_epochs", "1"]
+    assert train.parse_args(short).weight_decay == 0  # the command line may give what the preset lacks
 
 
 def test_output_dir_holding_a_run_or_a_model_is_not_overwritten_unless_asked(tmp_path):

@@ -245,25 +245,23 @@ def label_names_of(split: Dataset) -> list[str]:
 def align_labels(teacher_labels: list[str], splits: DatasetDict) -> DatasetDict:
     """`splits` with their label ids renumbered to the teachers' order where a split's class names are the
     teachers' names in another order (an `imagefolder` lists its classes alphabetically, a checkpoint's
-    `id2label` need not), with `datasets`' `align_labels_with_mapping`; `splits` itself where none is.
+    `id2label` need not); `splits` itself where none is. Anything else is left for `check_labels` to judge.
 
-    Anything else (other classes, names without a `ClassLabel`, names that differ only in case, which that
-    method cannot tell apart) is left for `check_labels` to judge."""
+    Only the label column is rewritten: `datasets`' `align_labels_with_mapping` would map every column and
+    so decode and re-encode every image."""
     teacher_labels = [str(n) for n in teacher_labels]
-    label2id = {name: i for i, name in enumerate(teacher_labels)}
+    new_id = {name: i for i, name in enumerate(teacher_labels)}
     out, renumbered = {}, False
     for key, split in splits.items():
         feature = split.features.get("label")
         names = list(feature.names) if isinstance(feature, ClassLabel) else None
-        if (
-            names is None
-            or names == teacher_labels
-            or sorted(names) != sorted(teacher_labels)
-            or len({n.lower() for n in names}) != len(names)
-        ):
+        if names is None or names == teacher_labels or sorted(names) != sorted(new_id) or len(new_id) != len(names):
             out[key] = split
             continue
-        out[key] = split.align_labels_with_mapping(label2id, "label")
+        mapping = [new_id[name] for name in names]  # old id -> the teachers' id
+        labels = [mapping[v] if v is not None and v >= 0 else v for v in split["label"]]
+        renamed = split.add_column("label.teachers", labels, feature=ClassLabel(names=teacher_labels))
+        out[key] = renamed.remove_columns("label").rename_column("label.teachers", "label")
         renumbered = True
     return DatasetDict(out) if renumbered else splits
 
