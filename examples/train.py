@@ -139,10 +139,28 @@ def _generator_keys() -> list[str]:
     return [k for k in inspect.signature(WeightFormerConfig.__init__).parameters if k not in ("self", "kwargs")]
 
 
+# Settings with no default of their own: every preset in hub_configs/ sets them, and a preset of one's own
+# must too (or the command line), else AdamW or the scheduler would fail on None minutes into a run.
+REQUIRED = (
+    "k_min", "k_max", "alpha", "temperature", "num_eval_teachers", "eval_k", "num_heldout_sets",
+    "per_device_train_batch_size", "learning_rate", "weight_decay", "max_grad_norm", "lr_scheduler_type",
+    "num_warmup_steps",
+)  # fmt: skip
+
+
 def flag_problem(args) -> str | None:
     """What is wrong with the flags' values, in words, or None: caught here rather than as a trace from
     torch, accelerate or transformers (or as a NaN loss, for a zero temperature) minutes later."""
     from transformers import SchedulerType
+
+    missing = [f"--{name}" for name in REQUIRED if getattr(args, name, None) is None]
+    if args.max_train_steps is None and args.num_train_epochs is None:
+        missing.append("--max_train_steps (or --num_train_epochs)")
+    if missing:
+        return (
+            f"preset {getattr(args, 'preset_name', args.config)!r} sets no {', '.join(missing)}: add them to it or "
+            "pass them as flags (hub_configs/mnist1d-mlp.json sets every one)"
+        )
 
     at_least = {"per_device_train_batch_size": 1, "per_device_eval_batch_size": 1, "gradient_accumulation_steps": 1,
                 "logging_steps": 1, "num_heldout_sets": 1, "eval_k": 1, "max_train_steps": 0, "num_train_epochs": 1,
