@@ -113,6 +113,8 @@ class _TokenCacheEntry:
 # (lineage, identities, anchor, device, settings) -> entry, least recently used first
 _TOKEN_CACHE: OrderedDict[tuple, _TokenCacheEntry] = OrderedDict()
 TOKEN_CACHE_BYTES = 512 * 2**20  # entries beyond this (newest kept first) are dropped
+# The aligned cross-attention takes layers whose keys are larger than this in blocks of channels (`aligned`).
+ALIGNED_BLOCK_BYTES = 4 * 2**20
 
 
 def clear_token_cache() -> None:
@@ -163,31 +165,61 @@ class WeightFormerAttention(nn.Module):
         out = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0)
         return self.o_proj(out.transpose(1, 2).reshape(batch, n_q, dim))
 
-    def aligned(self, queries: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
-        """Each of the last C `queries` `(B, Q, d)` attends only to its own channel's K keys, `keys[:, c]` of
-        `keys` `(B, C, K, d)`; the Q - C queries before them (the `[cross]` token) attend to all C × K."""
+    def aligned(self, queries: torch.Tensor, keys: torch.Tensor, norm: Callable[[torch.Tensor], torch.Tensor]):
+        """Each of the last C `queries` `(B, Q, d)` attends only to its own channel's K keys, `norm(keys[:, c])`
+        of `keys` `(B, C, K, d)`; the Q - C queries before them (the `[cross]` token) attend to all C × K.
+
+        Layers whose keys take more than `ALIGNED_BLOCK_BYTES` a chunk go through in blocks of channels, normalised
+        and projected a block at a time (the `[cross]` query's softmax then runs online over the blocks), so
+        no buffer of the layer's size is made beyond the keys themselves: ResNet-50's 2,048-channel layers,
+        K = 8, d = 256, held about 8 such buffers of 16 MiB at once."""
         batch, n_q, dim = queries.shape
         channels, n_keys = keys.shape[1], keys.shape[2]
         heads, head_dim = self.num_heads, dim // self.num_heads
         dropout = self.dropout if self.training else 0.0
         q = self.q_proj(queries).view(batch, n_q, heads, head_dim)
+        lead = n_q - channels
+        # per chunk, not per batch: a streamed layer (one chunk at a time) must take the very steps a cached one
+        # (all chunks at once) takes, so that both give the same bits
+        n_blocks = math.ceil(channels / max(1, ALIGNED_BLOCK_BYTES // (n_keys * dim * keys.element_size())))
+        bounds = [i * channels // n_blocks for i in range(n_blocks + 1)]  # even blocks: no last one of a few
         # keys and values projected apart: each is contiguous, so the [cross] query reads it as a view
         weight, bias = self.kv_proj.weight, self.kv_proj.bias
-        k, v = (
-            F.linear(keys, weight[i * dim : (i + 1) * dim], bias[i * dim : (i + 1) * dim]).view(
-                batch, channels, n_keys, heads, head_dim
-            )
-            for i in range(2)
-        )  # (B, C, K, H, hd)
-        lead = n_q - channels
-        # K keys per query: elementwise products instead of SDPA, whose kernels are made for long sequences
-        scores = (q[:, lead:, None] * k).sum(-1) * head_dim**-0.5  # (B, C, K, H)
-        weights = F.dropout(scores.softmax(dim=2), dropout, self.training)
-        out = (weights[..., None] * v).sum(2)  # (B, C, H, hd)
+        projections = [(weight[i * dim : (i + 1) * dim], bias[i * dim : (i + 1) * dim]) for i in range(2)]
+        lead_q = q[:, :lead].transpose(1, 2)  # (B, H, L, hd)
+        outs, running = [], None  # running: the [cross] query's online softmax (max, sum, weighted values)
+        for first, end in zip(bounds, bounds[1:]):
+            memory = norm(keys[:, first:end])
+            width = end - first
+            k, v = (F.linear(memory, w, b).view(batch, width, n_keys, heads, head_dim) for w, b in projections)
+            del memory
+            # K keys per query: elementwise products instead of SDPA, whose kernels are made for long sequences
+            scores = (q[:, lead + first : lead + first + width, None] * k).sum(-1) * head_dim**-0.5  # (B, c, K, H)
+            weights = F.dropout(scores.softmax(dim=2), dropout, self.training)
+            outs.append((weights[..., None] * v).sum(2))  # (B, c, H, hd)
+            if not lead:
+                continue
+            if width == channels:  # one block: SDPA over all C × K keys
+                k_all, v_all = (t.reshape(batch, width * n_keys, heads, head_dim).transpose(1, 2) for t in (k, v))
+                running = F.scaled_dot_product_attention(lead_q, k_all, v_all, dropout_p=dropout).transpose(1, 2)
+                continue
+            # blocks: products again (a matmul's kernel, and so its bits, may change with the number of chunks)
+            k_all, v_all = (t.reshape(batch, 1, width * n_keys, heads, head_dim) for t in (k, v))
+            part = (q[:, :lead, None] * k_all).sum(-1) * head_dim**-0.5  # (B, L, c × K, H)
+            peak = part.amax(2, keepdim=True)
+            if running is not None:
+                peak = torch.maximum(running[0], peak)
+            exp = (part - peak).exp()
+            total = exp.sum(2, keepdim=True)
+            values = (F.dropout(exp, dropout, self.training)[..., None] * v_all).sum(2)  # (B, L, H, hd)
+            if running is not None:
+                rescale = (running[0] - peak).exp()
+                total, values = running[1] * rescale + total, running[2] * rescale.squeeze(2)[..., None] + values
+            running = (peak, total, values)
+        out = torch.cat(outs, dim=1) if len(outs) > 1 else outs[0]
         if lead:
-            k_all, v_all = (t.reshape(batch, channels * n_keys, heads, head_dim).transpose(1, 2) for t in (k, v))
-            lead_out = F.scaled_dot_product_attention(q[:, :lead].transpose(1, 2), k_all, v_all, dropout_p=dropout)
-            out = torch.cat([lead_out.transpose(1, 2), out], dim=1)
+            lead_out = running if isinstance(running, torch.Tensor) else running[2] / running[1].squeeze(2)[..., None]
+            out = torch.cat([lead_out, out], dim=1)
         return self.o_proj(out.reshape(batch, n_q, dim))
 
 
@@ -216,8 +248,10 @@ class WeightFormerBlock(GradientCheckpointingLayer):
         queries = queries + self.self_attn(x, x)
         # memory (B, K × C, d): every query attends to all of it; (B, C, K, d) (`cross_attention="aligned"`):
         # channel c's query to memory[:, c] only
-        attend = self.cross_attn.aligned if memory.dim() == 4 else self.cross_attn
-        queries = queries + attend(self.cross_norm(queries), self.memory_norm(memory))
+        if memory.dim() == 4:
+            queries = queries + self.cross_attn.aligned(self.cross_norm(queries), memory, self.memory_norm)
+        else:
+            queries = queries + self.cross_attn(self.cross_norm(queries), self.memory_norm(memory))
         return queries + self.mlp(self.mlp_norm(queries))
 
 

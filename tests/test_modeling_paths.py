@@ -224,6 +224,32 @@ def test_multi_chunk_tokens_match_a_loop_over_chunks(family, chunk_size):
         assert not torch.equal(state[name], models[1].state_dict()[name]), name
 
 
+@pytest.mark.parametrize("lead", [1, 0])
+def test_aligned_attention_in_channel_blocks_computes_what_it_computes_whole(monkeypatch, lead):
+    """Wide layers go through the aligned cross-attention in blocks of channels, the [cross] query's softmax
+    online over the blocks: the same outputs and gradients as one block, up to rounding."""
+    from weightformer_hf.modeling import modeling_weightformer as mw
+
+    torch.manual_seed(0)
+    block = mw.WeightFormerBlock(wf.WeightFormerConfig(**SMALL))
+    queries = torch.randn(2, lead + 40, 32, requires_grad=True)
+    memory = torch.randn(2, 40, 3, 32) * 3  # spread scores: the online softmax's rescaling matters
+    norms = []
+    block.memory_norm.register_forward_hook(lambda module, args, out: norms.append(args[0].shape[1]))
+
+    def run():
+        out = block(queries, memory)
+        return out, torch.autograd.grad(out.square().sum(), [queries, *block.parameters()])
+
+    whole, whole_grads = run()
+    monkeypatch.setattr(mw, "ALIGNED_BLOCK_BYTES", 7 * 3 * 32 * 4)  # at most 7 channels: 6 blocks of 6 or 7
+    blocked, blocked_grads = run()
+    assert norms == [40, 6, 7, 7, 6, 7, 7]
+    torch.testing.assert_close(blocked, whole, rtol=1e-5, atol=1e-6)
+    for a, b in zip(blocked_grads, whole_grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.parametrize(
     "family,chunk_size,use_cross_token", [("mlp", 16, True), ("cnn1d", 6, True), ("mlp", 64, False)]
 )
