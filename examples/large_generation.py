@@ -2,12 +2,14 @@
 
     OMP_NUM_THREADS=2 python examples/large_generation.py [--cases resnet50 vgg11_bn vit_b32] [--out results]
         [--teachers random|fine_tuned] [--generator_config '{"cross_attention": "all"}'] [--suffix _all]
+        [--generator_preset cifar10-vgg11 --suffix _preset]
 
 For each case the teachers (random weights, 1000 classes; with `--teachers fine_tuned` one random base and
 K - 1 noisy copies of it, channels in the base's order as fine-tunes of one checkpoint have) are saved with
 `timm.models.save_for_hf` in a temporary folder; then fresh child processes run `load_teachers` +
-`WeightFormerModel.for_teachers` (the class defaults, with `cross_attention="aligned"` as the presets train it,
-unless `--generator_config` says otherwise) + `generate_student` (teachers weight-matched to the anchor,
+`WeightFormerModel.for_teachers` (the class defaults, d 128 and 2 blocks; `--generator_preset` takes the
+`generator` section of a preset instead, such as the d 256, 3-block generator the large presets train;
+`--generator_config` overrides either) + `generate_student` (teachers weight-matched to the anchor,
 `align_teachers=True`), first with an empty alignment cache ("cold"), then again with the cache the first run
 wrote ("warm"). Peak RSS is Linux `VmHWM` of the child, counted from the end of its imports (timm's included:
 `load_teachers` would otherwise import it inside the measured span), against the budget one teacher + K × the
@@ -183,9 +185,12 @@ def main() -> None:
         "fine_tuned: one random base and K - 1 copies moved by noise (fine_tune_like), written apart",
     )  # fmt: skip
     parser.add_argument(
-        "--generator_config", default='{"cross_attention": "aligned"}',
-        help="JSON: WeightFormerConfig kwargs over the class defaults (default: the presets' cross-attention)",
+        "--generator_config", default="{}",
+        help="JSON: WeightFormerConfig kwargs over the class defaults (or over --generator_preset's section)",
     )  # fmt: skip
+    parser.add_argument(
+        "--generator_preset", help="a preset (hub_configs) whose `generator` section sizes the generator"
+    )
     parser.add_argument("--suffix", default="", help="appended to the JSON file's name")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -194,6 +199,12 @@ def main() -> None:
         return
     import torch
 
+    generator_config = json.loads(args.generator_config)
+    if args.generator_preset:
+        from weightformer_hf.hub_configs import load_preset
+
+        generator_config = {**load_preset(args.generator_preset).get("generator", {}), **generator_config}
+    args.generator_config = json.dumps(generator_config)
     results: dict = {}
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.cases:
@@ -223,7 +234,9 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     summary["teachers"] = args.teachers
-    summary["generator_config"] = json.loads(args.generator_config)
+    summary["generator_config"] = generator_config
+    if args.generator_preset:
+        summary["generator_preset"] = args.generator_preset
     if args.teachers == "fine_tuned":
         summary["fine_tune_noise"] = FINE_TUNE_NOISE
     suffix = ("" if args.teachers == "random" else f"_{args.teachers}") + args.suffix
