@@ -165,7 +165,9 @@ class WeightFormerAttention(nn.Module):
         out = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0)
         return self.o_proj(out.transpose(1, 2).reshape(batch, n_q, dim))
 
-    def aligned(self, queries: torch.Tensor, keys: torch.Tensor, norm: Callable[[torch.Tensor], torch.Tensor]):
+    def aligned(
+        self, queries: torch.Tensor, keys: torch.Tensor, norm: Callable[[torch.Tensor], torch.Tensor]
+    ) -> torch.Tensor:
         """Each of the last C `queries` `(B, Q, d)` attends only to its own channel's K keys, `norm(keys[:, c])`
         of `keys` `(B, C, K, d)`; the Q - C queries before them (the `[cross]` token) attend to all C × K.
 
