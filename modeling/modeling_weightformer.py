@@ -188,7 +188,6 @@ class WeightFormerAttention(nn.Module):
         # keys and values projected apart: each is contiguous, so the [cross] query reads it as a view
         weight, bias = self.kv_proj.weight, self.kv_proj.bias
         projections = [(weight[i * dim : (i + 1) * dim], bias[i * dim : (i + 1) * dim]) for i in range(2)]
-        lead_q = q[:, :lead].transpose(1, 2)  # (B, H, L, hd)
         outs, running = [], None  # running: the [cross] query's online softmax (max, sum, weighted values)
         for first, end in zip(bounds, bounds[1:]):
             memory = norm(keys[:, first:end])
@@ -202,27 +201,35 @@ class WeightFormerAttention(nn.Module):
             if not lead:
                 continue
             if width == channels:  # one block: SDPA over all C × K keys
+                lead_q = q[:, :lead].transpose(1, 2)  # (B, H, L, hd)
                 k_all, v_all = (t.reshape(batch, width * n_keys, heads, head_dim).transpose(1, 2) for t in (k, v))
                 running = F.scaled_dot_product_attention(lead_q, k_all, v_all, dropout_p=dropout).transpose(1, 2)
                 continue
             # blocks: products again (a matmul's kernel, and so its bits, may change with the number of chunks)
             k_all, v_all = (t.reshape(batch, 1, width * n_keys, heads, head_dim) for t in (k, v))
             part = (q[:, :lead, None] * k_all).sum(-1) * head_dim**-0.5  # (B, L, c × K, H)
-            peak = part.amax(2, keepdim=True)
-            if running is not None:
-                peak = torch.maximum(running[0], peak)
-            exp = (part - peak).exp()
-            total = exp.sum(2, keepdim=True)
-            values = (F.dropout(exp, dropout, self.training)[..., None] * v_all).sum(2)  # (B, L, H, hd)
-            if running is not None:
-                rescale = (running[0] - peak).exp()
-                total, values = running[1] * rescale + total, running[2] * rescale.squeeze(2)[..., None] + values
-            running = (peak, total, values)
+            running = _online_softmax(running, part, v_all, dropout, self.training)
         out = torch.cat(outs, dim=1) if len(outs) > 1 else outs[0]
         if lead:
             lead_out = running if isinstance(running, torch.Tensor) else running[2] / running[1].squeeze(2)[..., None]
             out = torch.cat([lead_out, out], dim=1)
         return self.o_proj(out.reshape(batch, n_q, dim))
+
+
+def _online_softmax(running: tuple | None, scores: torch.Tensor, values: torch.Tensor, dropout: float, training: bool):
+    """One block of keys of a softmax taken over several: `running` (max, sum, weighted values) of the blocks
+    before (None for the first) updated with this block's `scores` `(B, L, n, H)` and `values`
+    `(B, 1, n, H, hd)`. The attention's output is weighted values / sum."""
+    peak = scores.amax(2, keepdim=True)
+    if running is not None:
+        peak = torch.maximum(running[0], peak)
+    exp = (scores - peak).exp()
+    total = exp.sum(2, keepdim=True)
+    weighted = (F.dropout(exp, dropout, training)[..., None] * values).sum(2)  # (B, L, H, hd)
+    if running is not None:
+        rescale = (running[0] - peak).exp()
+        total, weighted = running[1] * rescale + total, running[2] * rescale.squeeze(2)[..., None] + weighted
+    return peak, total, weighted
 
 
 class WeightFormerBlock(GradientCheckpointingLayer):
