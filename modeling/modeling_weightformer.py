@@ -114,7 +114,10 @@ class _TokenCacheEntry:
 _TOKEN_CACHE: OrderedDict[tuple, _TokenCacheEntry] = OrderedDict()
 TOKEN_CACHE_BYTES = 512 * 2**20  # entries beyond this (newest kept first) are dropped
 # The aligned cross-attention takes layers whose keys are larger than this in blocks of channels (`aligned`).
-ALIGNED_BLOCK_BYTES = 4 * 2**20
+# 1 MiB: each block holds about 5 buffers of its keys' size (norm, keys, values, two products); at 4 MiB they
+# were 10 MiB of the presets' generator's peak on ResNet-50 K = 8 (docs/experiments.md v25). The MNIST-1D MLP
+# pools' keys (256 channels × K ≤ 8 × d 128) still fit one block.
+ALIGNED_BLOCK_BYTES = 1 * 2**20
 
 
 def clear_token_cache() -> None:
@@ -261,7 +264,14 @@ class WeightFormerBlock(GradientCheckpointingLayer):
             queries = queries + self.cross_attn.aligned(self.cross_norm(queries), memory, self.memory_norm)
         else:
             queries = queries + self.cross_attn(self.cross_norm(queries), self.memory_norm(memory))
-        return queries + self.mlp(self.mlp_norm(queries))
+        if torch.is_grad_enabled():
+            return queries + self.mlp(self.mlp_norm(queries))
+        # without autograd (generation) the activation runs in place: one (tokens × intermediate) buffer fewer,
+        # the same bits (ResNet-50's 2,048-channel layers, the presets' generator: 8 MiB)
+        up, activation, down, dropout = self.mlp
+        hidden = up(self.mlp_norm(queries))
+        torch.ops.aten.gelu_(hidden, approximate=activation.approximate)
+        return queries + dropout(down(hidden))
 
 
 class WeightFormerPreTrainedModel(PreTrainedModel):
@@ -522,8 +532,12 @@ class WeightFormerModel(WeightFormerPreTrainedModel):
 
         queries = tokens[anchor]
         if self.config.pool_aligned and n_teachers > 1:
-            others = torch.cat([tokens[:anchor], tokens[anchor + 1 :]]).mean(0)
-            queries = queries + self.pool_proj(others)
+            # the mean of the others summed in place, teacher by teacher: `cat(...).mean(0)` gives the same bits
+            # but copies K - 1 teachers' tokens first (ResNet-50's fc, K = 8: 14 MiB at the peak)
+            others = None
+            for k in (k for k in range(n_teachers) if k != anchor):
+                others = tokens[k].clone() if others is None else others.add_(tokens[k])
+            queries = queries + self.pool_proj(others.div_(n_teachers - 1))
         queries = queries.transpose(0, 1)  # (n, C, d): chunks are independent attention problems
         memory = block_memory(tokens, self.config.cross_attention)
         del tokens

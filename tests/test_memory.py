@@ -144,17 +144,17 @@ def one_thread():
 
 
 @pytest.mark.parametrize(
-    "dtype,options,aligned_block_bytes",
-    [(torch.float32, {}, None), (torch.bfloat16, {}, None), (torch.float32, {"cross_attention": "all"}, None),
-     (torch.float32, {}, 16 * 3 * 32 * 4)],  # the last: the aligned attention in blocks of 16 channels
+    "dtype,options,block_bytes",
+    [(torch.float32, {}, {}), (torch.bfloat16, {}, {}), (torch.float32, {"cross_attention": "all"}, {}),
+     (torch.float32, {}, {"ALIGNED_BLOCK_BYTES": 16 * 3 * 32 * 4})],  # the aligned attention in 16-channel blocks
 )  # fmt: skip
 def test_lazy_teachers_stream_layer_by_layer_and_give_the_in_memory_student(
-    tmp_path, monkeypatch, dtype, options, aligned_block_bytes, one_thread
+    tmp_path, monkeypatch, dtype, options, block_bytes, one_thread
 ):
     from weightformer_hf.modeling import modeling_weightformer as mw
 
-    if aligned_block_bytes:
-        monkeypatch.setattr(mw, "ALIGNED_BLOCK_BYTES", aligned_block_bytes)
+    for name, value in block_bytes.items():
+        monkeypatch.setattr(mw, name, value)
     paths = _saved(tmp_path, n=3, dtype=dtype)
     lazy = load_teachers(paths)
     eager = lazy.to("cpu")  # the same teachers, read into memory

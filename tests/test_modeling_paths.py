@@ -393,6 +393,25 @@ def test_without_cross_token_layers_are_independent(use_cross_token):
     assert all(later_equal) if not use_cross_token else not any(later_equal)
 
 
+def test_generation_without_autograd_gives_the_forwards_bits_with_it():
+    """Without autograd the token additions, the other teachers' pooled mean and the blocks' MLP activation run
+    in place (generation's memory): the same bits as the training forward."""
+    models = [make_model("hf_resnet", seed) for seed in range(4)]
+    teachers = wf.TeacherSet.from_models(models)
+    generator = wf.WeightFormerModel.for_teachers(teachers, **SMALL)
+    assert generator.config.pool_aligned
+    perturb(generator)
+    generator.eval()
+    with_autograd = generator(teachers, anchor=2).student_state
+    assert all(v.requires_grad for v in with_autograd.values() if v.is_floating_point())
+    student = generator.generate_student(teachers, anchor=2).state_dict()
+    changed = 0
+    for name, tensor in with_autograd.items():
+        assert torch.equal(bits(student[name]), bits(tensor.detach())), name
+        changed += not torch.equal(student[name], models[2].state_dict()[name])
+    assert changed > len(with_autograd) // 2  # it did generate
+
+
 # -------------------------------------------------------------------------------------- token cache
 def test_cached_teacher_tokens_give_the_same_student_and_follow_the_teachers():
     from weightformer_hf.modeling import modeling_weightformer as mw
