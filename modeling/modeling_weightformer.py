@@ -166,6 +166,7 @@ class WeightFormerAttention(nn.Module):
         q = self.q_proj(queries).view(batch, n_q, heads, head_dim).transpose(1, 2)
         k, v = self.kv_proj(keys).view(batch, keys.shape[1], 2, heads, head_dim).permute(2, 0, 3, 1, 4)
         out = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0)
+        del q, k, v  # (without autograd) their memory takes the output's copy and projection
         return self.o_proj(out.transpose(1, 2).reshape(batch, n_q, dim))
 
     def aligned(
@@ -191,7 +192,8 @@ class WeightFormerAttention(nn.Module):
         # keys and values projected apart: each is contiguous, so the [cross] query reads it as a view
         weight, bias = self.kv_proj.weight, self.kv_proj.bias
         projections = [(weight[i * dim : (i + 1) * dim], bias[i * dim : (i + 1) * dim]) for i in range(2)]
-        outs, running = [], None  # running: the [cross] query's online softmax (max, sum, weighted values)
+        out = q.new_empty(q.shape)  # (B, Q, H, hd): each block's rows are written into place, none concatenated
+        running = None  # the [cross] query's online softmax over the blocks (max, sum, weighted values)
         for first, end in zip(bounds, bounds[1:]):
             memory = norm(keys[:, first:end])
             width = end - first
@@ -200,7 +202,7 @@ class WeightFormerAttention(nn.Module):
             # K keys per query: elementwise products instead of SDPA, whose kernels are made for long sequences
             scores = (q[:, lead + first : lead + first + width, None] * k).sum(-1) * head_dim**-0.5  # (B, c, K, H)
             weights = F.dropout(scores.softmax(dim=2), dropout, self.training)
-            outs.append((weights[..., None] * v).sum(2))  # (B, c, H, hd)
+            out[:, lead + first : lead + end] = (weights[..., None] * v).sum(2)
             if not lead:
                 continue
             if width == channels:  # one block: SDPA over all C × K keys
@@ -212,10 +214,10 @@ class WeightFormerAttention(nn.Module):
             k_all, v_all = (t.reshape(batch, 1, width * n_keys, heads, head_dim) for t in (k, v))
             part = (q[:, :lead, None] * k_all).sum(-1) * head_dim**-0.5  # (B, L, c × K, H)
             running = _online_softmax(running, part, v_all, dropout, self.training)
-        out = torch.cat(outs, dim=1) if len(outs) > 1 else outs[0]
-        if lead:
-            lead_out = running if isinstance(running, torch.Tensor) else running[2] / running[1].squeeze(2)[..., None]
-            out = torch.cat([lead_out, out], dim=1)
+        if lead:  # one block: SDPA's output; several: the online softmax's weighted values over its sum
+            single = isinstance(running, torch.Tensor)
+            out[:, :lead] = running if single else running[2] / running[1].squeeze(2)[..., None]
+        del q, k, v, running
         return self.o_proj(out.reshape(batch, n_q, dim))
 
 
@@ -258,6 +260,7 @@ class WeightFormerBlock(GradientCheckpointingLayer):
     def forward(self, queries: torch.Tensor, memory: torch.Tensor) -> torch.Tensor:
         x = self.self_norm(queries)
         queries = queries + self.self_attn(x, x)
+        del x
         # memory (B, K × C, d): every query attends to all of it; (B, C, K, d) (`cross_attention="aligned"`):
         # channel c's query to memory[:, c] only
         if memory.dim() == 4:
