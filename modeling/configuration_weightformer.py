@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 from transformers import PreTrainedConfig
 
 
@@ -104,6 +106,12 @@ class WeightFormerConfig(PreTrainedConfig):
         if "cross_attention" not in config_dict:
             config_dict = {**config_dict, "cross_attention": "all"}
         return super().from_dict(config_dict, **kwargs)
+
+    @classmethod
+    def from_json_file(cls, json_file: str | os.PathLike) -> WeightFormerConfig:
+        """A config from a `config.json`, through `from_dict` (transformers' calls the constructor directly, which
+        would give an old file without `cross_attention` the new default)."""
+        return cls.from_dict(cls._dict_from_json_file(json_file))
 
 
 # option -> value that means "off": configs saved by earlier versions carry these keys

@@ -111,6 +111,9 @@ def test_cross_attention_option_is_checked_and_saved(tmp_path):
     (tmp_path / "new" / "config.json").write_text(json.dumps(config))
     assert wf.WeightFormerModel.from_pretrained(tmp_path / "new").config.cross_attention == "all"
     assert AutoConfig.from_pretrained(tmp_path / "new").cross_attention == "all"
+    assert wf.WeightFormerConfig.from_json_file(tmp_path / "new" / "config.json").cross_attention == "all"
+    (tmp_path / "aligned.json").write_text(json.dumps({**config, "cross_attention": "aligned"}))
+    assert wf.WeightFormerConfig.from_json_file(tmp_path / "aligned.json").cross_attention == "aligned"
     assert wf.WeightFormerConfig.from_pretrained(tmp_path / "new", cross_attention="aligned").cross_attention == (
         "aligned"
     )  # an explicit override still wins
