@@ -667,8 +667,10 @@ def _differentiable_batch_norm_class(cls: type) -> type:
     return _BATCH_NORM_CLASSES[cls]
 
 
-# Rows of a wide tensor are aligned and copied in blocks of about this many bytes (bounded extra memory).
-_BLOCK_BYTES = 4 * 2**20
+# Rows of a wide tensor are aligned and copied in blocks of about this many bytes (bounded extra memory). Each
+# block is read, gathered, squared or changed into two or three buffers of its size: at 4 MiB they were about
+# 7 MiB of ViT-B/32's peak at its last fc2 (docs/experiments.md v25).
+_BLOCK_BYTES = 1 * 2**20
 
 
 def _tensor_widths(layer: LayerSpec, state: Mapping[str, torch.Tensor]) -> list[int]:
