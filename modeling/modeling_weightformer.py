@@ -667,10 +667,18 @@ def _differentiable_batch_norm_class(cls: type) -> type:
     return _BATCH_NORM_CLASSES[cls]
 
 
-# Rows of a wide tensor are aligned and copied in blocks of about this many bytes (bounded extra memory). Each
-# block is read, gathered, squared or changed into two or three buffers of its size: at 4 MiB they were about
-# 7 MiB of ViT-B/32's peak at its last fc2 (docs/experiments.md v25).
+# Rows of a wide tensor are aligned and copied in blocks of about this many bytes (bounded extra memory), and at
+# least `_BLOCK_MIN_ROWS` rows. Each block is read, gathered, squared or changed into two or three buffers of its
+# size: at 4 MiB they were about 7 MiB of ViT-B/32's peak at its last fc2. But each read of a lazy teacher has a
+# fixed cost: VGG-11's fc1 rows are 98 KiB, and blocks of 10 rows made its warm generation 40 % slower
+# (docs/experiments.md v25).
 _BLOCK_BYTES = 1 * 2**20
+_BLOCK_MIN_ROWS = 64
+
+
+def _block_rows(width: int) -> int:
+    """Rows per block of a tensor whose rows hold `width` float32 values."""
+    return max(_BLOCK_MIN_ROWS, _BLOCK_BYTES // (4 * max(1, width)))
 
 
 def _tensor_widths(layer: LayerSpec, state: Mapping[str, torch.Tensor]) -> list[int]:
@@ -687,7 +695,7 @@ def _aligned_rows(t, state, perm, spec, channels: int, device) -> Iterator[tuple
         group = spec[t.name][0][0] if t.name in spec else None
         # content row r is the teacher's row perm[r]: its row s lands on row argsort(perm)[s]
         landing = torch.argsort(perm[group]).to(device) if group in perm else None
-        rows = max(1, _BLOCK_BYTES // (4 * max(1, width)))
+        rows = _block_rows(width)
         for r in range(0, channels, rows):
             block = permute_trailing(t.name, tensor_rows(state, t.name, r, r + rows), spec, perm)
             block = block.reshape(-1, width).to(device=device, dtype=torch.float32)
@@ -754,7 +762,7 @@ def _apply_changes_in_blocks(
             changed = _changed_tensor(t, value.to(device=device, dtype=torch.float32), decrements[:, start:], layer)
             out[t.name] = changed.to(value.dtype)
         else:
-            rows, new = max(1, _BLOCK_BYTES // (4 * max(1, width))), None
+            rows, new = _block_rows(width), None
             for r in range(0, layer.channels, rows):
                 block = tensor_rows(anchor_state, t.name, r, r + rows)
                 if new is None:

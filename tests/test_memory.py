@@ -168,6 +168,7 @@ def test_lazy_teachers_stream_layer_by_layer_and_give_the_in_memory_student(
     assert len(mw._TOKEN_CACHE) == 1  # in-memory teachers are cached...
     mw.clear_token_cache()
     monkeypatch.setattr(mw, "_BLOCK_BYTES", 64)  # ...lazy ones are streamed, wide tensors in many row blocks
+    monkeypatch.setattr(mw, "_BLOCK_MIN_ROWS", 1)
     built = []
     original = mw.WeightFormerModel._generate_layer
 
