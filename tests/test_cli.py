@@ -73,6 +73,17 @@ def test_generate_untrained_student_equals_anchor(timm_repos, tmp_path, capsys):
     assert card.data.base_model == timm_repos.ids and "untrained" in card.text
 
 
+def test_generate_warns_about_a_teacher_given_twice(timm_repos, tmp_path, capsys):
+    first = timm_repos.ids[0]
+    code, out, err = _run(capsys, "generate", "--generator", "none", "--teachers", first, timm_repos.ids[1], first,
+                          "--out", str(tmp_path / "s"))  # fmt: skip
+    assert code == 0, err
+    assert f"warning: teachers {first!r} and {first!r} are the same model" in err
+    code, out, err = _run(capsys, "generate", "--generator", "none", "--teachers", *timm_repos.ids[:2],
+                          "--out", str(tmp_path / "t"))  # fmt: skip
+    assert code == 0 and "same model" not in err
+
+
 def test_generate_function_matches_cli(timm_repos, tmp_path):
     result = generate(timm_repos.ids[:2], generator="none", anchor=0, out_dir=tmp_path / "s", progress=False)
     assert _same_weights(result.student, timm_repos.models[0])

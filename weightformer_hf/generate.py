@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import sys
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -176,6 +177,20 @@ def check_out_dir(out_dir: str | Path, teachers: TeacherSet, generator_source: s
     return out
 
 
+def _warn_repeated_teachers(teachers: TeacherSet) -> None:
+    """Warn about a teacher given twice (the same repo revision or folder content): allowed, as a weight, but
+    rarely meant; `train.py`'s pools refuse it."""
+    seen: dict[str, str] = {}
+    for info in teachers.infos:
+        if info.identity in seen:
+            warnings.warn(
+                f"teachers {seen[info.identity]!r} and {info.name!r} are the same model ({info.identity}): it "
+                "counts twice in the ensemble and in the generator's teacher set",
+                stacklevel=3,
+            )
+        seen.setdefault(info.identity, info.name)
+
+
 def generate(
     teachers: Sequence[str | Path] | TeacherSet,
     generator="none",
@@ -252,6 +267,7 @@ def generate(
             allow_pickle=allow_pickle,
             trust_remote_code=trust_remote_code,
         )
+        _warn_repeated_teachers(teacher_set)
     if isinstance(anchor, int) and not 0 <= anchor < len(teacher_set):
         raise WeightFormerError(
             f"anchor {anchor} is out of range: there are {len(teacher_set)} teachers (0-based)"
