@@ -57,6 +57,13 @@ def parse_args(argv=None) -> argparse.Namespace:
         metavar="DIR",
         help="merge the benchmark.json of earlier runs (e.g. one pool each) into --output_dir and redraw",
     )
+    p.add_argument(
+        "--anchor_table",
+        nargs="+",
+        metavar="JSON",
+        help="print, from these benchmark.json files, each pool's mean accuracies next to its anchor's and the "
+        "student − anchor per set (README's small-pool table), then exit",
+    )
     g = p.add_argument_group("generator (design and training; chosen on the validation pools only)")
     g.add_argument("--generator_config", help="JSON object or file: WeightFormerConfig kwargs")
     g.add_argument("--gen_steps", type=int, help="episodes on MNIST-1D pools (default: the pool's own; quick 20)")
@@ -229,6 +236,10 @@ def _mean(values) -> float:
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    if args.anchor_table:
+        for path in args.anchor_table:
+            print("\n".join(report.anchor_table(json.loads(Path(path).read_text()))))
+        return {}
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", 1)))  # one thread: 2 were ~20x slower here
     log(f"benchmark ({'quick' if args.quick else 'full'}), {torch.get_num_threads()} thread(s), "
         f"output {args.output_dir}")  # fmt: skip

@@ -159,6 +159,26 @@ def test_mean_ci_hand_computed():
     assert math.isnan(mean_ci([5.0])[1]) and mean_ci([5.0])[0] == 5.0
 
 
+def test_anchor_table_hand_computed():
+    """The README's small-pool rows: the anchor's accuracy rebuilt from the set's mean single accuracy and its
+    G, the student's change per set, methods a pool lacks as a dash, in-pool extras left out."""
+    from benchmarking import report
+
+    def row(k, s, method, accuracy, **extra):
+        return {"pool": "p", "k": k, "heldout_set": s, "method": method, "accuracy": accuracy, **extra}
+
+    rows = []
+    for s, (single, anchor_g, ensemble, student) in enumerate([(0.80, 0.5, 0.84, 0.83), (0.90, -1.0, 0.92, 0.89)]):
+        rows += [row(4, s, "single_mean", single, anchor_gain_recovered=anchor_g), row(4, s, "ensemble", ensemble),
+                 row(4, s, "weightformer", student), row(4, s, "greedy_soup", 0.85)]  # fmt: skip
+    rows.append(row(4, 2, "weightformer_in_pool", 0.5))  # an in-pool set: no ensemble row, not a held-out set
+    result = {"rows": rows, "notes": {"p": ["… chose the generator of step 450 (step 0: the anchor itself) …"]}}
+    # anchors: 0.80 + 0.5 × 0.04 = 0.82 and 0.90 − 1.0 × 0.02 = 0.88; the student: +1.0 and +1.0 pp
+    assert report.anchor_table(result) == [
+        "| p | 4 | 450 | 85.00 | 86.00 | +1.0 / +1.0 | — | 85.00 | — | — | — | 88.00 |"
+    ]
+
+
 def test_kd_baselines_share_the_generators_objective_unless_told():
     import benchmark
 

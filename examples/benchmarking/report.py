@@ -170,6 +170,48 @@ def markdown(result: dict, command: str) -> str:
     return "\n".join(lines)
 
 
+# methods the README's small-pool table compares with the anchor, in its column order
+ANCHOR_TABLE_METHODS = [
+    "weightformer_best_val_anchor", "greedy_soup", "ties_merge", "kd_anchor_1k", "weightformer_kd_1k", "ensemble",
+]  # fmt: skip
+
+
+def anchor_table(result: dict) -> list[str]:
+    """Markdown rows, per pool and K, of mean test accuracies (%) next to the set's anchor: the kept generator
+    step, the anchor, the student, the student − anchor per set (pp), then `ANCHOR_TABLE_METHODS`.
+
+    The anchor (each set's first teacher) has no row of its own: its accuracy is the set's mean single accuracy
+    plus its G times the ensemble's gain over that mean. Sets without an ensemble row (in-pool extras) are
+    left out."""
+    import re
+
+    lines = []
+    by_set: dict = {}
+    for r in result["rows"]:
+        by_set.setdefault((r["pool"], r["k"], r["heldout_set"]), {})[r["method"]] = r
+    for pool in dict.fromkeys(r["pool"] for r in result["rows"]):
+        note = " ".join(result.get("notes", {}).get(pool, []))
+        kept = re.search(r"generator of step (\d+)", note)
+        for k in sorted({k for p, k, _ in by_set if p == pool}):
+            sets = [m for (p, kk, _), m in sorted(by_set.items()) if p == pool and kk == k and "ensemble" in m]
+            anchors, changes = [], []
+            for m in sets:
+                single, ensemble = m["single_mean"]["accuracy"], m["ensemble"]["accuracy"]
+                anchor = single + m["single_mean"]["anchor_gain_recovered"] * (ensemble - single)
+                anchors.append(anchor)
+                changes.append(100 * (m["weightformer"]["accuracy"] - anchor))
+
+            def mean(values: list[float]) -> str:
+                return f"{100 * sum(values) / len(values):.2f}" if values else "—"
+
+            others = [mean([m[name]["accuracy"] for m in sets if name in m]) for name in ANCHOR_TABLE_METHODS]
+            cells = [pool, str(k), kept.group(1) if kept else "—", mean(anchors),
+                     mean([m["weightformer"]["accuracy"] for m in sets]),
+                     " / ".join(f"{c:+.1f}" for c in changes), *others]  # fmt: skip
+            lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
 def cost_summary(costs: dict) -> list[str]:
     """A readable table of the cost figures (means over the sets of K = 4, else the largest K)."""
     lines = [
