@@ -172,7 +172,7 @@ def test_anchor_table_hand_computed():
         rows += [row(4, s, "single_mean", single, anchor_gain_recovered=anchor_g), row(4, s, "ensemble", ensemble),
                  row(4, s, "weightformer", student), row(4, s, "greedy_soup", 0.85)]  # fmt: skip
     rows.append(row(4, 2, "weightformer_in_pool", 0.5))  # an in-pool set: no ensemble row, not a held-out set
-    result = {"rows": rows, "notes": {"p": ["… chose the generator of step 450 (step 0: the anchor itself) …"]}}
+    result = {"rows": rows, "costs": {"generator_training": {"p": {"validation": {"kept_step": 450}}}}}
     # anchors: 0.80 + 0.5 × 0.04 = 0.82 and 0.90 − 1.0 × 0.02 = 0.88; the student: +1.0 and +1.0 pp
     assert report.anchor_table(result) == [
         "| p | 4 | 450 | 85.00 | 86.00 | +1.0 / +1.0 | — | 85.00 | — | — | — | 88.00 |"

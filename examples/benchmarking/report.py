@@ -183,15 +183,13 @@ def anchor_table(result: dict) -> list[str]:
     The anchor (each set's first teacher) has no row of its own: its accuracy is the set's mean single accuracy
     plus its G times the ensemble's gain over that mean. Sets without an ensemble row (in-pool extras) are
     left out."""
-    import re
-
     lines = []
     by_set: dict = {}
     for r in result["rows"]:
         by_set.setdefault((r["pool"], r["k"], r["heldout_set"]), {})[r["method"]] = r
     for pool in dict.fromkeys(r["pool"] for r in result["rows"]):
-        note = " ".join(result.get("notes", {}).get(pool, []))
-        kept = re.search(r"generator of step (\d+)", note)
+        validation = result.get("costs", {}).get("generator_training", {}).get(pool, {}).get("validation") or {}
+        kept = validation.get("kept_step")
         for k in sorted({k for p, k, _ in by_set if p == pool}):
             sets = [m for (p, kk, _), m in sorted(by_set.items()) if p == pool and kk == k and "ensemble" in m]
             anchors, changes = [], []
@@ -205,7 +203,7 @@ def anchor_table(result: dict) -> list[str]:
                 return f"{100 * sum(values) / len(values):.2f}" if values else "—"
 
             others = [mean([m[name]["accuracy"] for m in sets if name in m]) for name in ANCHOR_TABLE_METHODS]
-            cells = [pool, str(k), kept.group(1) if kept else "—", mean(anchors),
+            cells = [pool, str(k), "—" if kept is None else str(kept), mean(anchors),
                      mean([m["weightformer"]["accuracy"] for m in sets]),
                      " / ".join(f"{c:+.1f}" for c in changes), *others]  # fmt: skip
             lines.append("| " + " | ".join(cells) + " |")
