@@ -444,10 +444,16 @@ def push(generator, args):
     print(f"pushed the generator: {getattr(commit, 'commit_url', commit)}")
 
 
-if __name__ == "__main__":
+def cli(argv: list[str] | None = None) -> int:
+    """The command line: `main` on the parsed flags; bad input prints one line and returns exit status 2."""
     try:
-        main(parse_args())
-    except (WeightFormerError, FileNotFoundError) as err:  # bad input: one message, exit status 2
+        main(parse_args(argv))
+    except (WeightFormerError, FileNotFoundError) as err:
         if int(os.environ.get("RANK", "0")) == 0:
             print(f"train.py: error: {err}", file=sys.stderr)
-        sys.exit(2)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli())
