@@ -161,7 +161,7 @@ def _optimizer_state(checkpoint: Path) -> dict:
     return torch.load(checkpoint / "optimizer.bin", weights_only=False)["state"]
 
 
-def test_resume_after_kill_continues_with_identical_state(tiny, tmp_path):
+def test_resume_after_kill_continues_with_identical_state(tiny, tmp_path, monkeypatch, capsys):
     from safetensors.torch import load_file
 
     # with validation teachers, so the best generator so far and the validation curve must survive the kill too
@@ -199,16 +199,17 @@ def test_resume_after_kill_continues_with_identical_state(tiny, tmp_path):
     assert f"kept the generator of step {results_a['kept_step']}" in resumed.stdout
     # resuming with a flag that changes what the generator trains on is refused, and nothing is written
     before = sorted(p.name for p in (full / "checkpoints").iterdir())
-    changed = run(tiny, *flags, "--val_data_fraction", "0.25", "--learning_rate", "0.0123", "--output_dir", full,
-                  "--resume_from_checkpoint", "latest")  # fmt: skip
-    assert changed.returncode == 2
-    assert "the checkpoint was written with val_data_fraction=0.0 (now 0.25), meta_rows=510 (now 383)" in changed.stderr
+    status, stderr = run_in_process(tiny, monkeypatch, capsys, *flags, "--val_data_fraction", "0.25",
+                                    "--learning_rate", "0.0123", "--output_dir", full,
+                                    "--resume_from_checkpoint", "latest")  # fmt: skip
+    assert status == 2
+    assert "the checkpoint was written with val_data_fraction=0.0 (now 0.25), meta_rows=510 (now 383)" in stderr
     # load_state would otherwise keep the saved learning rate without a word
-    assert re.search(r"learning_rate=[0-9.e-]+ \(now 0\.0123\)", changed.stderr), changed.stderr[-2000:]
+    assert re.search(r"learning_rate=[0-9.e-]+ \(now 0\.0123\)", stderr), stderr[-2000:]
     assert sorted(p.name for p in (full / "checkpoints").iterdir()) == before
 
 
-def test_validation_on_held_out_meta_rows_keeps_the_most_accurate_step(tiny, tmp_path):
+def test_validation_on_held_out_meta_rows_keeps_the_most_accurate_step(tiny, tmp_path, monkeypatch, capsys):
     out = tmp_path / "out"
     flags = ["--max_train_steps", "12", "--num_heldout_sets", "1", "--num_val_teachers", "2", "--k_max", "2",
              "--eval_steps", "3", "--val_data_fraction", "0.25", "--metric_for_best_model", "accuracy",
@@ -223,8 +224,8 @@ def test_validation_on_held_out_meta_rows_keeps_the_most_accurate_step(tiny, tmp
     assert (results["metric_for_best_model"], results["val_data_fraction"]) == ("accuracy", 0.25)
     # a second run into the same folder would replace this one's generator, results and checkpoints
     written = {p: p.stat().st_mtime_ns for p in out.rglob("*")}
-    again = run(tiny, *flags, "--output_dir", out)
-    assert again.returncode == 2 and "already holds a run" in again.stderr and "--overwrite_output_dir" in again.stderr
+    status, stderr = run_in_process(tiny, monkeypatch, capsys, *flags, "--output_dir", out)
+    assert status == 2 and "already holds a run" in stderr and "--overwrite_output_dir" in stderr
     assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == written
     assert f"kept the generator of step {results['kept_step']} (validation accuracy" in result.stdout
     # unless asked to: then the old run's checkpoints go first, so `latest` can only be one of the new run's
