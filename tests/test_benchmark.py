@@ -106,21 +106,42 @@ def test_heldout_sets_are_disjoint_and_unseen(quick_run):
     _, result, _ = quick_run
     for pool, entry in result["pools"].items():
         train = set(range(entry["num_train_teachers"]))
+        validation = set(range(len(train), len(train) + entry["num_validation_teachers"]))
         for k in {r["k"] for r in result["rows"] if r["pool"] == pool}:
             sets = {r["heldout_set"]: r["members"] for r in result["rows"]
                     if r["pool"] == pool and r["k"] == k and r["method"] == "weightformer"}  # fmt: skip
             members = [m for s in sets.values() for m in s]
-            assert len(members) == len(set(members)), (pool, k)  # disjoint within K
-            assert not set(members) & train, (pool, k)
+            assert sets and len(members) == len(set(members)), (pool, k)  # disjoint within K
+            assert not set(members) & (train | validation), (pool, k)  # nor trained on, nor chose the step
             in_pool = [r["members"] for r in result["rows"]
                        if r["pool"] == pool and r["k"] == k and r["method"] == "weightformer_in_pool"]  # fmt: skip
-            assert all(set(m) <= train for m in in_pool)
+            assert in_pool and all(set(m) <= train for m in in_pool), (pool, k)
 
 
 @pytest.mark.slow
 def test_single_best_val_and_greedy_soup_choose_on_validation(quick_run):
-    _, result, _ = quick_run
+    """single_best_val is the set's most accurate teacher on the meta split (recomputed here for the MNIST-1D
+    pools, whose data is cheap to reload; the first of equals), and greedy soup starts from it."""
+    from benchmarking import plans
+    from benchmarking.methods import model_logits
+
+    _, result, cache = quick_run
     rows = result["rows"]
+    meta_accuracy = {}
+    os.environ["WEIGHTFORMER_HF_CACHE"] = str(cache)
+    try:
+        for plan in (p for p in plans.quick_plans() if p.dataset == "mnist1d"):
+            teachers, data, _, _ = plans.load(plan, log=lambda *a: None)
+            meta_accuracy[plan.name] = [(model_logits(teachers.model(i), data.meta_x).argmax(-1) == data.meta_y)
+                                        .float().mean().item() for i in range(len(teachers))]  # fmt: skip
+    finally:
+        os.environ.pop("WEIGHTFORMER_HF_CACHE")
+    checked = 0
+    for best in (r for r in rows if r["method"] == "single_best_val" and r["pool"] in meta_accuracy):
+        scores = [meta_accuracy[best["pool"]][m] for m in best["members"]]
+        assert best["chosen"] == best["members"][max(range(len(scores)), key=lambda i: (scores[i], -i))], best
+        checked += 1
+    assert checked >= 6
     for row in (r for r in rows if r["method"] == "greedy_soup"):
         best = next(r for r in rows if r["method"] == "single_best_val" and r["pool"] == row["pool"]
                     and r["k"] == row["k"] and r["heldout_set"] == row["heldout_set"])  # fmt: skip
@@ -220,6 +241,7 @@ def test_combine_merges_runs_of_separate_pools(quick_run, tmp_path):
     assert "Command: `run 0 ; run 1`" in (tmp_path / "merged" / "benchmark.md").read_text()
 
 
+@pytest.mark.slow
 def test_validation_teachers_choose_the_kept_step(quick_run):
     _, result, _ = quick_run
     trained = result["costs"]["generator_training"]

@@ -84,18 +84,29 @@ def test_generate_warns_about_a_teacher_given_twice(timm_repos, tmp_path, capsys
     assert code == 0 and "same model" not in err
 
 
-def test_generate_function_matches_cli(timm_repos, tmp_path):
+def test_generate_function_matches_cli(timm_repos, tmp_path, capsys):
+    from safetensors.torch import load_file
+
     result = generate(timm_repos.ids[:2], generator="none", anchor=0, out_dir=tmp_path / "s", progress=False)
     assert _same_weights(result.student, timm_repos.models[0])
     assert result.out_dir == tmp_path / "s" and (result.out_dir / "model.safetensors").is_file()
     assert [i.revision for i in result.teachers.infos] == timm_repos.shas[:2]
+    code, _, err = _run(capsys, "generate", "--generator", "none", "--teachers", *timm_repos.ids[:2], "--anchor", "0",
+                        "--out", str(tmp_path / "c"))  # fmt: skip
+    assert code == 0, err
+    by_function, by_cli = (load_file(tmp_path / d / "model.safetensors") for d in ("s", "c"))
+    assert by_function.keys() == by_cli.keys() and all(torch.equal(by_function[k], by_cli[k]) for k in by_cli)
+    assert ModelCard.load(tmp_path / "s" / "README.md").data == ModelCard.load(tmp_path / "c" / "README.md").data
 
 
 def test_generate_with_a_generator_from_the_hub(hub, timm_repos, tmp_path, capsys):
+    import timm
+    from families import perturb
+
     teachers = load_teachers(timm_repos.ids)
-    WeightFormerModel.for_teachers(teachers, hidden_size=16, intermediate_size=32).save_pretrained(
-        tmp_path / "g"
-    )
+    generator = WeightFormerModel.for_teachers(teachers, hidden_size=16, intermediate_size=32)
+    perturb(generator)  # a generator that changes the anchor, so the student shows its weights were used
+    generator.save_pretrained(tmp_path / "g")
     sha = hub.add_repo("testorg/generator", tmp_path / "g")
     out_dir = tmp_path / "student"
     code, _, err = _run(
@@ -111,6 +122,9 @@ def test_generate_with_a_generator_from_the_hub(hub, timm_repos, tmp_path, capsy
     assert code == 0, err
     card = ModelCard.load(out_dir / "README.md")
     assert f"`testorg/generator` at commit `{sha}`" in card.text
+    student = timm.create_model(f"local-dir:{out_dir}", pretrained=True).eval()
+    assert _same_weights(student, generator.generate_student(teachers, anchor=0))
+    assert not _same_weights(student, timm_repos.models[0])
 
 
 def test_generate_refuses_teachers_the_generator_does_not_serve(hf_repos, timm_repos, tmp_path, capsys):

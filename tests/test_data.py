@@ -13,14 +13,16 @@ from weightformer_hf.reference_models import MLPClassifier, MLPClassifierConfig
 LABELS = {i: str(i) for i in range(10)}
 
 
-def test_mnist1d_splits_have_a_fresh_meta_split_and_are_cached(tmp_path):
+def test_mnist1d_splits_have_a_fresh_meta_split_and_are_cached(tmp_path, monkeypatch):
     splits = data.mnist1d_splits(num_samples=300, meta_samples=100, cache_dir=tmp_path)
     assert {k: len(v) for k, v in splits.items()} == {"train": 200, "test": 100, "meta": 100}
     assert splits["train"].features["label"].names == data.DIGIT_NAMES
     train = {tuple(x) for x in splits["train"][data.SIGNAL_COLUMN]}
     assert not train & {tuple(x) for x in splits["meta"][data.SIGNAL_COLUMN]}  # another seed: new samples
+    monkeypatch.setattr(data, "_mnist1d_draw", lambda *a, **k: pytest.fail("drawn again instead of reloaded"))
     again = data.mnist1d_splits(num_samples=300, meta_samples=100, cache_dir=tmp_path)
     assert again["meta"]._fingerprint == splits["meta"]._fingerprint  # reloaded from disk, same identity
+    assert again["meta"][data.SIGNAL_COLUMN] == splits["meta"][data.SIGNAL_COLUMN]
 
     task = data.task_splits(splits, data.signal_transform())
     batch = data.collate([task["meta"][i] for i in range(4)])
@@ -82,8 +84,12 @@ def test_recompute_bn_stats_matches_the_data():
     batches = [{"inputs": torch.randn(64, 3) * 3 + 1} for _ in range(4)]
     training.recompute_bn_stats(model, batches)
     with torch.no_grad():
-        hidden = model[0](torch.cat([b["inputs"] for b in batches]))
+        per_batch = [model[0](b["inputs"]) for b in batches]
+    hidden = torch.cat(per_batch)
     torch.testing.assert_close(model[1].running_mean, hidden.mean(0), atol=1e-5, rtol=1e-5)
+    # update_bn's cumulative average of each batch's unbiased variance
+    expected_var = torch.stack([h.var(0) for h in per_batch]).mean(0)
+    torch.testing.assert_close(model[1].running_var, expected_var, atol=1e-5, rtol=1e-5)
     assert not model.training and model[1].momentum == 0.1
 
 
@@ -115,12 +121,17 @@ def test_student_tensors_stay_fp32_under_bf16_autocast():
     models = [MLPClassifier(MLPClassifierConfig(hidden_sizes=(8,), id2label=LABELS)) for _ in range(3)]
     teachers = TeacherSet.from_models(models)
     generator = WeightFormerModel.for_teachers(teachers, hidden_size=16, num_attention_heads=2, intermediate_size=32)
+    student_logits, teacher_logits = torch.randn(4, 10, dtype=torch.bfloat16), torch.randn(3, 4, 10)
+    labels = torch.zeros(4, dtype=torch.long)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         state = generator(teachers, anchor=1).student_state
-        loss = training.kd_loss(torch.randn(4, 10, dtype=torch.bfloat16), torch.randn(3, 4, 10),
-                                torch.zeros(4, dtype=torch.long), 0.9, 4.0)  # fmt: skip
-    assert all(v.dtype == torch.float32 for v in state.values())  # the residual addition happens in fp32
+        loss = training.kd_loss(student_logits, teacher_logits, labels, 0.9, 4.0)
+    # the residual addition happens in fp32: an untrained generator still gives the anchor bit for bit
+    anchor = models[1].state_dict()
+    assert state.keys() == anchor.keys()
+    assert all(v.dtype == torch.float32 and torch.equal(v, anchor[k]) for k, v in state.items())
     assert loss.dtype == torch.float32
+    assert torch.equal(loss, training.kd_loss(student_logits.float(), teacher_logits, labels, 0.9, 4.0))
 
 
 def test_train_generator_names_a_dataloader_without_full_batches():

@@ -440,7 +440,10 @@ def test_cached_teacher_tokens_give_the_same_student_and_follow_the_teachers():
     assert all(p.grad is not None for p in generator.decoders.parameters())
     # another anchor, another order, another set: other entries, same answers as a cold cache
     for other, anchor in ((teachers, 0), (teachers.subset([2, 1, 0]), 1)):
+        mw.clear_token_cache()
+        generator(teachers, anchor=1)  # the entry each case must not be served from
         state = generator(other, anchor=anchor).student_state
+        assert len(mw._TOKEN_CACHE) == 2
         mw.clear_token_cache()
         fresh = generator(other, anchor=anchor).student_state
         assert all(torch.equal(state[n], fresh[n]) for n in state)

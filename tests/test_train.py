@@ -568,6 +568,7 @@ def test_finetuning_the_student_is_the_kd_baseline_from_the_generated_student(un
     """`--finetune_steps N` runs `kd_anchor_N`'s KD (`weightformer generate --finetune-steps`): from an
     untrained generator's student, which is the anchor, the two give the same model on every set."""
     sets = untrained_run["heldout_sets"]
+    assert len(sets) == 1  # 2 held-out teachers at K = 2: one distinct set
     for entry in sets:
         assert entry["student_accuracy"] == entry["anchor_accuracy"]
         assert entry["finetuned_student_nll"] == entry["kd_anchor_7_nll"]

@@ -242,15 +242,20 @@ def test_a_non_finite_loss_stops_training_before_it_reaches_the_weights(pool):
     generator, optimizer, loader, scheduler = accelerator.prepare(generator, optimizer, loader, scheduler)
     progress, before = training.TrainingProgress("loss"), {}
 
-    def remember(step, loss):  # the weights after each finite step (logging every step)
-        before.update(step=step, weights={k: v.clone() for k, v in generator.state_dict().items()})
+    def remember(step, loss):  # the weights and optimizer state after each finite step (logging every step)
+        moments = {i: {k: v.clone() for k, v in s.items()} for i, s in optimizer.state_dict()["state"].items()}
+        before.update(step=step, weights={k: v.clone() for k, v in generator.state_dict().items()}, moments=moments)
+
+    remember(0, None)  # the first episode may be the one that fails
 
     with pytest.raises(WeightFormerError, match=r"the training loss is nan at step (\d+)") as error:
         training.train_generator(accelerator, generator, optimizer, scheduler, loader, train,
                                  training.TeacherTargets(train, poisoned), EPISODES, 50, progress,
                                  logging_steps=1, on_log=remember, show_progress=False)  # fmt: skip
     failed_step = int(error.value.args[0].split("at step ")[1].split()[0])
-    assert progress.step == failed_step - 1 == before.get("step", 0)
+    assert progress.step == failed_step - 1 == before["step"]
     assert all(torch.isfinite(v).all() for v in generator.state_dict().values())
-    if before:
-        assert all(torch.equal(v, before["weights"][k]) for k, v in generator.state_dict().items())
+    assert all(torch.equal(v, before["weights"][k]) for k, v in generator.state_dict().items())
+    moments = optimizer.state_dict()["state"]
+    assert moments.keys() == before["moments"].keys()
+    assert all(torch.equal(v, before["moments"][i][k]) for i, s in moments.items() for k, v in s.items())
