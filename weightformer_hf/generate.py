@@ -178,17 +178,9 @@ def check_out_dir(out_dir: str | Path, teachers: TeacherSet, generator_source: s
 
 
 def _warn_repeated_teachers(teachers: TeacherSet) -> None:
-    """Warn about a teacher given twice (the same repo revision or folder content): allowed, as a weight, but
-    rarely meant; `train.py`'s pools refuse it."""
-    seen: dict[str, str] = {}
-    for info in teachers.infos:
-        if info.identity in seen:
-            warnings.warn(
-                f"teachers {seen[info.identity]!r} and {info.name!r} are the same model ({info.identity}): it "
-                "counts twice in the ensemble and in the generator's teacher set",
-                stacklevel=3,
-            )
-        seen.setdefault(info.identity, info.name)
+    """Warn about a teacher given twice: allowed, as a weight, but rarely meant; `train.py`'s pools refuse it."""
+    for message in teachers.repeated():
+        warnings.warn(f"{message}: it counts twice in the ensemble and in the generator's teacher set", stacklevel=3)
 
 
 def generate(

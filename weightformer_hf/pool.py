@@ -443,14 +443,8 @@ def load_pool(sources: Sequence[str | Path]) -> TeacherSet:
     """A validated `TeacherSet` from teacher folders and/or Hub ids (one architecture, one label set), each
     teacher once: a teacher given twice could train the generator and sit in a held-out set."""
     teachers = load_teachers([str(s) for s in sources])
-    seen: dict[str, str] = {}
-    for info in teachers.infos:
-        if info.identity in seen:
-            raise TeacherSourceError(
-                f"teachers {seen[info.identity]!r} and {info.name!r} are the same model ({info.identity}): give "
-                "each teacher once"
-            )
-        seen[info.identity] = info.name
+    if repeated := teachers.repeated():
+        raise TeacherSourceError(f"{repeated[0]}: give each teacher once")
     return teachers
 
 

@@ -143,6 +143,17 @@ class TeacherSet:
     def names(self) -> list[str]:
         return [i.name for i in self.infos]
 
+    def repeated(self) -> list[str]:
+        """One message per teacher that is an earlier one again (the same repo revision or folder content)."""
+        seen: dict[str, str] = {}
+        repeats = []
+        for info in self.infos:
+            if info.identity in seen:
+                first = seen[info.identity]
+                repeats.append(f"teachers {first!r} and {info.name!r} are the same model ({info.identity})")
+            seen.setdefault(info.identity, info.name)
+        return repeats
+
     @property
     def template(self) -> nn.Module:
         """A model of the teachers' architecture used to run students functionally (`run_student` passes
