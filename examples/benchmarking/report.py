@@ -176,6 +176,10 @@ ANCHOR_TABLE_METHODS = [
 ]  # fmt: skip
 
 
+def _percent_mean(values: list[float]) -> str:
+    return f"{100 * sum(values) / len(values):.2f}" if values else "—"
+
+
 def anchor_table(result: dict) -> list[str]:
     """Markdown rows, per pool and K, of mean test accuracies (%) next to the set's anchor: the kept generator
     step, the anchor, the student, the student − anchor per set (pp), then `ANCHOR_TABLE_METHODS`.
@@ -198,13 +202,9 @@ def anchor_table(result: dict) -> list[str]:
                 anchor = single + m["single_mean"]["anchor_gain_recovered"] * (ensemble - single)
                 anchors.append(anchor)
                 changes.append(100 * (m["weightformer"]["accuracy"] - anchor))
-
-            def mean(values: list[float]) -> str:
-                return f"{100 * sum(values) / len(values):.2f}" if values else "—"
-
-            others = [mean([m[name]["accuracy"] for m in sets if name in m]) for name in ANCHOR_TABLE_METHODS]
-            cells = [pool, str(k), "—" if kept is None else str(kept), mean(anchors),
-                     mean([m["weightformer"]["accuracy"] for m in sets]),
+            others = [_percent_mean([m[name]["accuracy"] for m in sets if name in m]) for name in ANCHOR_TABLE_METHODS]
+            cells = [pool, str(k), "—" if kept is None else str(kept), _percent_mean(anchors),
+                     _percent_mean([m["weightformer"]["accuracy"] for m in sets]),
                      " / ".join(f"{c:+.1f}" for c in changes), *others]  # fmt: skip
             lines.append("| " + " | ".join(cells) + " |")
     return lines
