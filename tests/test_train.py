@@ -20,6 +20,7 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = str(REPO / "examples" / "train.py")
+sys.path.insert(0, str(REPO / "examples"))  # `import train` in the in-process tests
 TINY = {
     "dataset_name": "mnist1d",
     "mnist1d": {"num_samples": 1500, "train_split": 2 / 3, "meta_samples": 512, "meta_seed": 4242},
@@ -91,10 +92,8 @@ def run(tiny, *args, launch: list[str] | None = None, env=None, timeout=300) -> 
 def run_in_process(tiny, monkeypatch, capsys, *args) -> tuple[int, str]:
     """`train.cli` in this process: a launch's code path without a new interpreter, whose imports cost about
     10 s per run on 2 cores. Returns the exit status and stderr; accelerate's process state is reset after."""
-    from accelerate.state import AcceleratorState
-
-    sys.path.insert(0, str(Path(SCRIPT).parent))
     import train
+    from accelerate.state import AcceleratorState
 
     monkeypatch.setenv("WEIGHTFORMER_HF_CACHE", tiny["env"]["WEIGHTFORMER_HF_CACHE"])
     capsys.readouterr()
@@ -435,7 +434,6 @@ def test_presets_load_and_name_the_issue_settings():
 
 
 def test_the_default_run_is_the_finetune_preset_and_writes_under_its_name():
-    sys.path.insert(0, str(Path(SCRIPT).parent))
     import train
 
     args = train.parse_args([])
@@ -490,7 +488,6 @@ def test_heldout_sets_are_distinct_and_disjoint_first():
     ],
 )
 def test_flag_values_that_cannot_work_are_refused_up_front(flags, message, capsys):
-    sys.path.insert(0, str(Path(SCRIPT).parent))
     import train
 
     with pytest.raises(SystemExit) as exit_info:
@@ -499,7 +496,6 @@ def test_flag_values_that_cannot_work_are_refused_up_front(flags, message, capsy
 
 
 def test_preset_files_that_cannot_work_are_refused_naming_the_key(tmp_path, capsys):
-    sys.path.insert(0, str(Path(SCRIPT).parent))
     import train
 
     cases = {
@@ -525,7 +521,6 @@ def test_preset_files_that_cannot_work_are_refused_naming_the_key(tmp_path, caps
 
 
 def test_output_dir_holding_a_run_or_a_model_is_not_overwritten_unless_asked(tmp_path):
-    sys.path.insert(0, str(Path(SCRIPT).parent))
     import train
 
     from weightformer_hf import WeightFormerError
@@ -540,7 +535,6 @@ def test_output_dir_holding_a_run_or_a_model_is_not_overwritten_unless_asked(tmp
 
 
 def test_resuming_from_a_folder_that_is_no_checkpoint_is_named(tmp_path):
-    sys.path.insert(0, str(Path(SCRIPT).parent))
     import train
 
     from weightformer_hf import WeightFormerError
@@ -603,7 +597,6 @@ def test_the_best_val_anchor_student_of_an_untrained_generator_is_the_sets_best_
 
 
 def test_resuming_from_a_truncated_checkpoint_is_named(tmp_path):
-    sys.path.insert(0, str(Path(SCRIPT).parent))
     import train
     from accelerate import Accelerator
 
