@@ -155,12 +155,19 @@ def test_batched_split_loader_yields_the_plain_loaders_batches(tmp_path):
                             generator=torch.Generator().manual_seed(0))  # fmt: skip
         return [batch for _ in range(2) for batch in loader]
 
-    plain, batched = batches(meta), batches(data.BatchedSplit(meta))
-    assert len(plain) == len(batched) == 6
+    # 100 rows of 40 float32 inputs, an int64 label and an int64 index: 17,600 bytes, at or over the budget
+    in_memory, from_arrow = data.BatchedSplit(meta, max_bytes=17_600), data.BatchedSplit(meta, max_bytes=17_599)
+    plain = batches(meta)
     assert plain[0]["index"].tolist() != list(range(32))  # shuffled
-    for a, b in zip(plain, batched):
-        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) and a[k].dtype == b[k].dtype for k in a)
-    assert torch.equal(data.BatchedSplit(meta)[3]["inputs"], meta[3]["inputs"])
+    for split in (in_memory, from_arrow):
+        batched = batches(split)
+        assert len(plain) == len(batched) == 6
+        for a, b in zip(plain, batched):
+            assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) and a[k].dtype == b[k].dtype for k in a)
+        row = split[3]
+        assert row.keys() == meta[3].keys() and all(torch.equal(row[k], meta[3][k]) for k in row)
+    assert in_memory._rows is not None and in_memory._rows["inputs"].shape == (100, 40)
+    assert from_arrow._sized and from_arrow._rows is None
 
 
 def test_teacher_labels_must_mean_the_datasets_classes():
