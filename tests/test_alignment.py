@@ -150,6 +150,21 @@ def test_lazy_teachers_are_streamed_with_the_same_result(tmp_path, monkeypatch):
     assert lazy_trims > 0 and len(trims) == lazy_trims  # the test's groups are too narrow for the other trim
 
 
+def test_alignments_all_from_memory_hand_nothing_back(monkeypatch):
+    """Heap memory goes back to the OS after pairs were matched (or read from disk), not when every pair came
+    from the set's in-memory cache, as in most training episodes."""
+    teachers = wf.TeacherSet.from_models([make_model("mlp", seed) for seed in range(3)])
+    spec = teachers.family.permutation_spec(teachers.template)
+    trims = []
+    monkeypatch.setattr(alignment, "release_free_memory", lambda: trims.append(1))
+    first = alignment.align_all_to_anchor(teachers, 0, spec)
+    assert len(trims) == 1
+    again = alignment.align_all_to_anchor(teachers, 0, spec)
+    assert len(trims) == 1 and all(a[g] is b[g] for a, b in zip(first, again) for g in a)
+    alignment.align_all_to_anchor(teachers, 1, spec)  # teacher 0 and 2 against anchor 1: new pairs
+    assert len(trims) == 2
+
+
 def _cache_teachers(tmp_path, monkeypatch):
     monkeypatch.setenv("WEIGHTFORMER_HF_CACHE", str(tmp_path / "cache"))
     monkeypatch.setattr(alignment, "DISK_CACHE_MIN_NUMEL", 0)
