@@ -56,12 +56,17 @@ def _adamw_step(params, grads, state, step: int, lr: torch.Tensor, weight_decay:
     c1, c2 = 1 - b1**step, 1 - b2**step
     for name, p in params.items():
         g = grads[name]
-        m, v = state.setdefault(name, (torch.zeros_like(p), torch.zeros_like(p)))
+        if name not in state:
+            state[name] = (torch.zeros_like(p), torch.zeros_like(p))
+        m, v = state[name]
         rate = (lr.view(-1, *([1] * (p.dim() - 1))) if lr.dim() else lr).to(p)
         p.mul_(1 - rate * weight_decay)
         m.mul_(b1).add_(g, alpha=1 - b1)
         v.mul_(b2).addcmul_(g, g, value=1 - b2)
-        p.sub_(rate * (m / c1) / ((v / c2).sqrt() + eps))
+        # p -= rate * (m / c1) / (sqrt(v / c2) + eps), the same operations in place on two temporaries
+        # instead of five (the stacked moments of a whole pool chunk: this step was 44 % of a training step)
+        update, denominator = (m / c1).mul_(rate), (v / c2).sqrt_().add_(eps)
+        p.sub_(update.div_(denominator))
 
 
 def train_models(
