@@ -485,6 +485,7 @@ def test_heldout_sets_are_distinct_and_disjoint_first():
         (["--max_train_steps", "-3"], "--max_train_steps must be at least 0, got -3"),
         (["--lr_scheduler_type", "cosyne"], "--lr_scheduler_type 'cosyne' is not one of linear, cosine"),
         (["--with_tracking", "--report_to", "tensorbored"], "--report_to tensorbored: not a tracker"),
+        (["--cpu_threads", "0"], "--cpu_threads must be at least 1, got 0"),
     ],
 )
 def test_flag_values_that_cannot_work_are_refused_up_front(flags, message, capsys):
@@ -493,6 +494,31 @@ def test_flag_values_that_cannot_work_are_refused_up_front(flags, message, capsy
     with pytest.raises(SystemExit) as exit_info:
         train.parse_args(flags)
     assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_a_plain_launch_on_cpu_gets_the_cores_that_launch_cpu_would(monkeypatch):
+    """`accelerate launch` without `--cpu` sets OMP_NUM_THREADS=1; on a CPU the script then takes accelerate's own
+    `--cpu` count, the physical cores per local process, unless `--cpu_threads` says otherwise."""
+    import psutil
+    import train
+
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(psutil, "cpu_count", lambda logical=True: 8 if logical else 4)  # 4 cores, 8 hyperthreads
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
+    monkeypatch.setenv("ACCELERATE_USE_CPU", "False")
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    assert train.cpu_threads(cpu, None, 1) == 4
+    assert train.cpu_threads(cpu, None, 2) == 2  # two local processes share the cores
+    assert train.cpu_threads(cpu, None, 4) is None  # one core each: what the launch set
+    assert train.cpu_threads(cpu, 1, 1) == 1 and train.cpu_threads(cpu, 3, 1) == 3  # --cpu_threads wins
+    assert train.cpu_threads(torch.device("cuda"), None, 1) is None  # the GPU trains
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")  # a count the user chose
+    assert train.cpu_threads(cpu, None, 1) is None
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    monkeypatch.setenv("ACCELERATE_USE_CPU", "True")  # `accelerate launch --cpu` already set the count
+    assert train.cpu_threads(cpu, None, 1) is None
+    monkeypatch.delenv("ACCELERATE_USE_CPU")  # `python examples/train.py`: the user's own setting
+    assert train.cpu_threads(cpu, None, 1) is None
 
 
 def test_preset_files_that_cannot_work_are_refused_naming_the_key(tmp_path, capsys):
