@@ -265,3 +265,6 @@ def test_validation_rows_are_kept_out_of_the_generators_batches():
     seen = {int(i) for batch in methods.meta_loader(data, 8, seed=0, rows=trained_on) for i in batch["index"]}
     assert seen <= set(trained_on) and len(seen) == 40  # 5 full batches of 8: every row, none held out
     assert all(torch.equal(b["inputs"], data.meta_x[b["index"]]) for b in methods.meta_loader(data, 8, 0, rows=held))
+    row = methods.meta_loader(data, 8, 0, rows=held).dataset[3]  # one row, as a map-style dataset gives it
+    assert int(row["index"]) == held[3] and torch.equal(row["inputs"], data.meta_x[held[3]])
+    assert row["inputs"].shape == (3,) and int(row["labels"]) == held[3] % 10

@@ -99,7 +99,8 @@ class _MetaRows(torch.utils.data.Dataset):
         return len(self.rows)
 
     def __getitem__(self, position: int) -> dict:
-        return self.__getitems__([position])
+        index = self.rows[position]
+        return {"inputs": self.data.meta_x[index], "labels": self.data.meta_y[index], "index": index}
 
     def __getitems__(self, positions: list[int]) -> dict:
         index = self.rows[torch.as_tensor(positions, dtype=torch.long)]
