@@ -3,6 +3,7 @@
     OMP_NUM_THREADS=1 python examples/benchmark.py                          # full run → results/
     OMP_NUM_THREADS=1 python examples/benchmark.py --pools mlp_finetune     # one pool
     OMP_NUM_THREADS=1 python examples/benchmark.py --quick                  # tiny, ~2 min → results_quick/
+    OMP_NUM_THREADS=1 python examples/benchmark.py --step_costs_only        # → results/train_step_costs.json
 
 Pools (`examples/benchmarking/plans.py`; built once with `weightformer_hf.pool.build_pool`, cached, resumable):
 `mlp_scratch` (280 MNIST-1D MLPs 40-256-256-10 trained from scratch; 256 train the generator), `mlp_finetune`
@@ -34,7 +35,9 @@ from pathlib import Path
 import torch
 from benchmarking import methods, plans, report
 
+import weightformer_hf as wf
 from weightformer_hf.hub import no_progress_bars
+from weightformer_hf.pool import new_teacher
 from weightformer_hf.training import EpisodeConfig, TrainingProgress
 
 REPO = Path(__file__).resolve().parents[1]
@@ -51,6 +54,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--output_dir", help="default: results/ (full) or results_quick/ (--quick)")
     p.add_argument("--pools", nargs="+", choices=plans.POOLS, help="run only these pools (default: all)")
     p.add_argument("--build_only", action="store_true", help="only train and cache the pools, then exit")
+    p.add_argument(
+        "--step_costs_only", action="store_true",
+        help="only time a generator training step against a student-only KD step on each pool's architecture "
+        "(4 random teachers: a step's time depends on shapes, not on what the teachers learned; no pool is "
+        "built) and write train_step_costs.json",
+    )  # fmt: skip
     p.add_argument(
         "--combine",
         nargs="+",
@@ -131,6 +140,33 @@ def generator_recipe(args, plan: plans.PoolPlan) -> methods.GeneratorRecipe:
     if args.quick and not args.generator_config:
         recipe.config.update(hidden_size=32, intermediate_size=64, num_hidden_layers=1)
     return recipe
+
+
+def step_costs(plan: plans.PoolPlan, args) -> dict:
+    """`methods.step_times` for the plan's architecture, data and recipe, on 4 random teachers."""
+    torch.manual_seed(args.seed)
+    teachers = wf.TeacherSet.from_models([new_teacher(plan.spec, plans.LABELS) for _ in range(4)])
+    run = methods.PoolRun(plan, teachers, plans.task_data(plan), None, args)
+    recipe = generator_recipe(args, plan)
+    generator = wf.WeightFormerModel.for_teachers(teachers, **recipe.config)
+    return methods.step_times(run, generator, [0, 1, 2, 3], recipe, repeats=2 if args.quick else 10)
+
+
+def write_step_costs(selected: list[plans.PoolPlan], args) -> dict:
+    """`--step_costs_only`: every selected pool's step times, printed and written to train_step_costs.json."""
+    costs = {}
+    for plan in selected:
+        costs[plan.name] = step_costs(plan, args)
+        log(f"[{plan.name}] step times {costs[plan.name]}")
+    result = {"machine": report.machine_info(), "wall_seconds": time.perf_counter() - T0, "train_step": costs,
+              "commands": ["OMP_NUM_THREADS=1 python examples/benchmark.py " + shlex.join(sys.argv[1:])]}  # fmt: skip
+    args.output_dir.mkdir(parents=True, exist_ok=True)
+    (args.output_dir / "train_step_costs.json").write_text(json.dumps(result, indent=2) + "\n")
+    print("| pool | K | batch | generator step ms | student-only KD step ms | ratio |\n|---|---|---|---|---|---|")
+    for name, c in costs.items():
+        print(f"| {name} | {c['k']} | {c['batch_size']} | {1000 * c['generator_step_seconds']:.1f} | "
+              f"{1000 * c['student_kd_step_seconds']:.1f} | {c['ratio']:.2f} |")  # fmt: skip
+    return result
 
 
 def run_pool(plan: plans.PoolPlan, args, costs: dict, notes: dict, pools: dict) -> list[dict]:
@@ -253,6 +289,8 @@ def main(argv=None) -> dict:
         return {}
     if args.combine:
         return combine([Path(d) for d in args.combine], args.output_dir)
+    if args.step_costs_only:
+        return write_step_costs(selected, args)
     costs = {"generator_training": {}, "train_step": {}, "time_ratios": {}}
     notes, pools, rows = {}, {}, []
     with no_progress_bars():

@@ -268,3 +268,30 @@ def test_validation_rows_are_kept_out_of_the_generators_batches():
     row = methods.meta_loader(data, 8, 0, rows=held).dataset[3]  # one row, as a map-style dataset gives it
     assert int(row["index"]) == held[3] and torch.equal(row["inputs"], data.meta_x[held[3]])
     assert row["inputs"].shape == (3,) and int(row["labels"]) == held[3] % 10
+
+
+def test_step_costs_only_times_each_pools_architecture_without_building_it(tmp_path, monkeypatch):
+    import benchmark
+    import torch
+    from benchmarking import plans
+
+    monkeypatch.setenv("WEIGHTFORMER_HF_CACHE", str(tmp_path / "cache"))
+
+    def no_pool(*args, **kwargs):
+        raise AssertionError("--step_costs_only built or loaded a pool")
+
+    monkeypatch.setattr(plans, "build", no_pool)
+    monkeypatch.setattr(plans, "load", no_pool)
+    out, threads = tmp_path / "out", torch.get_num_threads()
+    try:  # main() sets torch's threads from OMP_NUM_THREADS, for this process
+        result = benchmark.main(["--quick", "--step_costs_only", "--pools", "mlp_scratch", "--output_dir", str(out)])
+    finally:
+        torch.set_num_threads(threads)
+    written = json.loads((out / "train_step_costs.json").read_text())
+    assert written["train_step"] == result["train_step"] and set(written["train_step"]) == {"mlp_scratch"}
+    costs = written["train_step"]["mlp_scratch"]
+    assert costs["k"] == 4 and costs["batch_size"] == 4096  # the quick pool's 4,100 meta rows hold one batch
+    assert costs["generator_step_seconds"] > 0 and costs["student_kd_step_seconds"] > 0
+    assert costs["ratio"] == costs["generator_step_seconds"] / costs["student_kd_step_seconds"]
+    assert written["commands"][0].startswith("OMP_NUM_THREADS=1 python examples/benchmark.py")
+    assert not (out / "benchmark.json").exists()
