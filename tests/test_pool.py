@@ -165,3 +165,15 @@ def test_an_image_finetune_pool_records_its_source_task(tmp_path):
         "a source task given by the caller"
     )
     assert "steps on a source task given by the caller" in (tmp_path / "other" / "teacher-00" / "README.md").read_text()
+
+
+def test_an_untrained_timm_teacher_records_its_constructor_arguments():
+    """`new_teacher` records a timm model's keyword arguments as `family.build` does, so a set of such models
+    in memory (the benchmark's `--step_costs_only`) rebuilds them at their own widths."""
+    import weightformer_hf as wf
+
+    model = {"timm": "resnet10t", "in_chans": 1, "channels": [8, 16, 32, 64], "stem_width": 8}
+    teachers = wf.TeacherSet.from_models([pool.new_teacher(pool.PoolSpec(model=model), list("ab"), seed=s)
+                                          for s in range(2)])  # fmt: skip
+    assert teachers.model(1).weightformer_model_args == {"in_chans": 1, "channels": [8, 16, 32, 64], "stem_width": 8}
+    assert teachers.shapes["conv1.0.weight"] == (6, 1, 3, 3) and teachers.shapes["fc.weight"] == (2, 64)  # not 24, 512

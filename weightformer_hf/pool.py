@@ -206,6 +206,7 @@ def new_teacher(spec: PoolSpec, label_names: Sequence[str], seed: int | None = N
 
         model = timm.create_model(kwargs.pop("timm"), num_classes=len(label_names), **kwargs)
         model.pretrained_cfg = {**model.pretrained_cfg, "label_names": list(label_names)}
+        model.weightformer_model_args = dict(kwargs)  # as `family.build` records them: `TeacherSet` rebuilds it
         return model
     config = AutoConfig.for_model(
         kwargs.pop("model_type"),
