@@ -152,14 +152,14 @@ def step_costs(plan: plans.PoolPlan, args) -> dict:
     return methods.step_times(run, generator, [0, 1, 2, 3], recipe, repeats=2 if args.quick else 10)
 
 
-def write_step_costs(selected: list[plans.PoolPlan], args) -> dict:
+def write_step_costs(selected: list[plans.PoolPlan], args, argv: list[str]) -> dict:
     """`--step_costs_only`: every selected pool's step times, printed and written to train_step_costs.json."""
     costs = {}
     for plan in selected:
         costs[plan.name] = step_costs(plan, args)
         log(f"[{plan.name}] step times {costs[plan.name]}")
     result = {"machine": report.machine_info(), "wall_seconds": time.perf_counter() - T0, "train_step": costs,
-              "commands": ["OMP_NUM_THREADS=1 python examples/benchmark.py " + shlex.join(sys.argv[1:])]}  # fmt: skip
+              "commands": ["OMP_NUM_THREADS=1 python examples/benchmark.py " + shlex.join(argv)]}  # fmt: skip
     args.output_dir.mkdir(parents=True, exist_ok=True)
     (args.output_dir / "train_step_costs.json").write_text(json.dumps(result, indent=2) + "\n")
     print("| pool | K | batch | generator step ms | student-only KD step ms | ratio |\n|---|---|---|---|---|---|")
@@ -290,7 +290,7 @@ def main(argv=None) -> dict:
     if args.combine:
         return combine([Path(d) for d in args.combine], args.output_dir)
     if args.step_costs_only:
-        return write_step_costs(selected, args)
+        return write_step_costs(selected, args, sys.argv[1:] if argv is None else argv)
     costs = {"generator_training": {}, "train_step": {}, "time_ratios": {}}
     notes, pools, rows = {}, {}, []
     with no_progress_bars():

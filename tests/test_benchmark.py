@@ -283,8 +283,9 @@ def test_step_costs_only_times_each_pools_architecture_without_building_it(tmp_p
     monkeypatch.setattr(plans, "build", no_pool)
     monkeypatch.setattr(plans, "load", no_pool)
     out, threads = tmp_path / "out", torch.get_num_threads()
+    argv = ["--quick", "--step_costs_only", "--pools", "mlp_scratch", "--output_dir", str(out)]
     try:  # main() sets torch's threads from OMP_NUM_THREADS, for this process
-        result = benchmark.main(["--quick", "--step_costs_only", "--pools", "mlp_scratch", "--output_dir", str(out)])
+        result = benchmark.main(argv)
     finally:
         torch.set_num_threads(threads)
     written = json.loads((out / "train_step_costs.json").read_text())
@@ -293,5 +294,5 @@ def test_step_costs_only_times_each_pools_architecture_without_building_it(tmp_p
     assert costs["k"] == 4 and costs["batch_size"] == 4096  # the quick pool's 4,100 meta rows hold one batch
     assert costs["generator_step_seconds"] > 0 and costs["student_kd_step_seconds"] > 0
     assert costs["ratio"] == costs["generator_step_seconds"] / costs["student_kd_step_seconds"]
-    assert written["commands"][0].startswith("OMP_NUM_THREADS=1 python examples/benchmark.py")
+    assert written["commands"] == ["OMP_NUM_THREADS=1 python examples/benchmark.py " + " ".join(argv)]
     assert not (out / "benchmark.json").exists()
