@@ -144,7 +144,7 @@ def test_train_generator_names_a_dataloader_without_full_batches():
         training.train_generator(None, None, None, None, loader, None, None, None, 1, None)
 
 
-def test_batched_split_loader_yields_the_plain_loaders_batches(tmp_path):
+def test_batched_split_loader_yields_the_plain_loaders_batches(tmp_path, monkeypatch):
     from torch.utils.data import DataLoader
 
     splits = data.mnist1d_splits(num_samples=300, meta_samples=100, cache_dir=tmp_path)
@@ -168,6 +168,15 @@ def test_batched_split_loader_yields_the_plain_loaders_batches(tmp_path):
         assert row.keys() == meta[3].keys() and all(torch.equal(row[k], meta[3][k]) for k in row)
     assert in_memory._rows is not None and in_memory._rows["inputs"].shape == (100, 40)
     assert from_arrow._sized and from_arrow._rows is None
+    # in DataLoader workers (new ones every epoch) the batches are read from Arrow, each worker its share
+    loader = DataLoader(data.BatchedSplit(meta, max_bytes=17_600), batch_size=32, shuffle=True, drop_last=True,
+                        collate_fn=data.collate, generator=torch.Generator().manual_seed(0), num_workers=1)  # fmt: skip
+    for a, b in zip(plain, [batch for _ in range(2) for batch in loader]):
+        assert all(torch.equal(a[k], b[k]) for k in a)
+    in_worker = data.BatchedSplit(meta, max_bytes=17_600)
+    monkeypatch.setattr(torch.utils.data, "get_worker_info", lambda: object())  # as inside a worker
+    assert torch.equal(in_worker.__getitems__([4, 2])["inputs"], meta[[4, 2]]["inputs"])
+    assert not in_worker._sized and in_worker._rows is None
 
 
 def test_teacher_labels_must_mean_the_datasets_classes():

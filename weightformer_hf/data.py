@@ -427,7 +427,10 @@ class BatchedSplit(torch.utils.data.Dataset):
         return len(self.split)
 
     def _in_memory(self) -> dict[str, torch.Tensor] | None:
-        """Every row's tensors, if the split fits `max_bytes` (decided once, from its first row)."""
+        """Every row's tensors, if the split fits `max_bytes` (decided once, from its first row). Not inside a
+        DataLoader worker: each would transform the whole split for its share of the batches, every epoch."""
+        if torch.utils.data.get_worker_info() is not None:
+            return self._rows
         if not self._sized:
             self._sized = True
             first = {key: torch.as_tensor(value) for key, value in self.split[0:1].items()}
