@@ -436,8 +436,7 @@ class BatchedSplit(torch.utils.data.Dataset):
             first = {key: torch.as_tensor(value) for key, value in self.split[0:1].items()}
             row_bytes = sum(v.element_size() * v.numel() for v in first.values())
             if len(self) and row_bytes * len(self) <= self.max_bytes:
-                parts = [self.split[start : start + 4096] for start in range(0, len(self), 4096)]
-                self._rows = {key: torch.cat([torch.as_tensor(p[key]) for p in parts]) for key in first}
+                self._rows = all_rows(self.split)
         return self._rows
 
     def __getitem__(self, index: int) -> dict:
@@ -452,11 +451,13 @@ class BatchedSplit(torch.utils.data.Dataset):
         return {key: value[positions] for key, value in rows.items()}
 
 
+def all_rows(split: Dataset, batch_size: int = 4096) -> dict[str, torch.Tensor]:
+    """Every column of a transformed split as one tensor each, in row order, read `batch_size` rows at a time."""
+    parts = [split[start : start + batch_size] for start in range(0, len(split), batch_size)]
+    return {key: torch.cat([torch.as_tensor(part[key]) for part in parts]) for key in parts[0]}
+
+
 def tensors(split: Dataset, batch_size: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
     """All `(inputs, labels)` of a transformed split, in row order (for small fixed splits)."""
-    xs, ys = [], []
-    for start in range(0, len(split), batch_size):
-        batch = split[start : start + batch_size]
-        xs.append(torch.as_tensor(batch["inputs"]))
-        ys.append(torch.as_tensor(batch["labels"]))
-    return torch.cat(xs), torch.cat(ys)
+    rows = all_rows(split, batch_size)
+    return rows["inputs"], rows["labels"]
