@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
+from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, gather_object, set_seed
 from torch.utils.data import DataLoader
 from weightformer_hf.hub_configs import load_preset
 
@@ -409,12 +409,12 @@ def main(args):
         accelerator.print(f"kept the generator of step {progress.best_step} (validation {args.metric_for_best_model} "
                           f"{progress.best_metric:.6f}"
                           f"{'; step 0 returns every anchor unchanged' if progress.best_step == 0 else ''})")
-    # One write per line: print() writes the text and its newline separately, so two ranks sharing a pipe
-    # could interleave into "[rank 1/2] ...[rank 0/2] ..." on one line (a pipe write under 4 KiB is atomic).
-    sys.stdout.flush()
-    sys.stdout.write(f"[rank {accelerator.process_index}/{accelerator.num_processes}] {len(local)} episodes, "
-                     f"mean local loss {sum(local) / max(len(local), 1):.6f}\n")  # fmt: skip
-    sys.stdout.flush()
+    # Rank 0 prints every rank's line, in rank order: ranks writing their own lines to one unbuffered pipe
+    # interleaved mid-line ("...(validation loss 0.18)[rank 1/2] ...") and broke parsers of this output.
+    per_rank = gather_object([(accelerator.process_index, len(local), sum(local) / max(len(local), 1))])
+    for rank, episodes_run, mean_loss in sorted(per_rank):
+        accelerator.print(f"[rank {rank}/{accelerator.num_processes}] {episodes_run} episodes, "
+                          f"mean local loss {mean_loss:.6f}")
 
     # Held-out evaluation: students for several sets of teachers the generator never saw.
     unwrapped = accelerator.unwrap_model(generator)
