@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -183,3 +184,38 @@ def test_reference_mlp_student_has_no_image_processor(tmp_path):
     reloaded = AutoModel.from_pretrained(out, dtype=torch.float32)
     signals = torch.randn(3, 40)
     assert torch.equal(reloaded(signals).logits, student(signals).logits)
+
+
+def test_a_new_student_folder_appears_whole_and_a_second_save_replaces_the_first(timm_repos, tmp_path, monkeypatch):
+    import os
+    import stat
+
+    from safetensors.torch import load_file
+
+    import weightformer_hf.export as export
+
+    teachers = load_teachers(timm_repos.ids)
+    _, first = _generate(teachers, anchor=0)
+    renamed = []
+    replace = os.replace
+    monkeypatch.setattr(export.os, "replace", lambda a, b: (renamed.append((Path(a), Path(b))), replace(a, b))[1])
+    out = save_student(first, tmp_path / "student", teachers=teachers, anchor=0)
+    # one rename of the whole staged folder, with the mode a plain mkdir gives (not mkdtemp's 0700)
+    assert len(renamed) == 1 and renamed[0][1] == out and renamed[0][0].parent == tmp_path
+    (tmp_path / "plain").mkdir()
+    assert stat.S_IMODE(out.stat().st_mode) == stat.S_IMODE((tmp_path / "plain").stat().st_mode)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["plain", "student"]
+
+    # a second save into the same folder: the stale shard goes, files move one by one, card and record last
+    (out / "model-00002-of-00002.safetensors").write_bytes(b"stale")
+    (out / "notes.txt").write_text("mine")
+    renamed.clear()
+    _, second = _generate(teachers, anchor=1)
+    save_student(second, out, teachers=teachers, anchor=1)
+    moved = [b.name for _, b in renamed]
+    assert moved[-2:] == ["README.md", "weightformer_config.json"] and "model.safetensors" in moved
+    assert not (out / "model-00002-of-00002.safetensors").exists() and (out / "notes.txt").read_text() == "mine"
+    state = load_file(out / "model.safetensors")
+    assert all(torch.equal(state[k], v) for k, v in second.state_dict().items() if k in state)
+    assert json.loads((out / "weightformer_config.json").read_text())["anchor"] == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["plain", "student"]

@@ -19,6 +19,7 @@ import logging
 import os
 import shutil
 import tempfile
+import uuid
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
@@ -75,10 +76,9 @@ def save_student(
     fmt = format or family.format
     if fmt not in ("timm", "transformers"):
         raise UnsupportedArchitectureError(f"unknown student format {fmt!r}: use 'timm' or 'transformers'")
-    # written beside the folder, then moved in file by file: an interrupted save never leaves new weights
-    # beside an old card (the files are complete before the first one moves)
+    # Written whole beside the folder first, so an interrupted write leaves `final` as it was.
     final.parent.mkdir(parents=True, exist_ok=True)
-    out = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
+    out = _staging_folder(final)
     try:
         _write_student(student, out, fmt, family, teachers, generator, metrics, anchor, dataset,
                        dataset_split, model_name or final.resolve().name, anchor_choice, finetuning)  # fmt: skip
@@ -88,16 +88,40 @@ def save_student(
     return final
 
 
+def _staging_folder(final: Path) -> Path:
+    """A new empty folder beside `final`. Made with `mkdir`, so it has the umask's mode that `final` would
+    have had (`tempfile.mkdtemp` makes 0700 folders), since a new student is this folder renamed."""
+    for _ in range(100):
+        staged = final.parent / f".{final.name}.{uuid.uuid4().hex[:12]}"
+        try:
+            staged.mkdir()
+            return staged
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"could not make a staging folder beside {str(final)!r}")
+
+
 def _move_into(staged: Path, final: Path) -> None:
-    """Move the staged files into `final`. A previous student's weight files that this save did not write
-    (shards of a larger earlier student) are removed, so loaders cannot mix the two."""
-    final.mkdir(parents=True, exist_ok=True)
+    """Put the staged files in `final`.
+
+    A new or empty `final` is the staged folder renamed: one step, so readers see no student or the whole
+    one. Otherwise the files move one by one, the card and the provenance record last. Each file is whole,
+    but a kill during those moves (milliseconds) leaves the two students' files side by side; the old
+    provenance record then still names the old student. A previous student's weight files that this save did
+    not write (shards of a larger earlier student) are removed first, so loaders cannot mix the two."""
+    if not final.exists() or (final.is_dir() and not any(final.iterdir())):
+        try:
+            os.replace(staged, final)
+            return
+        except OSError:  # a platform that cannot rename onto an empty folder: move file by file
+            final.mkdir(parents=True, exist_ok=True)
     new = {p.relative_to(staged) for p in staged.rglob("*") if p.is_file()}
     if (final / PROVENANCE_FILE).is_file():
         for old in final.glob("*.safetensors*"):
             if old.relative_to(final) not in new:
                 old.unlink()
-    for rel in sorted(new):
+    last = {Path("README.md"), Path(PROVENANCE_FILE)}
+    for rel in sorted(new, key=lambda rel: (rel in last, rel == Path(PROVENANCE_FILE), str(rel))):
         (final / rel).parent.mkdir(parents=True, exist_ok=True)
         os.replace(staged / rel, final / rel)
 
