@@ -112,8 +112,19 @@ def test_one_process_neither_moves_nor_reduces_its_float64_sums(pool, monkeypatc
         assert tensor.dtype != torch.float64, "one process reduced its validation totals"
         return reduce(self, tensor, *args, **kwargs)  # the training loss is averaged over ranks as before
 
+    moved = []
+    to = torch.Tensor.to
+
+    def recording_to(self, *args, **kwargs):  # the validation totals are the only float64 triples here
+        if self.dtype == torch.float64 and self.shape == (3,):
+            moved.append((args, kwargs))
+        return to(self, *args, **kwargs)
+
     monkeypatch.setattr(Accelerator, "reduce", no_float64_reduce)
+    monkeypatch.setattr(torch.Tensor, "to", recording_to)
     generator, progress, seen = _train(pool, learning_rate=3e-3, steps=4)
+    monkeypatch.undo()
+    assert moved == [], "one process moved its validation totals"
     assert [s for s, _, _ in seen] == [0, 4]
     assert pool[5].scores(generator)["loss"] == pytest.approx(progress.best_metric, rel=1e-6)
 
