@@ -166,7 +166,7 @@ def test_batched_split_loader_yields_the_plain_loaders_batches(tmp_path, monkeyp
             assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) and a[k].dtype == b[k].dtype for k in a)
         row = split[3]
         assert row.keys() == meta[3].keys() and all(torch.equal(row[k], meta[3][k]) for k in row)
-    assert in_memory._rows is not None and in_memory._rows["inputs"].shape == (100, 40)
+    assert in_memory._rows is not None and in_memory._rows.columns["inputs"].shape == (100, 40)
     assert from_arrow._sized and from_arrow._rows is None
     # in DataLoader workers (new ones every epoch) the batches are read from Arrow, each worker its share
     loader = DataLoader(data.BatchedSplit(meta, max_bytes=17_600), batch_size=32, shuffle=True, drop_last=True,
@@ -177,6 +177,17 @@ def test_batched_split_loader_yields_the_plain_loaders_batches(tmp_path, monkeyp
     monkeypatch.setattr(torch.utils.data, "get_worker_info", lambda: object())  # as inside a worker
     assert torch.equal(in_worker.__getitems__([4, 2])["inputs"], meta[[4, 2]]["inputs"])
     assert not in_worker._sized and in_worker._rows is None
+
+
+def test_tensor_rows_index_all_rows_or_a_subset_a_row_or_a_batch_at_a_time():
+    columns = {"inputs": torch.arange(20.0).view(10, 2), "labels": torch.arange(10) % 3}
+    whole, subset = data.TensorRows(columns), data.TensorRows(columns, range(9, 2, -2))  # rows 9, 7, 5, 3
+    assert (len(whole), len(subset)) == (10, 4)
+    assert whole[4]["inputs"].tolist() == [8.0, 9.0] and int(whole[4]["labels"]) == 1
+    assert subset[1]["inputs"].tolist() == [14.0, 15.0] and int(subset[1]["labels"]) == 1  # row 7
+    batch = subset.__getitems__([3, 0])  # rows 3 and 9
+    assert batch["inputs"].tolist() == [[6.0, 7.0], [18.0, 19.0]] and batch["labels"].tolist() == [0, 0]
+    assert whole.__getitems__([0, 9])["labels"].tolist() == [0, 0]
 
 
 def test_teacher_labels_must_mean_the_datasets_classes():
