@@ -167,11 +167,13 @@ def _mnist1d(models: TeacherSet, num_samples: int, seed: int) -> tuple[torch.Ten
         )
     if len(models.label_names) != 10:
         raise EvaluationDataError(f"mnist1d has 10 classes but the models have {len(models.label_names)}")
-    from mnist1d.data import get_dataset_args, make_dataset
+    from mnist1d.data import get_dataset_args
+
+    from .mnist1d_draw import make_dataset
 
     args = get_dataset_args()
     args.num_samples, args.train_split, args.seed = 2 * num_samples, 0.5, seed
-    data = make_dataset(args)  # generated locally; get_dataset() would try to download
+    data = make_dataset(args)  # mnist1d's draw, generated locally; its get_dataset() would try to download
     inputs = torch.as_tensor(data["x_test"], dtype=torch.float32)
     labels = torch.as_tensor(data["y_test"], dtype=torch.long)
     return inputs, labels
