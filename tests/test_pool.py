@@ -42,6 +42,39 @@ def test_finetune_pool_saves_the_base_and_starts_every_teacher_from_it(tmp_path)
     assert pool.teacher_paths(tmp_path) == paths  # the base is not a teacher
 
 
+def test_only_teachers_trained_together_use_the_callers_threads(tmp_path, monkeypatch):
+    """vmap splits its batched matmuls by model, so those keep their bits on more threads; the base and a chunk
+    of one train one model at a time, whose bits a second thread changes: they run on one."""
+    seen, train_models = [], pool.train_models
+
+    def recording(models, *args, **kwargs):
+        seen.append((len(models), torch.get_num_threads()))
+        return train_models(models, *args, **kwargs)
+
+    monkeypatch.setattr(pool, "train_models", recording)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(3)
+    try:
+        spec = _spec(regime="finetune", num_teachers=5, chunk_size=2, base_steps=2, finetune_steps=(2,))
+        pool.build_pool(spec, _data(), _data(), data.DIGIT_NAMES, tmp_path, show_progress=False, source=_data(seed=1))
+        assert torch.get_num_threads() == 3  # the caller's count is back
+    finally:
+        torch.set_num_threads(threads)
+    assert seen == [(1, 1), (2, 3), (2, 3), (1, 1)]  # the base, two chunks of two, the last teacher alone
+
+    seen.clear()  # BatchNorm teachers train one by one even in a chunk: one thread
+    resnet = {"timm": "resnet10t", "in_chans": 1, "channels": [4, 4, 4, 4], "stem_width": 4}
+    g = torch.Generator().manual_seed(0)
+    images = torch.randn(32, 1, 32, 32, generator=g), torch.randint(10, (32,), generator=g)
+    torch.set_num_threads(3)
+    try:
+        pool.build_pool(_spec(model=resnet, num_teachers=2, chunk_size=2, train_steps=1), images, images,
+                        data.DIGIT_NAMES, tmp_path / "resnet", "mnist5k", show_progress=False)  # fmt: skip
+    finally:
+        torch.set_num_threads(threads)
+    assert seen == [(2, 1)]
+
+
 def test_interrupted_build_keeps_finished_teachers_and_redoes_the_rest_identically(tmp_path):
     spec, train = _spec(), _data()
     pool.build_pool(spec, train, train, data.DIGIT_NAMES, tmp_path, show_progress=False)
