@@ -16,9 +16,8 @@ from mnist1d.utils import set_seed
 from scipy.ndimage import gaussian_filter1d
 
 
-def _draws(args, labels: np.ndarray, length: int) -> dict[str, np.ndarray]:
-    """Every random number of every sample, drawn in `mnist1d.transform.transform`'s order."""
-    n = len(labels)
+def _draws(args, n: int, length: int) -> dict[str, np.ndarray]:
+    """Every random number of `n` samples, drawn in `mnist1d.transform.transform`'s order."""
     out = {
         "pad": np.empty(n), "scale": np.empty(n), "shift": np.empty(n, dtype=np.int64),
         "corr": np.empty((n, length)), "iid": np.empty((n, length)), "shear": np.empty(n),
@@ -52,7 +51,7 @@ def make_dataset(args) -> dict[str, np.ndarray]:
     ys = templates["y"][labels]
     low, high = args.padding
     length = args.template_len + high  # every sample's length after the first interpolation
-    draws = _draws(args, labels, length)
+    draws = _draws(args, len(labels), length)
 
     # pad: each template (plus eps) followed by its own number of zeros, then dilated to `length` points
     pads = low + (draws["pad"] * (high - low + 1)).astype(int)
